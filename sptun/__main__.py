@@ -1,0 +1,3 @@
+from sptun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""The tunnel client: one WireGuard interface per server listed in DNS, registered with
+each, and policy routing so that replies leave by the tunnel their connection came in on."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sptun import nft, proto
+from sptun.config import AgentConfig, Port
+from sptun.daemon import Role
+from sptun.discovery import Discovery, DnsTxtSource, ServerRecord, TxtSource
+from sptun.errors import SptunError
+from sptun.keys import load_or_create_private_key, public_key, read_token, write_file_atomic
+from sptun.links import Links, sysctl
+from sptun.server import MTU, healthy
+from sptun.wg import Device, Peer, WireGuard, backend, plan_peers
+
+log = logging.getLogger("sptun")
+
+RULE_PRIORITY = 5170  # our `ip rule`s sit at this priority, and only ours
+REGISTER_EVERY = 30.0  # s; re-registering is idempotent and repairs a server that lost its state
+RETRY_AFTER = 3.0
+PREFIX = nft.CLIENT_PREFIX
+
+
+def interface_name(server_ip: str) -> str:
+    """sptun-<hex of the IPv4 address>: stable across restarts, 14 characters."""
+    address = ipaddress.ip_address(server_ip)
+    if address.version == 4:
+        return f"{PREFIX}{int(address):08x}"
+    import hashlib
+
+    return f"{PREFIX}{hashlib.sha256(address.packed).hexdigest()[:8]}"
+
+
+def endpoint(server: ServerRecord) -> str:
+    return f"[{server.ip}]:{server.port}" if ":" in server.ip else f"{server.ip}:{server.port}"
+
+
+def listening(ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> bool:
+    """Whether a local service listens on every port (this network namespace)."""
+    found: set[Port] = set()
+    for proto_name, files, state in (("tcp", ("tcp", "tcp6"), "0A"), ("udp", ("udp", "udp6"), "07")):
+        for name in files:
+            try:
+                lines = (proc / name).read_text().splitlines()[1:]
+            except FileNotFoundError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == state:
+                    found.add(Port(proto_name, int(fields[1].rsplit(":", 1)[1], 16)))
+    return all(port in found for port in ports)
+
+
+@dataclass
+class Tunnel:
+    server: ServerRecord
+    ifname: str
+    assignment: proto.Assignment | None = None
+    next_register: float = 0.0
+    error: str = ""
+
+
+class Agent(Role):
+    def __init__(self, cfg: AgentConfig, links: Links | None = None, wg: WireGuard | None = None,
+                 source: TxtSource | None = None) -> None:
+        super().__init__(cfg.state_dir)
+        self.cfg = cfg
+        self.links = links or Links()
+        self.wg = wg or backend(cfg.wireguard, self.links)
+        self.private_key = load_or_create_private_key(cfg.state_dir)
+        self.public_key = public_key(self.private_key)
+        self.discovery = Discovery(cfg.domain, source or DnsTxtSource(cfg.nameservers), cfg.realm)
+        self.state_file = cfg.state_dir / "agent.json"
+        self.tunnels: dict[str, Tunnel] = self.load_state()
+        self.listening = False
+
+    # --- state across restarts ---------------------------------------------------------
+
+    def load_state(self) -> dict[str, Tunnel]:
+        try:
+            data = json.loads(self.state_file.read_text())
+            tunnels = {}
+            for item in data["tunnels"]:
+                server = ServerRecord(**item["server"])
+                a = item.get("assignment")
+                tunnels[server.ip] = Tunnel(server, interface_name(server.ip), proto.Assignment(**a) if a else None)
+            return tunnels
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring damaged %s (%s); registering afresh", self.state_file, e)
+            return {}
+
+    def save_state(self) -> None:
+        data = {"tunnels": [{"server": asdict(t.server), "assignment": asdict(t.assignment) if t.assignment else None}
+                            for t in self.tunnels.values()]}
+        text = json.dumps(data, indent=1) + "\n"
+        if not self.state_file.exists() or self.state_file.read_text() != text:
+            write_file_atomic(self.state_file, text)
+
+    # --- registration ------------------------------------------------------------------
+
+    def exchange(self, server: ServerRecord, op: str) -> proto.Assignment | None:
+        request = proto.Request(op, self.cfg.domain, read_token(self.cfg.token_file), self.public_key)
+        _, assignment = proto.exchange(server.ip, server.api, request, self.private_key, pinned_key=server.pk)
+        return assignment
+
+    def register(self, tunnel: Tunnel) -> list[str]:
+        now = time.monotonic()
+        if now < tunnel.next_register:
+            return []
+        try:
+            assignment = self.exchange(tunnel.server, "register")
+        except SptunError as e:
+            if str(e) != tunnel.error:
+                log.warning("registration with %s failed: %s", tunnel.server.ip, e)
+            tunnel.error = str(e)
+            tunnel.next_register = now + RETRY_AFTER
+            return []
+        tunnel.error = ""
+        tunnel.next_register = now + REGISTER_EVERY
+        if assignment == tunnel.assignment:
+            return []
+        tunnel.assignment = assignment
+        return [f"registered with {tunnel.server.ip}: overlay {assignment.overlay_ip if assignment else '-'}"]
+
+    def deregister(self, tunnel: Tunnel) -> None:
+        if tunnel.assignment is None:
+            return
+        try:
+            self.exchange(tunnel.server, "deregister")
+        except SptunError as e:  # the server forgets us anyway once the handshakes stop
+            log.warning("deregistration from %s failed: %s", tunnel.server.ip, e)
+
+    # --- kernel state ------------------------------------------------------------------
+
+    def ensure_tunnel(self, tunnel: Tunnel) -> list[str]:
+        assert tunnel.assignment is not None
+        a, name = tunnel.assignment, tunnel.ifname
+        changes = []
+        if not self.wg.is_ours(name):
+            if self.links.delete(name):
+                changes.append(f"remove stale interface {name}")
+            self.wg.create(name)
+            changes.append(f"create interface {name} to {tunnel.server.ip} ({self.wg.kind} WireGuard)")
+        device = self.wg.device(name)
+        if device.public_key != self.public_key:
+            self.wg.configure(name, self.private_key, None)
+            changes.append(f"set {name} key {self.public_key}")
+        peer = Peer(a.server_key, ("0.0.0.0/0",), endpoint(tunnel.server), self.cfg.keepalive)
+        peer_changes = plan_peers([peer], device)
+        self.wg.apply(name, peer_changes)
+        changes += [f"{name}: {c}" for c in peer_changes]
+        changes += self.links.set_addresses(name, [f"{a.overlay_ip}/32"])
+        self.links.up(name, MTU)
+        # Loose: a browser's address routes out by the default route, not by this tunnel.
+        if sysctl(f"net/ipv4/conf/{name}/rp_filter", "2"):
+            changes.append(f"set loose rp_filter on {name}")
+        table = self.table_of(name)
+        if table is not None and self.links.set_default_route(table, name):
+            changes.append(f"route default dev {name} table {table:#x}")
+        return changes
+
+    def table_of(self, name: str) -> int | None:
+        index = self.links.index(name)
+        return nft.client_mark(index) if index is not None else None
+
+    def sync_rules(self) -> list[str]:
+        """Exactly one rule per tunnel: from its overlay address with its mark, to its table."""
+        wanted = {}
+        for t in self.tunnels.values():
+            table = self.table_of(t.ifname)
+            if t.assignment and table is not None:
+                wanted[(table, f"{t.assignment.overlay_ip}/32")] = t.ifname
+        changes = []
+        have = self.links.rules(RULE_PRIORITY)
+        for rule in have:
+            if (rule["table"], rule["src"]) not in wanted or rule["fwmark"] != rule["table"]:
+                self.links.delete_rule(RULE_PRIORITY, rule["fwmark"], rule["src"], rule["table"])
+                self.links.flush_table(rule["table"])
+                changes.append(f"delete rule from {rule['src']} lookup {rule['table']:#x}")
+        present = {(r["table"], r["src"]) for r in have if r["fwmark"] == r["table"]}
+        for (table, src), name in sorted(wanted.items()):
+            if (table, src) not in present:
+                self.links.add_rule(RULE_PRIORITY, table, src, table)
+                changes.append(f"add rule from {src} fwmark {table:#x} lookup {table:#x} ({name})")
+        return changes
+
+    def sync_table(self) -> list[str]:
+        marks = {}
+        for t in self.tunnels.values():
+            table = self.table_of(t.ifname)
+            if t.assignment and table is not None:
+                marks[t.ifname] = table
+        if nft.apply(nft.render_client(marks, self.cfg.ports)):
+            return [f"load table inet sptun ({len(marks)} tunnels)"]
+        return []
+
+    def remove_tunnel(self, tunnel: Tunnel, why: str) -> list[str]:
+        self.deregister(tunnel)
+        self.tunnels.pop(tunnel.server.ip, None)
+        if self.links.delete(tunnel.ifname):
+            return [f"delete interface {tunnel.ifname} ({why})"]
+        return []
+
+    def reconcile(self) -> list[str]:
+        servers = {s.ip: s for s in self.discovery.current()}
+        changes = []
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.server.ip not in servers:
+                changes += self.remove_tunnel(tunnel, f"{tunnel.server.ip} left DNS")
+        self.listening = listening(self.cfg.ports)
+        for server in servers.values():
+            tunnel = self.tunnels.setdefault(server.ip, Tunnel(server, interface_name(server.ip)))
+            if tunnel.server != server:
+                tunnel.server, tunnel.next_register = server, 0.0
+            if not self.listening:
+                if tunnel.assignment is not None:
+                    changes += self.remove_tunnel(tunnel, f"nothing listens on {', '.join(map(str, self.cfg.ports))}")
+                continue
+            changes += self.register(tunnel)
+            if tunnel.assignment is not None:
+                changes += self.ensure_tunnel(tunnel)
+        changes += self.sync_rules()
+        changes += self.sync_table()
+        self.save_state()
+        return changes
+
+    def serving(self) -> bool:
+        return any(t.assignment is not None and self.wg.is_ours(t.ifname) for t in self.tunnels.values())
+
+    def teardown(self) -> list[str]:
+        changes = []
+        for tunnel in list(self.tunnels.values()):
+            changes += self.remove_tunnel(tunnel, "down")
+        for name in self.links.names(PREFIX):  # anything left by an earlier run
+            if self.links.delete(name):
+                changes.append(f"delete interface {name}")
+        for rule in self.links.rules(RULE_PRIORITY):
+            self.links.delete_rule(RULE_PRIORITY, rule["fwmark"], rule["src"], rule["table"])
+            self.links.flush_table(rule["table"])
+            changes.append(f"delete rule lookup {rule['table']:#x}")
+        if nft.delete():
+            changes.append("delete table inet sptun")
+        self.save_state()
+        return changes
+
+    async def on_stop(self) -> None:
+        """Stopping the agent drains: the servers take it out of rotation before its tunnels go."""
+        import asyncio
+
+        async with self.lock:
+            for change in await asyncio.to_thread(self.teardown):
+                log.info("%s", change)
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        tunnels = []
+        for t in sorted(self.tunnels.values(), key=lambda t: t.server.ip):
+            device = self.wg.device(t.ifname) if self.wg.is_ours(t.ifname) else Device()
+            state = next(iter(device.peers.values()), None)
+            handshake = state.last_handshake if state else 0.0
+            tunnels.append({
+                "server": t.server.ip, "interface": t.ifname, "port": t.server.port,
+                "overlay_ip": t.assignment.overlay_ip if t.assignment else None,
+                "server_overlay_ip": t.assignment.server_ip if t.assignment else None,
+                "server_key": t.assignment.server_key if t.assignment else None,
+                "registered": t.assignment is not None, "up": device.public_key is not None,
+                "healthy": t.assignment is not None and healthy(handshake, now),
+                "handshake_age": round(now - handshake, 1) if handshake else None,
+                "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
+                "error": t.error or None,
+            })
+        return {
+            "role": "agent", "domain": self.cfg.domain, "public_key": self.public_key, "wireguard": self.wg.kind,
+            "down": self.is_down(), "listening": self.listening, "ports": [str(p) for p in self.cfg.ports],
+            "dns": {"servers": [s.ip for s in self.discovery.servers or []], "error": self.discovery.last_error or None},
+            "tunnels": tunnels,
+        }

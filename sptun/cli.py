@@ -1,0 +1,230 @@
+"""The `sptun` command. Errors are one line starting `sptun:` with a hint; exit 1 for a
+runtime failure, 2 for bad usage or configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sptun import __version__
+from sptun.config import AgentConfig, Config, ServerConfig, load, load_agent, load_server, SERVER_CONFIG, AGENT_CONFIG
+from sptun.errors import SptunError, UsageError
+
+log = logging.getLogger("sptun")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint="see `sptun --help`")
+
+
+def setup_logging(verbose: bool) -> None:
+    # Under systemd the journal stamps each line itself.
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise SptunError(f"{what} needs root", hint="run it with sudo (it changes interfaces, routes and nftables)")
+
+
+def make_role(cfg: Config) -> Any:
+    if isinstance(cfg, ServerConfig):
+        from sptun.server import Server
+
+        return Server(cfg)
+    from sptun.agent import Agent
+
+    return Agent(cfg)
+
+
+def _print_changes(changes: list[str]) -> None:
+    for change in changes:
+        print(f"[#] {change}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _need_root(f"sptun {args.role} run")
+    path = Path(args.config) if args.config else (SERVER_CONFIG if args.role == "server" else AGENT_CONFIG)
+    cfg = load_server(path) if args.role == "server" else load_agent(path)
+    role = make_role(cfg)
+    from sptun.daemon import control_request
+
+    if control_request(cfg.state_dir, "status", timeout=5) is not None:
+        raise SptunError(f"an sptun {args.role} already runs with state dir {cfg.state_dir}", hint="stop it first")
+    asyncio.run(role.serve())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    _need_root("sptun up")
+    cfg = load(Path(args.config) if args.config else None)
+    from sptun.daemon import control_request
+
+    reply = control_request(cfg.state_dir, "up")
+    if reply is not None:
+        if not reply["ok"]:
+            raise SptunError(reply["error"])
+        _print_changes(reply.get("changes", []))
+        _check_serving(reply["status"])
+        return 0
+    role = make_role(cfg)
+    role.set_down(False)
+    _print_changes(role.reconcile())
+    _check_serving(role.status())
+    if isinstance(cfg, ServerConfig):
+        log.warning("no sptun server daemon runs here: forwarding is up, but new clients can register "
+                    "only while `sptun server run` (or its service) runs")
+    return 0
+
+
+def _check_serving(status: dict[str, Any]) -> None:
+    if status["role"] == "agent":
+        tunnels = [t for t in status["tunnels"] if t["registered"] and t["up"]]
+        if not status["listening"]:
+            raise SptunError(f"nothing listens on {', '.join(status['ports'])} here, so the agent does not register",
+                             hint="start the web server first")
+        if not tunnels:
+            errors = "; ".join(f"{t['server']}: {t['error']}" for t in status["tunnels"] if t["error"])
+            raise SptunError(f"no tunnel is up{': ' + errors if errors else ''}")
+        for t in status["tunnels"]:
+            if t["error"]:
+                log.warning("tunnel to %s: %s", t["server"], t["error"])
+    elif not status["up"]:
+        raise SptunError(f"interface {status['interface']} is not up")
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _need_root("sptun down")
+    cfg = load(Path(args.config) if args.config else None)
+    from sptun.daemon import control_request
+
+    reply = control_request(cfg.state_dir, "down")
+    if reply is not None:
+        if not reply["ok"]:
+            raise SptunError(reply["error"])
+        _print_changes(reply.get("changes", []))
+        return 0
+    role = make_role(cfg)
+    role.set_down(True)
+    _print_changes(role.teardown())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _need_root("sptun status")
+    cfg = load(Path(args.config) if args.config else None)
+    from sptun.daemon import control_request
+
+    reply = control_request(cfg.state_dir, "status", timeout=30)
+    if reply is not None and not reply["ok"]:
+        raise SptunError(reply["error"])
+    status = reply["status"] if reply is not None else make_role(cfg).status()
+    status["daemon"] = reply is not None
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        from sptun.status import render
+
+        render(status)
+    return 0
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    from sptun.keys import ensure_private_dir, new_token, write_file_atomic
+
+    cfg = load_server(Path(args.config) if args.config else SERVER_CONFIG)
+    domain = cfg.domain(args.domain.lower().rstrip("."))
+    if domain is None:
+        known = ", ".join(d.name for d in cfg.domains) or "none"
+        raise UsageError(f"{args.domain} is not a domain of {cfg.path} (it has: {known})",
+                         hint="add a [[domains]] table for it first")
+    if domain.token_file.exists() and not args.force:
+        raise SptunError(f"{domain.token_file} already exists", hint="pass --force to replace the token (clients then need the new one)")
+    ensure_private_dir(domain.token_file.parent)
+    token = new_token()
+    write_file_atomic(domain.token_file, token + "\n")
+    print(token)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from sptun.keys import generate_private_key
+
+    print(generate_private_key())
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    _need_root("sptun lab")
+    from sptun import lab
+
+    return lab.main(args.action, args.prefix)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sptun", description="Publish web servers without a public IP through WireGuard tunnel servers.")
+    p.add_argument("--version", action="version", version=f"sptun {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every command and netlink call")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def config_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("-c", "--config", help=f"config file (default: {SERVER_CONFIG} or {AGENT_CONFIG})")
+
+    for role in ("server", "agent"):
+        q = sub.add_parser(role, help=f"the {role} daemon")
+        rsub = q.add_subparsers(dest="action", required=True, parser_class=_Parser)
+        r = rsub.add_parser("run", help="run in the foreground (systemd's ExecStart)")
+        config_arg(r)
+        r.set_defaults(func=cmd_run, role=role)
+
+    q = sub.add_parser("up", help="one reconcile of this host's role; exit 0 once it is serving")
+    config_arg(q)
+    q.set_defaults(func=cmd_up)
+    q = sub.add_parser("down", help="remove everything sptun made here, and stay down until `sptun up`")
+    config_arg(q)
+    q.set_defaults(func=cmd_down)
+    q = sub.add_parser("status", help="show tunnels, backends and health")
+    config_arg(q)
+    q.add_argument("--json", action="store_true", help="one JSON object")
+    q.set_defaults(func=cmd_status)
+
+    q = sub.add_parser("token", help="join tokens")
+    tsub = q.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    t = tsub.add_parser("new", help="create a domain's token file (0600) and print the token")
+    t.add_argument("domain")
+    t.add_argument("--force", action="store_true", help="replace an existing token")
+    config_arg(t)
+    t.set_defaults(func=cmd_token_new)
+
+    q = sub.add_parser("keygen", help="print a new WireGuard private key (base64)")
+    q.set_defaults(func=cmd_keygen)
+
+    q = sub.add_parser("lab", help="the single-machine lab in network namespaces")
+    q.add_argument("action", choices=["up", "demo", "down"])
+    q.add_argument("--prefix", default="sptlab", help="name prefix of the lab's namespaces (default: sptlab)")
+    q.set_defaults(func=cmd_lab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        setup_logging(args.verbose)
+        return int(args.func(args))
+    except SptunError as e:
+        print(f"sptun: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130

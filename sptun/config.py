@@ -1,0 +1,280 @@
+"""Configuration: TOML files loaded into typed, frozen dataclasses.
+
+Every invalid case raises ConfigError naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sptun.errors import ConfigError
+
+SERVER_CONFIG = Path("/etc/sptun/server.toml")
+AGENT_CONFIG = Path("/etc/sptun/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/sptun")
+DEFAULT_REALM = "superprotocol"
+WIREGUARD_MODES = ("auto", "kernel", "userspace")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+@dataclass(frozen=True, order=True)
+class Port:
+    proto: str  # "tcp" | "udp"
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.proto}/{self.number}"
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    listen: tuple[ipaddress.IPv4Address, ...]  # empty = any local address
+    ports: tuple[Port, ...]
+    token_file: Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    path: Path
+    interface: str = "sptun0"
+    listen_port: int = 51820
+    api_port: int = 51821
+    overlay: ipaddress.IPv4Network = ipaddress.IPv4Network("10.99.0.0/16")
+    state_dir: Path = DEFAULT_STATE_DIR
+    wireguard: str = "auto"
+    domains: tuple[Domain, ...] = ()
+
+    role = "server"
+
+    @property
+    def server_ip(self) -> ipaddress.IPv4Address:
+        """The server takes the first address of the overlay."""
+        return self.overlay.network_address + 1
+
+    def domain(self, name: str) -> Domain | None:
+        return next((d for d in self.domains if d.name == name), None)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    domain: str
+    token_file: Path = Path("/etc/sptun/token")
+    ports: tuple[Port, ...] = (Port("tcp", 443),)
+    nameservers: tuple[str, ...] = ()  # empty = the system resolver
+    realm: str = DEFAULT_REALM
+    state_dir: Path = DEFAULT_STATE_DIR
+    wireguard: str = "auto"
+    keepalive: int = 15
+    interface_prefix: str = "sptun-"
+
+    role = "agent"
+
+
+Config = ServerConfig | AgentConfig
+
+
+class _Reader:
+    """Reads one TOML table, checking types and remembering which keys were used."""
+
+    def __init__(self, path: Path, table: dict[str, Any], where: str = "") -> None:
+        self.path, self.table, self.where = path, table, where
+        self.used: set[str] = set()
+
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.where}{key}: {problem}", hint=fix)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, fix: str) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        # bool is an int in Python; a port of `true` is still wrong.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self.error(key, f"{value!r} has the wrong type", fix)
+        return value
+
+    def port(self, key: str, default: int) -> int:
+        value: int = self.get(key, int, default, "use a port number from 1 to 65535")
+        if not 1 <= value <= 65535:
+            raise self.error(key, f"{value} is out of range", "use a port number from 1 to 65535")
+        return value
+
+    def path_(self, key: str, default: Path) -> Path:
+        value = self.get(key, str, None, "use a path in quotes")
+        if value is None:
+            return default
+        if not value.startswith("/"):
+            raise self.error(key, f"{value!r} is not an absolute path", "use an absolute path")
+        return Path(value)
+
+    def wireguard(self) -> str:
+        value: str = self.get("wireguard", str, "auto", 'use "auto", "kernel" or "userspace"')
+        if value not in WIREGUARD_MODES:
+            raise self.error("wireguard", f"{value!r} is not a backend", 'use "auto", "kernel" or "userspace"')
+        return value
+
+    def ports(self, key: str, default: tuple[Port, ...]) -> tuple[Port, ...]:
+        fix = 'use a list like ["tcp/443", "udp/443"]'
+        values = self.get(key, list, None, fix)
+        if values is None:
+            return default
+        if not values:
+            raise self.error(key, "is empty", fix)
+        ports = []
+        for value in values:
+            port = parse_port(value)
+            if port is None:
+                raise self.error(key, f"{value!r} is not a port like \"tcp/443\"", fix)
+            if port in ports:
+                raise self.error(key, f"{value!r} is listed twice", "list each port once")
+            ports.append(port)
+        return tuple(ports)
+
+    def domain_name(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not _HOSTNAME.match(value.lower().rstrip(".")):
+            raise self.error(key, f"{value!r} is not a DNS name", 'use a name like "app.example.com"')
+        return value.lower().rstrip(".")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key", "remove it or check its spelling")
+
+
+def parse_port(value: Any) -> Port | None:
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"(tcp|udp)/(\d{1,5})", value.strip().lower())
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        return None
+    return Port(m.group(1), int(m.group(2)))
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", hint="create it, or pass another with -c") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied", hint="run as root") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory", hint="pass the config file with -c") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}", hint="fix the syntax") from None
+
+
+def load_server(path: Path) -> ServerConfig:
+    r = _Reader(path, _load_toml(path))
+    interface = r.get("interface", str, "sptun0", "use an interface name of 1 to 15 characters")
+    if not _IFNAME.match(interface):
+        raise r.error("interface", f"{interface!r} is not a valid interface name", "use 1 to 15 letters, digits, - _ or .")
+    overlay_text = r.get("overlay", str, "10.99.0.0/16", 'use an IPv4 network like "10.99.0.0/16"')
+    try:
+        overlay = ipaddress.IPv4Network(overlay_text)
+    except ValueError:
+        raise r.error("overlay", f"{overlay_text!r} is not an IPv4 network", 'use a network like "10.99.0.0/16" (host bits zero)') from None
+    if overlay.prefixlen > 29:
+        raise r.error("overlay", f"{overlay} is too small", "use a /29 or larger network")
+    listen_port = r.port("listen_port", 51820)
+    api_port = r.port("api_port", 51821)
+    state_dir = r.path_("state_dir", DEFAULT_STATE_DIR)
+    wireguard = r.wireguard()
+    raw_domains = r.get("domains", list, [], "use [[domains]] tables")
+    r.finish()
+
+    domains: list[Domain] = []
+    for i, raw in enumerate(raw_domains):
+        if not isinstance(raw, dict):
+            raise r.error("domains", f"entry {i} is not a table", "use [[domains]] tables")
+        domains.append(_load_domain(path, i, raw, overlay))
+    _check_domains(path, domains)
+    return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains))
+
+
+def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv4Network) -> Domain:
+    d = _Reader(path, raw, f"domains[{i}].")
+    d.used.add("name")
+    if "name" not in raw:
+        raise d.error("name", "is missing", 'add name = "app.example.com"')
+    name = d.domain_name("name", raw["name"])
+    listen: list[ipaddress.IPv4Address] = []
+    for value in d.get("listen", list, [], 'use a list of IPv4 addresses like ["198.51.100.10"]'):
+        try:
+            address = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise d.error("listen", f"{value!r} is not an IPv4 address", 'use addresses like "198.51.100.10"') from None
+        if address in overlay:
+            raise d.error("listen", f"{address} is inside the overlay {overlay}", "use a public address, or move the overlay")
+        listen.append(address)
+    ports = d.ports("ports", (Port("tcp", 443),))
+    token_file = d.path_("token_file", Path(f"/etc/sptun/tokens/{name}"))
+    d.finish()
+    return Domain(name, tuple(listen), ports, token_file)
+
+
+def _check_domains(path: Path, domains: list[Domain]) -> None:
+    """Two domains cannot share a name, nor an address and port: one would shadow the other."""
+    taken: list[tuple[str, Port, str]] = []  # (address, or "*" for any, port, domain)
+    for i, dom in enumerate(domains):
+        if dom.name in [d.name for d in domains[:i]]:
+            raise ConfigError(f"{path}: domains[{i}].name: {dom.name} is listed twice", hint="merge the two [[domains]] tables")
+        mine = [(str(a), port) for a in dom.listen or ["*"] for port in dom.ports]
+        for address, port in mine:
+            for other_address, other_port, other in taken:
+                if port == other_port and (address == other_address or "*" in (address, other_address)):
+                    shown = "any address" if "*" in (address, other_address) else address
+                    raise ConfigError(
+                        f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
+                        hint="give each domain its own listen address for that port",
+                    )
+        taken += [(address, port, dom.name) for address, port in mine]
+
+
+def load_agent(path: Path) -> AgentConfig:
+    r = _Reader(path, _load_toml(path))
+    r.used.add("domain")
+    if "domain" not in r.table:
+        raise r.error("domain", "is missing", 'add domain = "app.example.com"')
+    domain = r.domain_name("domain", r.table["domain"])
+    token_file = r.path_("token_file", Path("/etc/sptun/token"))
+    ports = r.ports("ports", (Port("tcp", 443),))
+    nameservers = r.get("nameservers", list, [], 'use a list of IP addresses like ["192.0.2.53"]')
+    for value in nameservers:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise r.error("nameservers", f"{value!r} is not an IP address", 'use addresses like "192.0.2.53"') from None
+    realm = r.get("realm", str, DEFAULT_REALM, 'use a realm name like "superprotocol"')
+    if not realm or ";" in realm or "=" in realm or realm != realm.strip():
+        raise r.error("realm", f"{realm!r} is not a realm name", 'use a word like "superprotocol"')
+    state_dir = r.path_("state_dir", DEFAULT_STATE_DIR)
+    wireguard = r.wireguard()
+    keepalive = r.get("keepalive", int, 15, "use seconds from 1 to 3600")
+    if not 1 <= keepalive <= 3600:
+        raise r.error("keepalive", f"{keepalive} is out of range", "use seconds from 1 to 3600")
+    r.finish()
+    return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive)
+
+
+def load(path: Path | None) -> Config:
+    """Load whichever role `path` configures; without a path, the default file that exists."""
+    if path is None:
+        existing = [p for p in (SERVER_CONFIG, AGENT_CONFIG) if p.exists()]
+        if not existing:
+            raise ConfigError(f"neither {SERVER_CONFIG} nor {AGENT_CONFIG} exists", hint="create one, or pass a config with -c")
+        if len(existing) > 1:
+            raise ConfigError(f"both {SERVER_CONFIG} and {AGENT_CONFIG} exist", hint="pass the one you mean with -c")
+        path = existing[0]
+    raw = _load_toml(path)
+    if "domains" in raw or "domain" not in raw:
+        return load_server(path)
+    return load_agent(path)

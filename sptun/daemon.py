@@ -1,0 +1,210 @@
+"""What the server and agent daemons share: the reconcile loop, the local control socket
+(`sptun up|down|status` talk to it), the lasting `down` flag, and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from sptun.errors import SptunError
+from sptun.keys import ensure_private_dir
+
+log = logging.getLogger("sptun")
+
+CONTROL_MAX = 65536
+CONTROL_TIMEOUT = 120.0
+
+
+class Role:
+    """One role (server or agent) on this host. Subclasses do the work; this drives it."""
+
+    interval = 1.0  # seconds between passes
+    resync_every = 30.0  # a full re-read of the kernel, to repair drift
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self.passes = 0
+        self.failed_passes = 0
+        self.last_error = ""
+
+    # --- what a role implements --------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Make the kernel match the wanted state; return the changes, as readable lines."""
+        raise NotImplementedError
+
+    def teardown(self) -> list[str]:
+        """Remove everything this role made here; idempotent."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def on_stop(self) -> None:
+        """Called on SIGTERM/SIGINT, before the process exits."""
+
+    async def start_services(self) -> list[asyncio.AbstractServer]:
+        return []
+
+    # --- the lasting down flag --------------------------------------------------------
+
+    @property
+    def down_flag(self) -> Path:
+        return self.state_dir / "down"
+
+    def is_down(self) -> bool:
+        return self.down_flag.exists()
+
+    def set_down(self, down: bool) -> None:
+        ensure_private_dir(self.state_dir)
+        if down:
+            self.down_flag.touch(mode=0o600)
+        else:
+            self.down_flag.unlink(missing_ok=True)
+
+    # --- one pass, as the loop and the control socket run it ---------------------------
+
+    async def run_pass(self) -> list[str]:
+        async with self.lock:
+            if self.is_down():
+                return []
+            self.passes += 1
+            started = time.monotonic()
+            try:
+                changes = await asyncio.to_thread(self.reconcile)
+            except SptunError as e:
+                self.failed_passes += 1
+                self.last_error = str(e)
+                raise
+            self.last_error = ""
+            for change in changes:
+                log.info("%s", change)
+            if changes:
+                log.debug("pass took %.3f s", time.monotonic() - started)
+            return changes
+
+    async def loop(self) -> None:
+        while True:
+            try:
+                await self.run_pass()
+            except SptunError as e:
+                log.error("reconcile failed: %s (retrying)", e)
+            except Exception:  # a bug must not kill the daemon; log it and go on
+                self.failed_passes += 1
+                log.exception("reconcile failed unexpectedly (retrying)")
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.interval)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+
+    # --- control socket ----------------------------------------------------------------
+
+    @property
+    def control_path(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    async def handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+            if uid != 0:
+                reply: dict[str, Any] = {"ok": False, "error": "only root may control sptun"}
+            else:
+                request = json.loads(await asyncio.wait_for(reader.readline(), 10))
+                reply = await self.control(str(request.get("cmd")))
+        except (ValueError, TimeoutError, AttributeError) as e:
+            reply = {"ok": False, "error": f"bad control request: {e}"}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+        except (ConnectionError, OSError):
+            pass
+
+    async def control(self, cmd: str) -> dict[str, Any]:
+        try:
+            if cmd == "status":
+                return {"ok": True, "status": await asyncio.to_thread(self.status)}
+            if cmd == "up":
+                self.set_down(False)
+                changes = await self.run_pass()
+                return {"ok": True, "changes": changes, "status": await asyncio.to_thread(self.status)}
+            if cmd == "down":
+                async with self.lock:
+                    self.set_down(True)
+                    changes = await self.drain_and_teardown()
+                return {"ok": True, "changes": changes}
+        except SptunError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": False, "error": f"unknown control command {cmd!r}"}
+
+    async def drain_and_teardown(self) -> list[str]:
+        return await asyncio.to_thread(self.teardown)
+
+    # --- the daemon --------------------------------------------------------------------
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        ensure_private_dir(self.state_dir)
+        self.control_path.unlink(missing_ok=True)
+        old_umask = os.umask(0o077)  # the control socket is root's only
+        try:
+            control = await asyncio.start_unix_server(self.handle_control, path=str(self.control_path), limit=CONTROL_MAX)
+        finally:
+            os.umask(old_umask)
+        servers = [control, *await self.start_services()]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if self.is_down():
+            log.warning("this host was taken down with `sptun down`; staying down until `sptun up`")
+        task = asyncio.create_task(self.loop())
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping")
+        task.cancel()
+        for server in servers:
+            server.close()
+        try:
+            await self.on_stop()
+        finally:
+            self.control_path.unlink(missing_ok=True)
+
+
+def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:
+    """Ask the running daemon of this state dir; None if no daemon is listening."""
+    path = state_dir / "control.sock"
+    if not path.exists():
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(CONTROL_MAX)
+                if not chunk:
+                    break
+                buf += chunk
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None  # a stale socket of a daemon that died
+    except OSError as e:
+        raise SptunError(f"the daemon did not answer on {path}: {e}") from None
+    try:
+        reply: dict[str, Any] = json.loads(buf)
+    except ValueError:
+        raise SptunError(f"the daemon gave a garbled answer on {path}") from None
+    return reply

@@ -1,0 +1,96 @@
+"""WireGuard keys (Curve25519, as NaCl uses them) and the files that hold secrets."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from pathlib import Path
+
+from nacl.public import PrivateKey
+
+from sptun.errors import SptunError
+
+KEY_LEN = 32
+
+
+def generate_private_key() -> str:
+    """A new private key, base64, clamped as `wg genkey` does."""
+    raw = bytearray(secrets.token_bytes(KEY_LEN))
+    raw[0] &= 248
+    raw[31] = (raw[31] & 127) | 64
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def decode_key(text: str) -> bytes | None:
+    """The 32 raw bytes of a base64 WireGuard key, or None if it is not one."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return None
+    return raw if len(raw) == KEY_LEN else None
+
+
+def public_key(private: str) -> str:
+    raw = decode_key(private)
+    if raw is None:
+        raise SptunError("the private key is not a base64 WireGuard key")
+    return base64.b64encode(bytes(PrivateKey(raw).public_key)).decode()
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create a directory for secrets at 0700 (and tighten it if it was looser)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def write_file_atomic(path: Path, data: str, mode: int = 0o600) -> None:
+    """Write via a temporary file, fsync and rename, so a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_or_create_private_key(state_dir: Path, name: str = "private.key") -> str:
+    """This host's WireGuard private key, created at 0600 on first use."""
+    ensure_private_dir(state_dir)
+    path = state_dir / name
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = generate_private_key()
+        write_file_atomic(path, text + "\n")
+        return text
+    if decode_key(text) is None:
+        raise SptunError(f"{path} does not hold a WireGuard private key", hint="move it away; a new one is made on the next start")
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return text
+
+
+def read_token(path: Path) -> str:
+    """A join token from its file; the token itself never appears in an error."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        raise SptunError(f"token file {path} does not exist", hint="create it with `sptun token new DOMAIN` on a server") from None
+    except PermissionError:
+        raise SptunError(f"token file {path} is not readable", hint="run as root") from None
+    if not token or len(token) > 256:
+        raise SptunError(f"token file {path} does not hold a token", hint="create it with `sptun token new DOMAIN` on a server")
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)

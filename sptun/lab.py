@@ -1,0 +1,204 @@
+"""`sptun lab up|demo|down`: sptun servers and agents on top of the namespace lab (labnet)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sptun.errors import SptunError
+from sptun.labnet import DNS_ADDRESS, DOMAIN, Host, Lab, destroy
+
+LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
+REQUESTS_PER_SERVER = 12
+
+SERVER_TOML = """\
+# sptun server {name} of lab {prefix}
+interface = "sptun0"
+listen_port = 51820
+api_port = 51821
+overlay = "{overlay}"
+state_dir = "{home}/state"
+wireguard = "{wireguard}"
+
+[[domains]]
+name = "{domain}"
+listen = ["{address}"]
+ports = ["tcp/443"]
+token_file = "{home}/tokens/{domain}"
+"""
+
+AGENT_TOML = """\
+# sptun agent {name} of lab {prefix}
+domain = "{domain}"
+token_file = "{home}/token"
+ports = ["tcp/443"]
+nameservers = ["{dns}"]
+state_dir = "{home}/state"
+wireguard = "{wireguard}"
+"""
+
+
+def sptun(host: Host, *args: str) -> list[str]:
+    """argv running this very sptun (same interpreter) on a lab host."""
+    return [sys.executable, "-m", "sptun", *args]
+
+
+def config_path(host: Host) -> str:
+    return str(host.dir / ("server.toml" if host.spec.role == "server" else "agent.toml"))
+
+
+def write_configs(lab: Lab, wireguard: str = "auto") -> None:
+    """Role configs for every server and client, and one join token for the domain on all."""
+    for host in lab.servers + lab.clients:
+        template = SERVER_TOML if host.spec.role == "server" else AGENT_TOML
+        (host.dir / "tokens").mkdir(mode=0o700, exist_ok=True)
+        (host.dir / config_path(host).rsplit("/", 1)[1]).write_text(template.format(
+            name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir, wireguard=wireguard,
+            domain=DOMAIN, address=host.address, dns=DNS_ADDRESS))
+    first = lab.servers[0]
+    token = first.run(sptun(first, "token", "new", DOMAIN, "-c", config_path(first))).strip()
+    for host in lab.servers[1:]:
+        host.run(sptun(host, "token", "new", DOMAIN, "-c", config_path(host)))
+        (host.dir / "tokens" / DOMAIN).write_text(token + "\n")
+    for host in lab.clients:
+        token_file = host.dir / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token + "\n")
+
+
+def start_daemons(lab: Lab, hosts: list[Host] | None = None) -> None:
+    for host in hosts or lab.servers + lab.clients:
+        role = host.spec.role if host.spec.role == "server" else "agent"
+        host.spawn(sptun(host, role, "run", "-c", config_path(host)), log=host.dir / "sptun.log")
+
+
+def status(host: Host) -> dict[str, Any]:
+    out = host.run(sptun(host, "status", "--json", "-c", config_path(host)), timeout=30)
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_served(lab: Lab, timeout: float = 60) -> None:
+    """Until every server forwards the domain to every client (healthy backends)."""
+    deadline = time.monotonic() + timeout
+    want = len(lab.clients)
+    while True:
+        counts = {}
+        for server in lab.servers:
+            try:
+                domains = status(server)["domains"]
+                counts[server.name] = sum(b["healthy"] for d in domains for b in d["backends"])
+            except (SptunError, ValueError, KeyError):
+                counts[server.name] = 0
+        if all(n == want for n in counts.values()):
+            return
+        if time.monotonic() > deadline:
+            shown = ", ".join(f"{name}: {n}/{want}" for name, n in counts.items())
+            raise SptunError(f"the domain was not served in {timeout:g} s ({shown} healthy backends)",
+                             hint=f"see the logs in {lab.dir}/*/sptun.log")
+        time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class Hit:
+    server: str
+    ok: bool
+    client: str
+    source: str
+    subject: str
+    error: str
+
+
+def parse_body(body: str) -> dict[str, str]:
+    """The lab page: `client=c1 remote=203.0.113.10`."""
+    return dict(part.split("=", 1) for part in body.split() if "=" in part)
+
+
+def browse(lab: Lab, server: Host, n: int) -> list[Hit]:
+    hits = []
+    for _ in range(n):
+        r = lab.curl(server.address)
+        page = parse_body(r.body)
+        error = "" if r.ok else (r.log.strip().splitlines() or ["?"])[-2 if len(r.log.strip().splitlines()) > 1 else -1]
+        hits.append(Hit(server.address, r.ok, page.get("client", "-"), page.get("remote", "-"), r.subject or "-", error))
+    return hits
+
+
+def even(hits: list[Hit], clients: list[str]) -> bool:
+    counts = Counter(h.client for h in hits if h.ok)
+    return len(hits) % len(clients) == 0 and all(counts[c] == len(hits) // len(clients) for c in clients)
+
+
+def demo(prefix: str, wireguard: str = "auto") -> int:
+    console = Console(width=120)
+    lab = Lab(prefix)
+    try:
+        console.print(f"[bold]building lab {prefix}[/]: DNS (knot), {len(lab.servers)} tunnel servers, "
+                      f"{len(lab.clients)} clients behind NAT with nginx, a browser")
+        lab.up()
+        write_configs(lab, wireguard)
+        start_daemons(lab)
+        started = time.monotonic()
+        wait_served(lab)
+        console.print(f"served through every server after {time.monotonic() - started:.1f} s")
+        ok = True
+        for server in lab.servers:
+            hits = browse(lab, server, REQUESTS_PER_SERVER)
+            table = Table("#", "server", "answering client", "source seen by client", "certificate subject",
+                          title=f"{REQUESTS_PER_SERVER} HTTPS requests through {server.name} ({server.address})")
+            for i, h in enumerate(hits, 1):
+                table.add_row(str(i), h.server, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
+            console.print(table)
+            counts = Counter(h.client for h in hits if h.ok)
+            names = [c.name for c in lab.clients]
+            balanced = even(hits, names)
+            failed = sum(not h.ok for h in hits)
+            sources_ok = all(h.source == lab.browser.address for h in hits if h.ok)
+            console.print(f"{server.name}: {len(hits) - failed}/{len(hits)} ok; split "
+                          + ", ".join(f"{c}={counts[c]}" for c in names)
+                          + (" [green](even)[/]" if balanced else " [red](uneven)[/]")
+                          + ("; browser address kept" if sources_ok else " [red]; browser address NOT kept[/]"))
+            ok = ok and not failed and balanced and sources_ok
+        console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
+        return 0 if ok else 1
+    except SptunError as e:
+        console.print(f"[red]sptun: {e}[/]")
+        for host in lab.servers + lab.clients:
+            log = host.dir / "sptun.log"
+            if log.exists():
+                console.print(f"--- {host.name}: last lines of sptun.log")
+                console.print("\n".join(log.read_text(errors="replace").splitlines()[-8:]), markup=False)
+        return 1
+    finally:
+        lab.down()
+        console.print(f"lab {prefix} removed")
+
+
+def main(action: str, prefix: str, wireguard: str = "auto") -> int:
+    if action == "down":
+        destroy(prefix)
+        print(f"lab {prefix} removed")
+        return 0
+    if action == "demo":
+        return demo(prefix, wireguard)
+    lab = Lab(prefix)
+    lab.up()
+    try:
+        write_configs(lab, wireguard)
+        start_daemons(lab)
+        wait_served(lab)
+    except BaseException:
+        lab.down()
+        raise
+    print(f"lab {prefix} is up: https://{DOMAIN} through " + ", ".join(s.address for s in lab.servers))
+    print(f"  try:  ip netns exec {lab.browser.netns} curl --cacert {lab.ca_cert} "
+          f"--resolve {DOMAIN}:443:{lab.servers[0].address} https://{DOMAIN}/")
+    print(f"  state, configs and logs: {lab.dir};  remove with: sptun lab down --prefix {prefix}")
+    return 0

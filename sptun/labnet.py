@@ -1,0 +1,633 @@
+"""A single-machine lab: hosts are network namespaces, each with its own mount namespace.
+
+The lab is a small internet (core router ``inet``), an authoritative DNS server
+(knot), public tunnel servers, a browser, and a home NAT router with the tunnel
+clients behind it, each client running nginx with a certificate from a lab CA.
+Nothing is ever created in the root network namespace: veth pairs are created
+directly inside their target namespaces.
+
+Everything the lab makes is named after its prefix (namespaces ``PREFIX-NAME``,
+the directory ``LAB_ROOT/PREFIX``), so ``destroy(prefix)`` can clean up after a
+crash without any state from the Python process that built the lab.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from sptun.errors import SptunError
+from sptun.run import run
+
+LAB_ROOT = Path("/run/sptun-lab")
+DOMAIN = "app.example.test"
+ZONE = "example.test"
+DNS_ADDRESS = "192.0.2.53"
+READY_TIMEOUT = 15.0  # seconds up() waits for knot and nginx
+STOP_TIMEOUT = 5.0  # seconds a lab process gets after SIGTERM, then again after SIGKILL
+
+Arg = str | os.PathLike[str]
+
+
+# --- topology: pure data ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One lab host. A Vagrantfile reads the same data, so keep it plain."""
+
+    name: str
+    role: str  # "dns" | "server" | "client" | "browser" | "router"
+    address: str  # main address, without prefix length
+    prefixlen: int = 24
+    gateway: str | None = None  # default route
+    uplink: str | None = None  # the router whose br0 this host's eth0 plugs into
+    bridge: tuple[str, ...] = ()  # CIDRs on this host's own br0 (routers only)
+    forward: bool = False  # net.ipv4.ip_forward=1
+    masquerade: bool = False  # NAT br0 out of eth0 and refuse inbound connections
+    routes: tuple[tuple[str, str], ...] = ()  # extra (destination, via)
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+
+def topology(servers: int = 2, clients: int = 3) -> list[HostSpec]:
+    """The lab's hosts, routers before the hosts that plug into them."""
+    if not 1 <= servers <= 50 or not 1 <= clients <= 50:
+        raise SptunError(f"lab size out of range: {servers} servers, {clients} clients", hint="use 1..50 of each")
+    hosts = [
+        HostSpec(
+            "inet",
+            "router",
+            "192.0.2.1",
+            bridge=("192.0.2.1/24", "198.51.100.1/24", "203.0.113.1/24"),
+            forward=True,
+            # Like a careless ISP: route the home LAN to the NAT router, so that only
+            # the NAT router's firewall keeps the browser away from the clients.
+            routes=(("10.99.100.0/24", "203.0.113.2"),),
+        ),
+        HostSpec("dns", "dns", DNS_ADDRESS, gateway="192.0.2.1", uplink="inet"),
+    ]
+    hosts += [
+        HostSpec(f"s{i}", "server", f"198.51.100.{9 + i}", gateway="198.51.100.1", uplink="inet")
+        for i in range(1, servers + 1)
+    ]
+    hosts += [
+        HostSpec("browser", "browser", "203.0.113.10", gateway="203.0.113.1", uplink="inet"),
+        HostSpec(
+            "nat",
+            "router",
+            "203.0.113.2",
+            gateway="203.0.113.1",
+            uplink="inet",
+            bridge=("10.99.100.1/24",),
+            forward=True,
+            masquerade=True,
+        ),
+    ]
+    hosts += [
+        HostSpec(f"c{i}", "client", f"10.99.100.{10 + i}", gateway="10.99.100.1", uplink="nat")
+        for i in range(1, clients + 1)
+    ]
+    return hosts
+
+
+# --- one host ----------------------------------------------------------------------
+
+
+class Host:
+    """A lab host: commands run inside its network and mount namespaces."""
+
+    def __init__(self, spec: HostSpec, prefix: str, lab_dir: Path) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.netns = f"{prefix}-{spec.name}"
+        self.address = spec.address
+        self.dir = lab_dir / spec.name  # this host's files
+        self.mnt = lab_dir / f"{spec.name}.mnt"  # bind mount that keeps its mount namespace alive
+        self.lab_dir = lab_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, {self.address})"
+
+    def cmd(self, argv: Sequence[Arg]) -> list[str]:
+        # Absolute paths only: entering a mount namespace moves cwd to its root.
+        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount={self.mnt}", "--", *map(str, argv)]
+
+    def run(self, argv: Sequence[Arg], input: str | None = None, check: bool = True, timeout: float = 30) -> str:
+        return run(self.cmd(argv), input=input, check=check, timeout=timeout)
+
+    def spawn(self, argv: Sequence[Arg], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start argv in the background; stdout and stderr go to log.
+
+        env, as in Popen, replaces the whole environment. The pid is also appended
+        to the lab's "pids" file, for the record; destroy() finds processes by
+        namespace, not by that file.
+        """
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                self.cmd(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        with open(self.lab_dir / "pids", "a") as pids:
+            pids.write(f"{proc.pid}\n")
+        return proc
+
+
+# --- the lab -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurlResult:
+    body: str
+    exit_code: int  # curl's; 0 is success
+    subject: str | None  # the server certificate's subject, as curl -v prints it
+    log: str  # curl -v output, for failure messages
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Lab:
+    def __init__(
+        self, prefix: str = "sptlab", servers: int = 2, clients: int = 3, ttl: int = 5, root: Path = LAB_ROOT
+    ) -> None:
+        _check_prefix(prefix)
+        self.prefix = prefix
+        self.ttl = ttl
+        self.dir = root / prefix
+        self.root = root
+        self.hosts = {spec.name: Host(spec, prefix, self.dir) for spec in topology(servers, clients)}
+        self.servers = self._role("server")
+        self.clients = self._role("client")
+        self.dns = self._role("dns")[0]
+        self.browser = self._role("browser")[0]
+        self.ca_cert = self.dir / "ca" / "ca.pem"
+        self.knot_conf = self.dns.dir / "knot.conf"
+        self.zone_file = self.dns.dir / f"{ZONE}.zone"
+        self._a = [s.address for s in self.servers]  # current A records for DOMAIN
+
+    def _role(self, role: str) -> list[Host]:
+        return [h for h in self.hosts.values() if h.spec.role == role]
+
+    # up / down
+
+    def up(self) -> None:
+        """Build the whole lab; on any failure remove what was built and re-raise."""
+        if _lab_namespaces(self.prefix) or self.dir.exists():
+            raise SptunError(f"lab {self.prefix!r} already exists", hint="run `sptun lab down` first")
+        try:
+            self._make_dir()
+            for host in self.hosts.values():
+                self._add_host(host)
+            for host in self.hosts.values():
+                self._wire(host)
+            self._make_ca()
+            self._start_dns()
+            for client in self.clients:
+                self._start_web(client)
+            self._wait_ready()
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        """Remove everything named after the prefix; idempotent, and works after a crash."""
+        destroy(self.prefix, self.root)
+        for host in self.hosts.values():
+            for proc in host.procs:
+                proc.poll()  # collect our own children (destroy may have reaped them already)
+            host.procs.clear()
+
+    def _make_dir(self) -> None:
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o755)
+        # A private bind mount of the lab dir, so nsfs mounts can be made under it.
+        run(["mount", "--bind", str(self.dir), str(self.dir)])
+        run(["mount", "--make-private", str(self.dir)])
+        (self.dir / "resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\n")
+
+    def _add_host(self, host: Host) -> None:
+        host.dir.mkdir(mode=0o755)
+        run(["ip", "netns", "add", host.netns])
+        host.mnt.touch()
+        # The host's own mount namespace, made once and kept by a bind mount on host.mnt:
+        # - a private /run/wireguard, since wireguard-go's UAPI sockets live there;
+        # - the lab DNS as its system resolver;
+        # - no copies of the root's netns and lab mounts, which would pin those namespaces.
+        script = f"""set -e
+mkdir -p /run/wireguard
+mount -t tmpfs -o mode=0700 tmpfs /run/wireguard
+mount --bind {shlex.quote(str(self.dir / 'resolv.conf'))} /etc/resolv.conf
+if mountpoint -q /run/netns; then umount -l /run/netns; fi
+mount -t tmpfs -o mode=0755 tmpfs /run/netns
+umount -l {shlex.quote(str(self.dir))}
+"""
+        run(["unshare", f"--mount={host.mnt}", "--propagation", "private", "sh", "-c", script])
+        host.run(["ip", "link", "set", "lo", "up"])
+
+    def _wire(self, host: Host) -> None:
+        spec = host.spec
+        if spec.bridge:
+            host.run(["ip", "link", "add", "br0", "type", "bridge"])
+            for cidr in spec.bridge:
+                host.run(["ip", "addr", "add", cidr, "dev", "br0"])
+            host.run(["ip", "link", "set", "br0", "up"])
+        if spec.uplink:
+            router = self.hosts[spec.uplink]
+            # Both ends are born in their namespaces; the root namespace never sees them.
+            run(["ip", "link", "add", "eth0", "netns", host.netns, "type", "veth",
+                 "peer", "name", host.name, "netns", router.netns])  # fmt: skip
+            router.run(["ip", "link", "set", host.name, "master", "br0", "up"])
+            host.run(["ip", "addr", "add", spec.cidr, "dev", "eth0"])
+            host.run(["ip", "link", "set", "eth0", "up"])
+        if spec.gateway:
+            host.run(["ip", "route", "add", "default", "via", spec.gateway])
+        for dest, via in spec.routes:
+            host.run(["ip", "route", "add", dest, "via", via])
+        if spec.forward:
+            host.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if spec.masquerade:
+            host.run(["nft", "-f", "-"], input=NAT_RULESET)
+
+    # CA and certificates
+
+    def _make_ca(self) -> None:
+        ca = self.dir / "ca"
+        ca.mkdir(mode=0o700)
+        key = ca / "ca.key"
+        run(["openssl", "req", "-x509", "-new", *_EC_KEY, "-keyout", str(key), "-out", str(self.ca_cert),
+             "-subj", "/O=sptun lab/CN=sptun lab CA", "-days", "30"])  # fmt: skip
+        key.chmod(0o600)
+        ext = ca / "leaf.ext"
+        ext.write_text(f"subjectAltName=DNS:{DOMAIN}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        for client in self.clients:
+            self._make_cert(client.name, key, ext)
+
+    def _make_cert(self, name: str, ca_key: Path, ext: Path) -> None:
+        """A certificate for DOMAIN whose subject names the client (OU=name)."""
+        key, cert = self.cert_paths(name)
+        subject = f"/O=sptun lab/OU={name}/CN={DOMAIN}"
+        csr = run(["openssl", "req", "-new", *_EC_KEY, "-keyout", str(key), "-subj", subject])
+        key.chmod(0o600)
+        run(["openssl", "x509", "-req", "-CA", str(self.ca_cert), "-CAkey", str(ca_key), "-set_serial",
+             f"0x{uuid.uuid4().hex}", "-days", "30", "-extfile", str(ext), "-out", str(cert)], input=csr)  # fmt: skip
+
+    def cert_paths(self, name: str) -> tuple[Path, Path]:
+        """(key, certificate) of a client's web server."""
+        return self.dir / "ca" / f"{name}.key", self.dir / "ca" / f"{name}.pem"
+
+    # DNS
+
+    def _start_dns(self) -> None:
+        dns = self.dns.dir
+        (dns / "run").mkdir()
+        (dns / "db").mkdir()
+        self.knot_conf.write_text(KNOT_CONF.format(dir=dns, listen=f"{DNS_ADDRESS}@53", zone=ZONE))
+        self._write_zone([_server_txt(s.address) for s in self.servers], self._a, serial=1)
+        self.dns.spawn(["knotd", "-c", self.knot_conf], log=dns / "knotd.log")
+
+    def set_txt(self, txt: Sequence[str | Sequence[str]], a: list[str] | None = None) -> None:
+        """Replace DOMAIN's TXT records (and A records, if a is given); reload knot.
+
+        A str is one TXT record (split into 255-byte character-strings if longer);
+        a list of str is one record made of those character-strings.
+        """
+        if a is not None:
+            self._a = list(a)
+        self._write_zone(txt, self._a, serial=self._serial() + 1)
+        # -b: return once the new zone is served, so the caller can query right away.
+        self.dns.run(["knotc", "-b", "-c", self.knot_conf, "zone-reload", ZONE])
+
+    def _serial(self) -> int:
+        match = re.search(r"\bSOA\s+\S+\s+\S+\s+(\d+)", self.zone_file.read_text())
+        if not match:
+            raise SptunError(f"no SOA serial in {self.zone_file}")
+        return int(match.group(1))
+
+    def _write_zone(self, txt: Sequence[str | Sequence[str]], a: list[str], serial: int) -> None:
+        lines = [
+            f"$ORIGIN {ZONE}.",
+            f"$TTL {self.ttl}",
+            f"@ SOA ns.{ZONE}. hostmaster.{ZONE}. {serial} 60 60 3600 {self.ttl}",
+            "@ NS ns",
+            f"ns A {DNS_ADDRESS}",
+            *(f"{DOMAIN}. A {ip}" for ip in a),
+            *(f"{DOMAIN}. TXT {_txt_rdata(record)}" for record in txt),
+        ]
+        tmp = self.zone_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.zone_file)  # knot never reads a half-written file
+
+    # web servers
+
+    def _start_web(self, client: Host) -> None:
+        home = client.dir
+        (home / "tmp").mkdir()
+        key, cert = self.cert_paths(client.name)
+        conf = home / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=home, name=client.name, key=key, cert=cert, domain=DOMAIN))
+        # -e: nginx opens its error log before reading the config; keep it out of /var/log.
+        client.spawn(["nginx", "-p", home, "-e", home / "error.log", "-c", conf, "-g", "daemon off;"],
+                     log=home / "nginx.log")  # fmt: skip
+
+    # readiness
+
+    def _wait_ready(self) -> None:
+        probe = self.clients[0]
+
+        def knot_answers() -> bool:
+            query = ["kdig", f"@{DNS_ADDRESS}", "+short", "+time=1", "+retry=0", "TXT", DOMAIN]
+            return "r=superprotocol" in probe.run(query, check=False)
+
+        _wait_until("knot answering TXT through the NAT", self.dns, knot_answers)
+        for client in self.clients:
+            _wait_until(f"nginx listening on {client.name}", client, partial(_listening, client, [80, 443]))
+
+    # use
+
+    def curl(self, server_ip: str, path: str = "/", timeout: float = 5, source: Host | None = None) -> CurlResult:
+        """Fetch https://DOMAIN/path from the browser (or source), DOMAIN resolved to server_ip."""
+        host = source or self.browser
+        body = host.dir / f"curl-{uuid.uuid4().hex}.body"
+        # run() returns stdout only, so curl sends its -v log and exit code there and the body to a file.
+        out = host.run(
+            ["curl", "-sS", "-v", "--stderr", "-", "-o", body, "-w", "\nsptun-curl-exit=%{exitcode}\n",
+             "--max-time", f"{timeout:g}", "--cacert", self.ca_cert,
+             "--resolve", f"{DOMAIN}:443:{server_ip}", f"https://{DOMAIN}{path}"],
+            check=False, timeout=timeout + 10,
+        )  # fmt: skip
+        try:
+            text = body.read_text(errors="replace") if body.exists() else ""
+        finally:
+            body.unlink(missing_ok=True)
+        code = re.search(r"^sptun-curl-exit=(\d+)$", out, re.M)
+        subject = re.search(r"^\*\s+subject:\s*(.*?)\s*$", out, re.M)
+        return CurlResult(text, int(code.group(1)) if code else -1, subject.group(1) if subject else None, out)
+
+
+# --- crash-proof cleanup -------------------------------------------------------------
+
+
+def destroy(prefix: str, root: Path = LAB_ROOT) -> None:
+    """Remove the lab named prefix: its processes, namespaces, mounts and directory.
+
+    Relies only on the names, so it works after the builder crashed; anything
+    already gone is fine. Each step runs even if an earlier one failed.
+    """
+    _check_prefix(prefix)
+    lab_dir = root / prefix
+    errors: list[str] = []
+    namespaces = _lab_namespaces(prefix)
+    steps: list[Callable[[], None]] = [
+        lambda: _stop_processes(namespaces),
+        lambda: _delete_namespaces(namespaces),
+        lambda: _unmount_below(lab_dir),
+        lambda: _remove_dir(lab_dir),
+    ]
+    for step in steps:
+        try:
+            step()
+        except SptunError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SptunError(f"lab {prefix!r} not fully removed: {'; '.join(errors)}", hint="see ip netns list; findmnt")
+
+
+def _check_prefix(prefix: str) -> None:
+    # No '-': so that PREFIX-NAME matches exactly one lab's namespaces.
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", prefix):
+        raise SptunError(f"bad lab prefix {prefix!r}", hint="use 1-32 letters, digits or _")
+
+
+def _netns_names() -> list[str]:
+    return [line.split()[0] for line in run(["ip", "netns", "list"]).splitlines() if line.strip()]
+
+
+def _lab_namespaces(prefix: str) -> list[str]:
+    return [n for n in _netns_names() if re.fullmatch(rf"{re.escape(prefix)}-[A-Za-z0-9]+", n)]
+
+
+def _stop_processes(namespaces: list[str]) -> None:
+    """SIGTERM every process in the namespaces, then SIGKILL what is left.
+
+    The namespaces are listed again on every poll, so a process that a dying
+    daemon starts at the last moment is caught too, and cannot keep a deleted
+    namespace alive unseen.
+    """
+    pids: set[int] = set()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        signalled: set[int] = set()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (pids := _pids_in(namespaces)) and time.monotonic() < deadline:
+            for pid in pids - signalled:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            signalled |= pids
+            time.sleep(0.05)
+            _reap(signalled)
+        if not pids:
+            return
+    raise SptunError(f"lab processes survived SIGKILL: {sorted(pids)}")
+
+
+def _pids_in(namespaces: list[str]) -> set[int]:
+    # Zombies have no namespaces any more, so they are not listed.
+    return {int(p) for ns in namespaces for p in run(["ip", "netns", "pids", ns], check=False).split()}
+
+
+def _reap(pids: set[int]) -> None:
+    """Collect those of pids that are our own exited children (Lab.up's spawns)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our child, or already collected
+
+
+def _alive(pid: int) -> bool:
+    """True unless pid has exited; a zombie counts as exited."""
+    _reap({pid})
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _delete_namespaces(namespaces: list[str]) -> None:
+    for ns in namespaces:
+        run(["ip", "netns", "del", ns], check=False)
+    if left := set(namespaces) & set(_netns_names()):
+        raise SptunError(f"could not delete network namespaces {sorted(left)}")
+
+
+def _mounts_below(path: Path) -> list[str]:
+    base = os.path.realpath(path)
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == base or point.startswith(base + "/"):
+            points.append(point)
+    return points
+
+
+def _unmount_below(path: Path) -> None:
+    # Deepest first; loop because a mount point may be stacked more than once.
+    for _ in range(5):
+        points = _mounts_below(path)
+        if not points:
+            return
+        for point in sorted(points, key=len, reverse=True):
+            run(["umount", point], check=False)
+    raise SptunError(f"could not unmount {_mounts_below(path)}")
+
+
+def _remove_dir(path: Path) -> None:
+    if _mounts_below(path):
+        raise SptunError(f"not removing {path}: still mounted")  # never delete through a mount
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        raise SptunError(f"could not remove {path}")
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def _wait_until(what: str, host: Host, ready: Callable[[], bool]) -> None:
+    """Poll ready() for up to READY_TIMEOUT; fail at once if one of host's processes died."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    hint = f"see the logs in {host.dir}"
+    while not ready():
+        if dead := [p for p in host.procs if p.poll() is not None]:
+            raise SptunError(f"lab: {what}: process exited with {dead[0].returncode}", hint=hint)
+        if time.monotonic() > deadline:
+            raise SptunError(f"lab: timed out after {READY_TIMEOUT:g} s waiting for {what}", hint=hint)
+        time.sleep(0.1)
+
+
+def _listening(host: Host, ports: list[int]) -> bool:
+    out = host.run(["ss", "-Hltn"], check=False)
+    local = {line.split()[3].rsplit(":", 1)[-1] for line in out.splitlines() if len(line.split()) > 3}
+    return all(str(p) in local for p in ports)
+
+
+def _server_txt(ip: str) -> str:
+    return f"r=superprotocol;ip={ip}"
+
+
+def _txt_rdata(record: str | Sequence[str]) -> str:
+    """Zone-file text for one TXT record: quoted character-strings, escaped."""
+    if isinstance(record, str):
+        data = record.encode()
+        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+    else:
+        chunks = [part.encode() for part in record]
+    return " ".join('"' + "".join(_txt_char(b) for b in chunk) + '"' for chunk in chunks)
+
+
+def _txt_char(byte: int) -> str:
+    if byte in b'"\\':
+        return "\\" + chr(byte)
+    return chr(byte) if 0x20 <= byte < 0x7F else f"\\{byte:03d}"
+
+
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc"]
+
+NAT_RULESET = """\
+table inet lab {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        iifname "eth0" oifname "br0" drop comment "a home router: no inbound connections to the LAN"
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth0" masquerade
+    }
+}
+"""
+
+KNOT_CONF = """\
+server:
+    rundir: "{dir}/run"
+    user: root:root
+    listen: {listen}
+
+control:
+    listen: "{dir}/run/knot.sock"
+
+log:
+  - target: stderr
+    any: info
+
+database:
+    storage: "{dir}/db"
+
+template:
+  - id: default
+    storage: "{dir}"
+    file: "%s.zone"
+    # The zone file is the only source of truth; set_txt rewrites it and reloads.
+    zonefile-load: whole
+    zonefile-sync: -1
+    journal-content: none
+
+zone:
+  - domain: {zone}
+"""
+
+NGINX_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log {dir}/access.log combined buffer=64k flush=1s;  # cheap enough for benchmarks
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    keepalive_timeout 65;
+    keepalive_requests 100000;
+    default_type text/plain;
+
+    server {{
+        listen 80;
+        listen 443 ssl;
+        server_name {domain};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            return 200 "client={name} remote=$remote_addr\\n";
+        }}
+    }}
+}}
+"""

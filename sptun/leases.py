@@ -1,0 +1,135 @@
+"""Overlay address leases of a server: which client key holds which address, for which domain."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sptun.errors import SptunError
+from sptun.keys import decode_key, write_file_atomic
+
+log = logging.getLogger("sptun")
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Lease:
+    public_key: str
+    domain: str
+    overlay_ip: str
+    since: float
+
+
+class Leases:
+    """All leases of one overlay. A key keeps its address for as long as it holds a lease."""
+
+    def __init__(self, overlay: ipaddress.IPv4Network, leases: list[Lease] | None = None) -> None:
+        self.overlay = overlay
+        self.by_key: dict[str, Lease] = {}
+        self._used: set[ipaddress.IPv4Address] = set()
+        self._next = int(overlay.network_address) + 2  # the first address is the server's
+        for lease in leases or []:
+            address = ipaddress.IPv4Address(lease.overlay_ip)
+            if address in self._used or not self._usable(address):
+                log.warning("dropping lease of %s: %s is taken or outside %s", lease.public_key, address, overlay)
+                continue
+            self.by_key[lease.public_key] = lease
+            self._used.add(address)
+
+    def _usable(self, address: ipaddress.IPv4Address) -> bool:
+        first, last = int(self.overlay.network_address) + 2, int(self.overlay.broadcast_address) - 1
+        return first <= int(address) <= last
+
+    def acquire(self, public_key: str, domain: str) -> tuple[Lease, bool]:
+        """The key's lease for domain, new or existing; and whether anything changed."""
+        old = self.by_key.get(public_key)
+        if old is not None and old.domain == domain:
+            return old, False
+        if old is not None:  # the same key moved to another domain: keep its address
+            lease = Lease(public_key, domain, old.overlay_ip, time.time())
+        else:
+            lease = Lease(public_key, domain, str(self._free_address()), time.time())
+            self._used.add(ipaddress.IPv4Address(lease.overlay_ip))
+        self.by_key[public_key] = lease
+        return lease, True
+
+    def release(self, public_key: str) -> Lease | None:
+        lease = self.by_key.pop(public_key, None)
+        if lease is not None:
+            self._used.discard(ipaddress.IPv4Address(lease.overlay_ip))
+        return lease
+
+    def _free_address(self) -> ipaddress.IPv4Address:
+        first, last = int(self.overlay.network_address) + 2, int(self.overlay.broadcast_address) - 1
+        size = last - first + 1
+        for i in range(size):  # next-fit from where the last lease went: O(1) while addresses last
+            candidate = ipaddress.IPv4Address(first + (self._next - first + i) % size)
+            if candidate not in self._used:
+                self._next = int(candidate) + 1
+                return candidate
+        raise SptunError(f"the overlay {self.overlay} is full", hint="use a larger overlay")
+
+    def for_domain(self, domain: str) -> list[Lease]:
+        return sorted((lease for lease in self.by_key.values() if lease.domain == domain),
+                      key=lambda lease: ipaddress.IPv4Address(lease.overlay_ip))
+
+    def all(self) -> list[Lease]:
+        return sorted(self.by_key.values(), key=lambda lease: ipaddress.IPv4Address(lease.overlay_ip))
+
+
+def dumps(leases: Leases) -> str:
+    return json.dumps({"format": FORMAT, "leases": [asdict(lease) for lease in leases.all()]}, indent=1) + "\n"
+
+
+def loads(text: str) -> list[Lease]:
+    """Parse a leases file; ValueError if it is not one."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("leases"), list):
+        raise ValueError("not an sptun leases file")
+    leases = []
+    for item in data["leases"]:
+        if not isinstance(item, dict):
+            raise ValueError("a lease is not an object")
+        lease = Lease(str(item["public_key"]), str(item["domain"]), str(item["overlay_ip"]), float(item["since"]))
+        if decode_key(lease.public_key) is None:
+            raise ValueError(f"lease key {lease.public_key!r} is not a WireGuard key")
+        ipaddress.IPv4Address(lease.overlay_ip)
+        leases.append(lease)
+    return leases
+
+
+class LeaseStore:
+    """leases.json in the state dir, written atomically, with the previous version kept as
+    leases.json.bak so that a damaged file never loses every lease."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "leases.json"
+        self.backup = state_dir / "leases.json.bak"
+
+    def load(self) -> list[Lease]:
+        for path in (self.path, self.backup):
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                continue
+            try:
+                leases = loads(text)
+            except (ValueError, KeyError, TypeError) as e:
+                damaged = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                path.rename(damaged)
+                log.error("%s is damaged (%s); kept it as %s and trying the backup", path, e, damaged)
+                continue
+            if path == self.backup:
+                log.warning("restored %d leases from %s", len(leases), path)
+            return leases
+        return []
+
+    def save(self, leases: Leases) -> None:
+        if self.path.exists():
+            self.path.replace(self.backup)
+        write_file_atomic(self.path, dumps(leases))

@@ -1,0 +1,173 @@
+"""Links, addresses, routes, rules and sysctls through pyroute2 (rtnetlink), in this host's
+network namespace."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sptun.errors import SptunError
+
+log = logging.getLogger("sptun")
+
+
+def _netlink_error(what: str, e: NetlinkError) -> SptunError:
+    if e.code == errno.EPERM:
+        return SptunError(f"{what}: operation not permitted", hint="run as root (sptun needs CAP_NET_ADMIN)")
+    return SptunError(f"{what}: {e.args[1] if len(e.args) > 1 else e}")
+
+
+class Links:
+    def __init__(self) -> None:
+        self.ipr = IPRoute()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        log.debug("[#] %s", what)
+        try:
+            return fn(*args, **kwargs)
+        except NetlinkError as e:
+            raise _netlink_error(what, e) from None
+
+    def index(self, name: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def kind(self, name: str) -> str | None:
+        """The link kind ("wireguard", "tun", ...), or None if there is no such link."""
+        index = self.index(name)
+        if index is None:
+            return None
+        (link,) = self.ipr.get_links(index)
+        info = link.get_attr("IFLA_LINKINFO")
+        return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or "unknown"
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(name for link in self.ipr.get_links()
+                      if (name := link.get_attr("IFLA_IFNAME")) and name.startswith(prefix))
+
+    def add(self, name: str, kind: str) -> None:
+        self._call(f"ip link add {name} type {kind}", self.ipr.link, "add", ifname=name, kind=kind)
+
+    def delete(self, name: str) -> bool:
+        """Remove a link; False if it was already gone."""
+        index = self.index(name)
+        if index is None:
+            return False
+        try:
+            self._call(f"ip link delete {name}", self.ipr.link, "del", index=index)
+        except SptunError:
+            if self.index(name) is not None:
+                raise
+        return True
+
+    def up(self, name: str, mtu: int) -> None:
+        index = self._index_or_fail(name)
+        self._call(f"ip link set {name} mtu {mtu} up", self.ipr.link, "set", index=index, mtu=mtu, state="up")
+
+    def _index_or_fail(self, name: str) -> int:
+        index = self.index(name)
+        if index is None:
+            raise SptunError(f"interface {name} disappeared")
+        return index
+
+    def addresses(self, name: str) -> list[str]:
+        index = self._index_or_fail(name)
+        return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
+
+    def set_addresses(self, name: str, wanted: list[str]) -> list[str]:
+        """Make the interface's IPv4 addresses exactly `wanted` (CIDRs); return what changed."""
+        index = self._index_or_fail(name)
+        have = self.addresses(name)
+        changes = []
+        for cidr in have:
+            if cidr not in wanted:
+                address, prefixlen = cidr.split("/")
+                self._call(f"ip addr del {cidr} dev {name}", self.ipr.addr, "del", index=index,
+                           address=address, prefixlen=int(prefixlen))
+                changes.append(f"remove address {cidr} from {name}")
+        for cidr in wanted:
+            if cidr not in have:
+                address, prefixlen = cidr.split("/")
+                self._call(f"ip addr add {cidr} dev {name}", self.ipr.addr, "add", index=index,
+                           address=address, prefixlen=int(prefixlen))
+                changes.append(f"add address {cidr} to {name}")
+        return changes
+
+    def default_route(self, table: int) -> int | None:
+        """The output interface index of the default route in `table`, if any."""
+        for route in self.ipr.get_routes(family=socket.AF_INET, table=table):
+            if route["dst_len"] == 0 and route.get_attr("RTA_TABLE") == table:
+                oif = route.get_attr("RTA_OIF")
+                return int(oif) if oif is not None else None
+        return None
+
+    def set_default_route(self, table: int, name: str) -> bool:
+        index = self._index_or_fail(name)
+        if self.default_route(table) == index:
+            return False
+        self._call(f"ip route replace default dev {name} table {table}", self.ipr.route, "replace",
+                   dst="0.0.0.0/0", oif=index, table=table)
+        return True
+
+    def flush_table(self, table: int) -> None:
+        for route in self.ipr.get_routes(family=socket.AF_INET, table=table):
+            if route.get_attr("RTA_TABLE") == table:
+                try:
+                    self.ipr.route("del", table=table, dst=f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}")
+                except NetlinkError as e:
+                    if e.code not in (errno.ESRCH, errno.ENOENT):
+                        raise _netlink_error(f"ip route flush table {table}", e) from None
+
+    def rules(self, priority: int) -> list[dict[str, Any]]:
+        """Our IPv4 rules: the ones at `priority`, as {fwmark, src, table}."""
+        found = []
+        for rule in self.ipr.get_rules(family=socket.AF_INET):
+            if rule.get_attr("FRA_PRIORITY") == priority:
+                table = rule.get_attr("FRA_TABLE") or rule["table"]
+                src = rule.get_attr("FRA_SRC")
+                found.append({"fwmark": rule.get_attr("FRA_FWMARK") or 0, "table": table,
+                              "src": f"{src}/{rule['src_len']}" if src else None})
+        return found
+
+    def add_rule(self, priority: int, fwmark: int, src: str, table: int) -> None:
+        address, prefixlen = src.split("/")
+        self._call(f"ip rule add priority {priority} from {src} fwmark {fwmark:#x} lookup {table}",
+                   self.ipr.rule, "add", priority=priority, fwmark=fwmark, fwmask=0xFFFFFFFF,
+                   src=address, src_len=int(prefixlen), table=table, family=socket.AF_INET)
+
+    def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int) -> None:
+        spec: dict[str, Any] = {"priority": priority, "fwmark": fwmark, "table": table, "family": socket.AF_INET}
+        if src:
+            address, prefixlen = src.split("/")
+            spec.update(src=address, src_len=int(prefixlen))
+        try:
+            self._call(f"ip rule del priority {priority} fwmark {fwmark:#x} lookup {table}", self.ipr.rule, "del", **spec)
+        except SptunError:
+            if any(r["table"] == table and r["fwmark"] == fwmark for r in self.rules(priority)):
+                raise
+
+
+def sysctl(path: str, value: str) -> bool:
+    """Write a sysctl of this network namespace ("net/ipv4/ip_forward"); True if it changed.
+    Slashes, not dots, because interface names may hold dots."""
+    file = Path("/proc/sys") / path
+    try:
+        if file.read_text().strip() == value:
+            return False
+        log.debug("[#] sysctl -w %s=%s", path, value)
+        file.write_text(value + "\n")
+    except FileNotFoundError:
+        raise SptunError(f"no sysctl {path}") from None
+    except PermissionError:
+        raise SptunError(f"cannot set {path}", hint="run as root") from None
+    return True

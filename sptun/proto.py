@@ -1,0 +1,217 @@
+"""The registration protocol between an agent and a server's `api` port (TCP).
+
+One JSON object per line, each at most MAX_MESSAGE bytes:
+
+    server -> agent  {"sptun": 1, "key": SERVER_PUB, "challenge": B64}
+    agent  -> server {"key": CLIENT_PUB, "nonce": B64, "box": B64}
+    server -> agent  {"ok": true, "nonce": B64, "box": B64} | {"ok": false, "reason": R, "error": TEXT}
+
+The box is a NaCl Box made with the two WireGuard key pairs themselves, so opening it
+proves that the agent holds the private key of the public key it registers, and only the
+server that holds the WireGuard key the agent dials can read the token inside. The fresh
+challenge inside the box makes a recorded registration useless (no replay).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.exceptions
+import nacl.utils
+from nacl.public import Box, PrivateKey, PublicKey
+
+from sptun.errors import ProtocolError, SptunError
+from sptun.keys import decode_key
+
+VERSION = 1
+MAX_MESSAGE = 4096
+CHALLENGE_LEN = 32
+OPS = ("register", "deregister")
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str  # "register" | "deregister"
+    domain: str
+    token: str
+    client_key: str  # base64 WireGuard public key
+
+    def __repr__(self) -> str:  # never show the token
+        return f"Request(op={self.op!r}, domain={self.domain!r}, client_key={self.client_key!r})"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    overlay_ip: str  # the client's address in the server's overlay
+    server_ip: str  # the server's own overlay address
+    server_key: str  # the server's WireGuard public key
+    prefixlen: int  # of the overlay
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or len(value) > 2 * MAX_MESSAGE:
+        raise ProtocolError(f"{what} is missing or not a string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{what} is not base64") from None
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError("message too large", reason="oversized")
+    return data
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes", reason="oversized")
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    return obj
+
+
+def _public(value: Any, what: str) -> PublicKey:
+    raw = decode_key(value) if isinstance(value, str) else None
+    if raw is None:
+        raise ProtocolError(f"{what} is not a base64 WireGuard key")
+    return PublicKey(raw)
+
+
+def _private(private_key: str) -> PrivateKey:
+    raw = decode_key(private_key)
+    if raw is None:
+        raise SptunError("the private key is not a base64 WireGuard key")
+    return PrivateKey(raw)
+
+
+def _seal(box: Box, obj: dict[str, Any]) -> dict[str, str]:
+    nonce = nacl.utils.random(Box.NONCE_SIZE)
+    sealed = box.encrypt(json.dumps(obj, separators=(",", ":")).encode(), nonce)
+    return {"nonce": _b64(nonce), "box": _b64(sealed.ciphertext)}
+
+
+def _open(box: Box, obj: dict[str, Any], reason: str) -> dict[str, Any]:
+    nonce = _unb64(obj.get("nonce"), "nonce")
+    ciphertext = _unb64(obj.get("box"), "box")
+    if len(nonce) != Box.NONCE_SIZE:
+        raise ProtocolError("nonce has the wrong length")
+    try:
+        plain = box.decrypt(ciphertext, nonce)
+    except nacl.exceptions.CryptoError:
+        raise ProtocolError("the box does not open: the sender does not hold its key", reason=reason) from None
+    inner = _parse(plain)
+    return inner
+
+
+# --- server side -------------------------------------------------------------------------
+
+
+def hello(server_key: str, challenge: bytes) -> bytes:
+    return _line({"sptun": VERSION, "key": server_key, "challenge": _b64(challenge)})
+
+
+def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
+    """Check a request's form, its proof of key and its challenge. The token is checked by
+    the caller, which knows the domains."""
+    obj = _parse(line)
+    client = _public(obj.get("key"), "key")
+    inner = _open(Box(_private(server_private), client), obj, reason="unproven-key")
+    got = _unb64(inner.get("challenge"), "challenge")
+    if not hmac.compare_digest(got, challenge):
+        raise ProtocolError("the challenge does not match (a replayed registration?)", reason="replay")
+    op, domain, token = inner.get("op"), inner.get("domain"), inner.get("token")
+    if op not in OPS:
+        raise ProtocolError(f"op must be one of {', '.join(OPS)}")
+    if not isinstance(domain, str) or not 0 < len(domain) <= 253:
+        raise ProtocolError("domain is missing")
+    if not isinstance(token, str) or not 0 < len(token) <= 256:
+        raise ProtocolError("token is missing")
+    return Request(op, domain.lower().rstrip("."), token, obj["key"])
+
+
+def accept(assignment: Assignment | None, server_private: str, client_key: str) -> bytes:
+    """A sealed answer: the assignment for a registration, nothing for a deregistration."""
+    box = Box(_private(server_private), _public(client_key, "key"))
+    body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
+            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen} if assignment else {}
+    return _line({"ok": True, **_seal(box, body)})
+
+
+def reject(reason: str, error: str) -> bytes:
+    return _line({"ok": False, "reason": reason, "error": error})
+
+
+# --- agent side --------------------------------------------------------------------------
+
+
+def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
+    box = Box(_private(client_private), _public(server_key, "server key"))
+    inner = {"op": request.op, "domain": request.domain, "token": request.token, "challenge": _b64(challenge)}
+    return _line({"key": request.client_key, **_seal(box, inner)})
+
+
+def parse_hello(line: bytes) -> tuple[str, bytes]:
+    obj = _parse(line)
+    if obj.get("sptun") != VERSION:
+        raise ProtocolError(f"not an sptun {VERSION} server")
+    _public(obj.get("key"), "server key")
+    challenge = _unb64(obj.get("challenge"), "challenge")
+    if len(challenge) != CHALLENGE_LEN:
+        raise ProtocolError("challenge has the wrong length")
+    return obj["key"], challenge
+
+
+def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment | None:
+    obj = _parse(line)
+    if obj.get("ok") is not True:
+        reason, error = str(obj.get("reason", "refused"))[:64], str(obj.get("error", "refused"))[:200]
+        raise ProtocolError(f"server refused: {error}", reason=reason)
+    inner = _open(Box(_private(client_private), _public(server_key, "server key")), obj, reason="unproven-key")
+    if not inner:
+        return None
+    try:
+        return Assignment(str(inner["overlay_ip"]), str(inner["server_ip"]), str(inner["server_key"]), int(inner["prefixlen"]))
+    except (KeyError, ValueError, TypeError):
+        raise ProtocolError("assignment is incomplete") from None
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(MAX_MESSAGE + 1 - len(buf))
+        if not chunk:
+            raise ProtocolError("connection closed mid-message")
+        buf += chunk
+        if len(buf) > MAX_MESSAGE:
+            raise ProtocolError("reply too large", reason="oversized")
+    return buf
+
+
+def exchange(host: str, port: int, request: Request, client_private: str, pinned_key: str | None = None,
+             timeout: float = 5.0) -> tuple[str, Assignment | None]:
+    """One registration round trip. Returns the server's key and its assignment."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            server_key, challenge = parse_hello(_read_line(sock))
+            if pinned_key is not None and not hmac.compare_digest(server_key, pinned_key):
+                raise ProtocolError(f"server {host} presents key {server_key}, but DNS pins pk={pinned_key}", reason="wrong-server-key")
+            sock.sendall(seal_request(request, client_private, server_key, challenge))
+            return server_key, open_reply(_read_line(sock), client_private, server_key)
+    except OSError as e:
+        raise SptunError(f"cannot reach {host}:{port}: {e.strerror or e}", hint="is `sptun server run` up there, and the api port open?") from None

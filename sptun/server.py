@@ -1,0 +1,276 @@
+"""The tunnel server: one WireGuard interface, a peer per registered client, and the
+`inet sptun` table that spreads each domain's public ports over its live clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections import Counter, defaultdict, deque
+from typing import Any
+
+from sptun import nft, proto
+from sptun.config import ServerConfig
+from sptun.daemon import Role
+from sptun.errors import ProtocolError, SptunError
+from sptun.keys import load_or_create_private_key, public_key, read_token
+from sptun.leases import Leases, LeaseStore
+from sptun.links import Links, sysctl
+from sptun.wg import Device, Peer, PeerChange, WireGuard, backend, plan_peers
+
+log = logging.getLogger("sptun")
+
+MTU = 1420
+FRESH_HANDSHAKE = 180.0  # s; with the agents' keepalive, WireGuard re-handshakes every 2 min
+API_READ_TIMEOUT = 5.0
+MAX_CONNECTIONS = 256
+MAX_PER_SOURCE = 16
+FAILURES_ALLOWED = 10  # bad attempts per source per window, then it is refused for the window
+FAILURE_WINDOW = 60.0
+
+
+class FailureLimiter:
+    """Counts bad registration attempts per source address over a sliding window."""
+
+    def __init__(self, allowed: int = FAILURES_ALLOWED, window: float = FAILURE_WINDOW) -> None:
+        self.allowed, self.window = allowed, window
+        self.failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def _trim(self, source: str, now: float) -> deque[float]:
+        times = self.failures[source]
+        while times and now - times[0] > self.window:
+            times.popleft()
+        if not times:
+            del self.failures[source]
+        return times
+
+    def blocked(self, source: str, now: float | None = None) -> bool:
+        return len(self._trim(source, now if now is not None else time.monotonic())) >= self.allowed
+
+    def fail(self, source: str, now: float | None = None) -> None:
+        self.failures[source].append(now if now is not None else time.monotonic())
+
+
+def healthy(state_handshake: float, now: float) -> bool:
+    return state_handshake > 0 and now - state_handshake < FRESH_HANDSHAKE
+
+
+def forwards(cfg: ServerConfig, leases: Leases, live: set[str]) -> list[nft.Forward]:
+    """Each domain's public address and port, with its live clients in a stable order. Pure."""
+    result = []
+    for domain in cfg.domains:
+        backends = tuple(lease.overlay_ip for lease in leases.for_domain(domain.name) if lease.public_key in live)
+        for address in [str(a) for a in domain.listen] or [None]:
+            for port in domain.ports:
+                result.append(nft.Forward(domain.name, address, port, backends))
+    return result
+
+
+class Server(Role):
+    def __init__(self, cfg: ServerConfig, links: Links | None = None, wg: WireGuard | None = None) -> None:
+        super().__init__(cfg.state_dir)
+        self.cfg = cfg
+        self.links = links or Links()
+        self.wg = wg or backend(cfg.wireguard, self.links)
+        self.private_key = load_or_create_private_key(cfg.state_dir)
+        self.public_key = public_key(self.private_key)
+        self.store = LeaseStore(cfg.state_dir)
+        self.leases = Leases(cfg.overlay, self.store.load())
+        self.live: set[str] = set()
+        self.limiter = FailureLimiter()
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.connections: Counter[str] = Counter()
+        self.last_resync = 0.0
+        self.loaded_table: str | None = None  # the ruleset we loaded last, to skip equal reloads
+
+    # --- kernel state ------------------------------------------------------------------
+
+    def desired_peers(self) -> list[Peer]:
+        return [Peer(lease.public_key, (f"{lease.overlay_ip}/32",)) for lease in self.leases.all()]
+
+    def ensure_interface(self) -> list[str]:
+        changes = []
+        name = self.cfg.interface
+        if not self.wg.is_ours(name):
+            if self.links.delete(name):
+                changes.append(f"remove stale interface {name}")
+            self.wg.create(name)
+            changes.append(f"create interface {name} ({self.wg.kind} WireGuard)")
+        device = self.wg.device(name)
+        if device.public_key != self.public_key or device.listen_port != self.cfg.listen_port:
+            self.wg.configure(name, self.private_key, self.cfg.listen_port)
+            changes.append(f"set {name} key {self.public_key} listen-port {self.cfg.listen_port}")
+        changes += self.links.set_addresses(name, [f"{self.cfg.server_ip}/{self.cfg.overlay.prefixlen}"])
+        self.links.up(name, MTU)
+        if sysctl("net/ipv4/ip_forward", "1"):
+            changes.append("enable IPv4 forwarding")
+        return changes
+
+    def sync_peers(self, device: Device) -> list[str]:
+        changes = plan_peers(self.desired_peers(), device)
+        self.wg.apply(self.cfg.interface, changes)
+        return [str(c) for c in changes]
+
+    def sync_table(self, device: Device) -> list[str]:
+        now = time.time()
+        self.live = {key for key, state in device.peers.items() if healthy(state.last_handshake, now)}
+        ruleset = nft.render_server(self.cfg.interface, forwards(self.cfg, self.leases, self.live))
+        if ruleset == self.loaded_table:
+            return []
+        changed = nft.apply(ruleset)
+        self.loaded_table = ruleset
+        if not changed:
+            return []
+        summary = ", ".join(f"{f.domain} {f.port}->{len(f.backends)}" for f in forwards(self.cfg, self.leases, self.live))
+        return [f"load table inet sptun ({summary or 'no domains'})"]
+
+    def reconcile(self) -> list[str]:
+        now = time.monotonic()
+        if now - self.last_resync > self.resync_every:
+            self.loaded_table = None  # re-read the kernel now and then: someone may have changed it
+            self.last_resync = now
+        changes = self.ensure_interface()
+        device = self.wg.device(self.cfg.interface)
+        changes += self.sync_peers(device)
+        changes += self.sync_table(device)
+        return changes
+
+    def teardown(self) -> list[str]:
+        changes = []
+        if nft.delete():
+            changes.append("delete table inet sptun")
+        if self.links.delete(self.cfg.interface):
+            changes.append(f"delete interface {self.cfg.interface}")
+        self.loaded_table = None
+        self.live = set()
+        return changes
+
+    # --- registration ------------------------------------------------------------------
+
+    def authorize(self, request: proto.Request) -> None:
+        domain = self.cfg.domain(request.domain)
+        if domain is None:
+            raise ProtocolError(f"this server does not serve {request.domain}", reason="unknown-domain")
+        try:
+            token = read_token(domain.token_file)
+        except SptunError as e:
+            log.error("%s: %s", domain.name, e)
+            raise ProtocolError(f"{domain.name} has no token on this server", reason="no-token") from None
+        if not hmac.compare_digest(request.token.encode(), token.encode()):
+            raise ProtocolError(f"wrong token for {domain.name}", reason="bad-token")
+
+    def register(self, request: proto.Request) -> proto.Assignment | None:
+        """Runs under the lock: lease, peer, leases file. The table follows once the client's
+        handshake proves it is live."""
+        if request.op == "deregister":
+            lease = self.leases.release(request.client_key)
+            if lease is not None:
+                self.wg.apply(self.cfg.interface, [PeerChange("remove", Peer(lease.public_key, ()))])
+                self.store.save(self.leases)
+                self.live.discard(lease.public_key)
+                self.sync_table(self.wg.device(self.cfg.interface))  # out of the rotation now
+                log.info("deregistered %s (%s) from %s", lease.public_key, lease.overlay_ip, lease.domain)
+            return None
+        lease, changed = self.leases.acquire(request.client_key, request.domain)
+        if changed:
+            self.store.save(self.leases)
+            log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
+        if self.wg.is_ours(self.cfg.interface):
+            self.sync_peers(self.wg.device(self.cfg.interface))
+        return proto.Assignment(lease.overlay_ip, str(self.cfg.server_ip), self.public_key, self.cfg.overlay.prefixlen)
+
+    async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = str((writer.get_extra_info("peername") or ("?",))[0])
+        self.connections[source] += 1
+        try:
+            if sum(self.connections.values()) > MAX_CONNECTIONS or self.connections[source] > MAX_PER_SOURCE:
+                raise ProtocolError("too many connections", reason="busy")
+            if self.limiter.blocked(source):
+                raise ProtocolError("too many bad attempts; try again later", reason="rate-limited")
+            if self.is_down():
+                raise ProtocolError("this server is down (sptun down)", reason="down")
+            challenge = os.urandom(proto.CHALLENGE_LEN)
+            writer.write(proto.hello(self.public_key, challenge))
+            await writer.drain()
+            try:
+                line = await asyncio.wait_for(reader.readline(), API_READ_TIMEOUT)
+            except ValueError:  # longer than the stream limit
+                raise ProtocolError(f"message larger than {proto.MAX_MESSAGE} bytes", reason="oversized") from None
+            except TimeoutError:
+                raise ProtocolError("no request in time", reason="timeout") from None
+            if not line.endswith(b"\n"):
+                raise ProtocolError("truncated message", reason="truncated")
+            request = proto.open_request(line, self.private_key, challenge)
+            self.authorize(request)
+            async with self.lock:
+                assignment = await asyncio.to_thread(self.register, request)
+            self.accepted += 1
+            writer.write(proto.accept(assignment, self.private_key, request.client_key))
+        except ProtocolError as e:
+            self.rejected[e.reason] += 1
+            if e.reason not in ("busy", "rate-limited", "down"):
+                self.limiter.fail(source)
+            log.warning("rejected registration from %s: %s", source, e.message)
+            writer.write(proto.reject(e.reason, e.message))
+        except SptunError as e:
+            self.rejected["error"] += 1
+            log.error("registration from %s failed: %s", source, e)
+            writer.write(proto.reject("error", "the server failed; try again"))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.connections[source] -= 1
+            if self.connections[source] <= 0:
+                del self.connections[source]
+            try:
+                await writer.drain()
+                writer.close()
+            except (ConnectionError, OSError):
+                pass
+
+    async def start_services(self) -> list[asyncio.AbstractServer]:
+        try:
+            api = await asyncio.start_server(self.handle_api, port=self.cfg.api_port, reuse_address=True,
+                                             limit=proto.MAX_MESSAGE)
+        except OSError as e:
+            raise SptunError(f"cannot listen on the api port {self.cfg.api_port}: {e.strerror}",
+                             hint="is another sptun server running, or the port in use?") from None
+        log.info("registration api on port %d, WireGuard on %d (%s), key %s", self.cfg.api_port,
+                 self.cfg.listen_port, self.wg.kind, self.public_key)
+        return [api]
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        device = self.wg.device(self.cfg.interface) if self.wg.is_ours(self.cfg.interface) else Device()
+        now = time.time()
+        domains = []
+        for domain in self.cfg.domains:
+            backends = []
+            for lease in self.leases.for_domain(domain.name):
+                state = device.peers.get(lease.public_key)
+                handshake = state.last_handshake if state else 0.0
+                is_healthy = healthy(handshake, now)
+                reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
+                          else "no handshake yet" if not handshake else "handshake too old")
+                backends.append({
+                    "overlay_ip": lease.overlay_ip, "public_key": lease.public_key, "healthy": is_healthy,
+                    "reason": reason, "handshake_age": round(now - handshake, 1) if handshake else None,
+                    "endpoint": state.peer.endpoint if state else None,
+                    "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
+                    "since": lease.since,
+                })
+            domains.append({"name": domain.name, "listen": [str(a) for a in domain.listen] or ["*"],
+                            "ports": [str(p) for p in domain.ports], "backends": backends})
+        return {
+            "role": "server", "interface": self.cfg.interface, "public_key": self.public_key,
+            "listen_port": self.cfg.listen_port, "api_port": self.cfg.api_port, "overlay": str(self.cfg.overlay),
+            "overlay_ip": str(self.cfg.server_ip), "wireguard": self.wg.kind, "down": self.is_down(),
+            "up": device.public_key is not None, "table_loaded": nft.table_exists(),
+            "registrations": {"accepted": self.accepted, "rejected": dict(self.rejected)},
+            "domains": domains,
+        }
+
