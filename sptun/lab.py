@@ -45,7 +45,7 @@ wireguard = "{wireguard}"
 """
 
 
-def sptun(host: Host, *args: str) -> list[str]:
+def sptun(*args: str) -> list[str]:
     """argv running this very sptun (same interpreter) on a lab host."""
     return [sys.executable, "-m", "sptun", *args]
 
@@ -54,18 +54,34 @@ def config_path(host: Host) -> str:
     return str(host.dir / ("server.toml" if host.spec.role == "server" else "agent.toml"))
 
 
-def write_configs(lab: Lab, wireguard: str = "auto") -> None:
-    """Role configs for every server and client, and one join token for the domain on all."""
+EXTRA_DOMAIN_TOML = """
+[[domains]]
+name = "{domain}"
+listen = ["{address}"]
+ports = ["tcp/{port}"]
+token_file = "{home}/tokens/{domain}"
+"""
+
+
+def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = ()) -> None:
+    """Role configs for every server and client, and one join token for the domain on all.
+    Extra domains (tests) are served on ports 8443, 8444, ... with tokens of their own."""
     for host in lab.servers + lab.clients:
         template = SERVER_TOML if host.spec.role == "server" else AGENT_TOML
         (host.dir / "tokens").mkdir(mode=0o700, exist_ok=True)
-        (host.dir / config_path(host).rsplit("/", 1)[1]).write_text(template.format(
-            name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir, wireguard=wireguard,
-            domain=DOMAIN, address=host.address, dns=DNS_ADDRESS))
+        text = template.format(name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir,
+                               wireguard=wireguard, domain=DOMAIN, address=host.address, dns=DNS_ADDRESS)
+        if host.spec.role == "server":
+            text += "".join(EXTRA_DOMAIN_TOML.format(domain=d, address=host.address, port=8443 + i, home=host.dir)
+                            for i, d in enumerate(extra_domains))
+        (host.dir / config_path(host).rsplit("/", 1)[1]).write_text(text)
     first = lab.servers[0]
-    token = first.run(sptun(first, "token", "new", DOMAIN, "-c", config_path(first))).strip()
+    token = first.run(sptun("token", "new", DOMAIN, "-c", config_path(first))).strip()
+    for host in lab.servers:
+        for domain in extra_domains:
+            host.run(sptun("token", "new", domain, "-c", config_path(host)))
     for host in lab.servers[1:]:
-        host.run(sptun(host, "token", "new", DOMAIN, "-c", config_path(host)))
+        host.run(sptun("token", "new", DOMAIN, "-c", config_path(host)))
         (host.dir / "tokens" / DOMAIN).write_text(token + "\n")
     for host in lab.clients:
         token_file = host.dir / "token"
@@ -76,11 +92,11 @@ def write_configs(lab: Lab, wireguard: str = "auto") -> None:
 def start_daemons(lab: Lab, hosts: list[Host] | None = None) -> None:
     for host in hosts or lab.servers + lab.clients:
         role = host.spec.role if host.spec.role == "server" else "agent"
-        host.spawn(sptun(host, role, "run", "-c", config_path(host)), log=host.dir / "sptun.log")
+        host.spawn(sptun(role, "run", "-c", config_path(host)), log=host.dir / "sptun.log")
 
 
 def status(host: Host) -> dict[str, Any]:
-    out = host.run(sptun(host, "status", "--json", "-c", config_path(host)), timeout=30)
+    out = host.run(sptun("status", "--json", "-c", config_path(host)), timeout=30)
     result: dict[str, Any] = json.loads(out)
     return result
 

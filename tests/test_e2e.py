@@ -1,0 +1,283 @@
+"""The whole path, for real: knot, sptun servers and agents, WireGuard, nft, nginx, curl.
+
+The backend is SPTUN_TEST_WIREGUARD (default "auto": wireguard-go on a host without the
+module, the kernel module inside the VM tier). The assertions are the same for both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from sptun.agent import RULE_PRIORITY, interface_name
+from sptun.errors import CommandError
+from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
+from sptun.lab import LAB_OVERLAY, browse, config_path, sptun, start_daemons, status, wait_served, write_configs
+from sptun.labnet import DOMAIN, Host, Lab
+from sptun.leases import Lease, Leases, LeaseStore
+from sptun.nft import MARK_BASE, MARK_MASK
+
+TOOLS = ["ip", "nsenter", "unshare", "nft", "knotd", "kdig", "nginx", "openssl", "curl", "wireguard-go"]
+missing = [t for t in TOOLS if shutil.which(t) is None]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}"),
+]
+
+BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
+PREFIX = f"spe{os.getpid() % 100000}"
+OTHER = "other.example.test"  # a second domain on every server, with its own token
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(PREFIX)
+    try:
+        lab.up()
+        write_configs(lab, BACKEND, extra_domains=(OTHER,))
+        same_leases_on_every_server(lab)
+        start_daemons(lab)
+        wait_served(lab)
+        yield lab
+    finally:
+        lab.down()
+
+
+def same_leases_on_every_server(lab: Lab) -> None:
+    """Servers are independent, so their overlays may overlap: give each client the same
+    address on both, the hardest case for reply routing. Also proves leases are read back."""
+    leases = []
+    for i, client in enumerate(lab.clients):
+        key = generate_private_key()
+        ensure_private_dir(client.dir / "state")
+        write_file_atomic(client.dir / "state" / "private.key", key + "\n")
+        leases.append(Lease(public_key(key), DOMAIN, f"10.99.0.{i + 2}", time.time()))
+    for server in lab.servers:
+        ensure_private_dir(server.dir / "state")
+        LeaseStore(server.dir / "state").save(Leases(ipaddress.IPv4Network(LAB_OVERLAY), leases))
+
+
+def tunnel_of(client: Host, server: Host) -> dict:
+    (tunnel,) = [t for t in status(client)["tunnels"] if t["server"] == server.address]
+    return tunnel
+
+
+def test_requests_through_each_server_are_even_keep_the_source_and_pass_tls(lab: Lab) -> None:
+    names = [c.name for c in lab.clients]
+    for server in lab.servers:
+        hits = browse(lab, server, 4 * len(names))
+        assert all(h.ok for h in hits), [h.error for h in hits if not h.ok]
+        # numgen inc: exactly even over k*N requests
+        assert Counter(h.client for h in hits) == {name: 4 for name in names}
+        # the browser's own address reaches the client: no SNAT, no proxy
+        assert {h.source for h in hits} == {lab.browser.address}
+        # TLS passes through: each answer carries the answering client's own certificate
+        for h in hits:
+            assert f"OU={h.client}" in h.subject, h
+
+
+def test_status_json_follows_the_contract(lab: Lab) -> None:
+    server = status(lab.servers[0])
+    assert server["role"] == "server" and server["interface"] == "sptun0"
+    (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
+    assert len(domain["backends"]) == 3
+    for b in domain["backends"]:
+        assert b["healthy"] is True and b["overlay_ip"].startswith("10.99.0.") and len(b["public_key"]) == 44
+    agent = status(lab.clients[0])
+    assert agent["role"] == "agent" and agent["domain"] == DOMAIN
+    assert sorted(t["server"] for t in agent["tunnels"]) == [s.address for s in lab.servers]
+    for t in agent["tunnels"]:
+        assert t["healthy"] is True and t["interface"] == interface_name(t["server"])
+        server = next(s for s in lab.servers if s.address == t["server"])
+        (backends,) = [d["backends"] for d in status(server)["domains"] if d["name"] == DOMAIN]
+        assert t["overlay_ip"] in [b["overlay_ip"] for b in backends]
+
+
+def test_overlapping_leases_are_told_apart_by_interface(lab: Lab) -> None:
+    """Every client holds the same address from both servers (see the fixture), yet the
+    requests above succeed through both: replies leave by the tunnel they came in on."""
+    for i, client in enumerate(lab.clients):
+        assert [t["overlay_ip"] for t in status(client)["tunnels"]] == [f"10.99.0.{i + 2}"] * 2
+
+
+REGISTER = textwrap.dedent("""
+    import json, sys
+    from sptun import proto
+    from sptun.keys import generate_private_key, public_key
+    from sptun.errors import ProtocolError
+    server, domain, token = sys.argv[1:4]
+    key = generate_private_key()
+    try:
+        _, a = proto.exchange(server, 51821, proto.Request("register", domain, token, public_key(key)), key)
+        proto.exchange(server, 51821, proto.Request("deregister", domain, token, public_key(key)), key)
+        print(json.dumps({"ok": True, "overlay_ip": a.overlay_ip}))
+    except ProtocolError as e:
+        print(json.dumps({"ok": False, "reason": e.reason, "error": e.message}))
+""")
+
+
+def register(lab: Lab, domain: str, token: str) -> dict:
+    out = lab.browser.run([sys.executable, "-c", REGISTER, lab.servers[0].address, domain, token])
+    return json.loads(out)
+
+
+def test_registration_needs_the_domains_own_token(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    app_token = (s1.dir / "tokens" / DOMAIN).read_text().strip()
+    other_token = (s1.dir / "tokens" / OTHER).read_text().strip()
+    before = status(s1)["registrations"]["rejected"].get("bad-token", 0)
+
+    assert register(lab, DOMAIN, "not-the-token")["reason"] == "bad-token"
+    assert register(lab, DOMAIN, other_token)["reason"] == "bad-token"  # another domain's token
+    assert register(lab, OTHER, app_token)["reason"] == "bad-token"
+    assert register(lab, "unknown.example.test", app_token)["reason"] == "unknown-domain"
+    accepted = register(lab, DOMAIN, app_token)  # the control: the right token works
+    assert accepted["ok"] and accepted["overlay_ip"].startswith("10.99.0.")
+
+    assert status(s1)["registrations"]["rejected"]["bad-token"] == before + 3
+    log = (s1.dir / "sptun.log").read_text()
+    assert "rejected registration" in log
+    for token in (app_token, other_token):
+        assert token not in log  # tokens are never logged
+    assert all(h.ok for h in browse(lab, s1, 3))  # and the server keeps serving
+
+
+def test_garbage_on_the_registration_port_is_refused_and_serving_goes_on(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    probe = textwrap.dedent("""
+        import socket, sys
+        for payload in (b"garbage\\n", b"{}\\n", b"x" * 10000 + b"\\n", b"{\\"key\\": 1"):
+            s = socket.create_connection((sys.argv[1], 51821), timeout=10)
+            s.recv(4096)  # hello
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            print(s.recv(4096).decode().strip())
+            s.close()
+    """)
+    replies = [json.loads(line) for line in lab.browser.run([sys.executable, "-c", probe, s1.address]).splitlines()]
+    assert [r["ok"] for r in replies] == [False] * 4
+    assert {r["reason"] for r in replies} >= {"malformed", "oversized"}
+    assert all(h.ok for h in browse(lab, s1, 3))
+
+
+def in_ns(host: Host, *argv: str, check: bool = True) -> str:
+    return host.run(list(argv), check=check)
+
+
+def test_a_client_reaches_nothing_through_the_overlay(lab: Lab) -> None:
+    """Not another client, not the server itself, not the server's other networks."""
+    c1, c2 = lab.clients[0], lab.clients[1]
+    s1 = lab.servers[0]
+    tunnel = tunnel_of(c1, s1)["interface"]
+    c2_overlay = tunnel_of(c2, s1)["overlay_ip"]
+    router = "198.51.100.1"  # on the server's public network
+    drops_before = forward_drops(s1)
+    # Send into the tunnel on purpose: routes in c1's main table, removed afterwards.
+    in_ns(c1, "ip", "route", "add", "10.99.0.0/20", "dev", tunnel)
+    in_ns(c1, "ip", "route", "add", f"{router}/32", "dev", tunnel)
+    try:
+        for url in (f"https://{c2_overlay}/", "http://10.99.0.1:51821/", f"http://{router}/"):
+            with pytest.raises(CommandError) as err:
+                in_ns(c1, "curl", "-sk", "--max-time", "2", url)
+            assert err.value.returncode == 28, url  # silently dropped: not refused, not answered
+    finally:
+        in_ns(c1, "ip", "route", "del", "10.99.0.0/20", "dev", tunnel, check=False)
+        in_ns(c1, "ip", "route", "del", f"{router}/32", "dev", tunnel, check=False)
+    # The packets did reach the server, and its isolation filter dropped them.
+    assert forward_drops(s1) > drops_before
+
+
+def forward_drops(server: Host) -> int:
+    ruleset = json.loads(server.run(["nft", "-j", "list", "table", "inet", "sptun"]))
+    total = 0
+    for item in ruleset["nftables"]:
+        rule = item.get("rule")
+        if rule and rule["chain"] in ("forward", "input"):
+            for expr in rule["expr"]:
+                if "counter" in expr:
+                    total += expr["counter"]["packets"]
+    return total
+
+
+def test_malformed_txt_records_beside_good_ones(lab: Lab) -> None:
+    good = [f"r=superprotocol;ip={s.address}" for s in lab.servers]
+    bad = ["r=superprotocol;ip=not-an-ip", "r=superprotocol;port=1", "r=superprotocol; ip = 198.51.100.99 ; port=99999"]
+    other = ["v=spf1 -all", "r=someone-else;ip=198.51.100.12"]
+    c1 = lab.clients[0]
+    lab.set_txt([" r = superprotocol ; ip = 198.51.100.10 ; future=1 ", good[1], *bad, *other])
+    try:
+        deadline = time.monotonic() + lab.ttl + 10
+        log = c1.dir / "sptun.log"
+        while time.monotonic() < deadline and "not-an-ip" not in log.read_text():
+            time.sleep(0.5)
+        text = log.read_text()
+        for record in bad:
+            assert f"skipping malformed TXT record {record!r}" in text
+        assert "v=spf1" not in text and "someone-else" not in text  # not ours: ignored quietly
+        tunnels = status(c1)["tunnels"]
+        assert sorted(t["server"] for t in tunnels) == [s.address for s in lab.servers]
+        assert all(t["healthy"] for t in tunnels)
+        assert all(h.ok for s in lab.servers for h in browse(lab, s, 3))
+    finally:
+        lab.set_txt(good)
+
+
+def test_wireguard_kernel_without_the_module_fails_in_one_line(lab: Lab) -> None:
+    if BACKEND == "kernel" or os.path.exists("/sys/module/wireguard"):
+        pytest.skip("this kernel has the wireguard module; the VM tier checks the kernel backend itself")
+    s2 = lab.servers[1]
+    conf = s2.dir / "kernel.toml"
+    conf.write_text(f'state_dir = "{s2.dir}/kernel-state"\nwireguard = "kernel"\n')
+    with pytest.raises(CommandError) as err:
+        s2.run(sptun("up", "-c", str(conf)))
+    lines = err.value.stderr.strip().splitlines()
+    assert err.value.returncode == 1 and len(lines) == 1
+    assert lines[0].startswith("sptun: ") and "no wireguard module" in lines[0]
+
+
+def sptun_leftovers(host: Host) -> dict[str, object]:
+    links = [link["ifname"] for link in json.loads(host.run(["ip", "-j", "link", "show"]))
+             if link["ifname"].startswith("sptun")]
+    rules = [r for r in json.loads(host.run(["ip", "-j", "rule", "show"])) if r.get("priority") == RULE_PRIORITY]
+    routes = [r for r in json.loads(host.run(["ip", "-j", "route", "show", "table", "all"]))
+              if str(r.get("table", "")).isdigit() and int(r["table"]) & MARK_MASK == MARK_BASE]
+    tables = host.run(["nft", "list", "tables"]).split()
+    return {"links": links, "rules": rules, "routes": routes, "nft": "sptun" in tables}
+
+
+def test_down_removes_everything_sptun_made_and_lasts(lab: Lab) -> None:
+    c1, s1, s2 = lab.clients[0], lab.servers[0], lab.servers[1]
+    assert sptun_leftovers(c1)["links"], "the agent should have tunnels before down"
+    default_before = c1.run(["ip", "route", "show", "default"])
+
+    print(c1.run(sptun("down", "-c", config_path(c1))))
+    assert sptun_leftovers(c1) == {"links": [], "rules": [], "routes": [], "nft": False}
+    assert c1.run(["ip", "route", "show", "default"]) == default_before  # nothing else touched
+    # Deregistered: both servers took c1 out of the rotation, and the others still serve.
+    for server in lab.servers:
+        hits = browse(lab, server, 4)
+        assert all(h.ok for h in hits) and {h.client for h in hits} == {"c2", "c3"}
+    # down lasts: the running daemon does not bring it back
+    time.sleep(3)
+    assert sptun_leftovers(c1)["links"] == []
+    assert status(c1)["down"] is True
+
+    print(s1.run(sptun("down", "-c", config_path(s1))))
+    assert sptun_leftovers(s1) == {"links": [], "rules": [], "routes": [], "nft": False}
+    print(s1.run(sptun("down", "-c", config_path(s1))))  # idempotent
+    assert all(h.ok for h in browse(lab, s2, 2))  # the other server is untouched
+
+    # and `up` brings it back
+    s1.run(sptun("up", "-c", config_path(s1)))
+    c1.run(sptun("up", "-c", config_path(c1)))
+    assert len(sptun_leftovers(c1)["links"]) == 2
