@@ -19,13 +19,14 @@ from sptun.errors import SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token, write_file_atomic
 from sptun.links import Links, sysctl
 from sptun.server import MTU, healthy
-from sptun.wg import Device, Peer, WireGuard, backend, plan_peers
+from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
 log = logging.getLogger("sptun")
 
 RULE_PRIORITY = 5170  # our `ip rule`s sit at this priority, and only ours
-REGISTER_EVERY = 30.0  # s; re-registering is idempotent and repairs a server that lost its state
+REGISTER_EVERY = 10.0  # s; re-registering is idempotent and repairs a server that lost its state
 RETRY_AFTER = 3.0
+KICK_GRACE = 5.0  # s a new peer gets to complete its first handshake
 PREFIX = nft.CLIENT_PREFIX
 
 
@@ -66,15 +67,15 @@ class Tunnel:
     assignment: proto.Assignment | None = None
     next_register: float = 0.0
     error: str = ""
+    configured_at: float = 0.0  # when its peer was last (re)configured; 0 = not yet
+    kick: bool = False  # the server lost our session: re-add the peer for a fresh handshake
 
 
 class Agent(Role):
     def __init__(self, cfg: AgentConfig, links: Links | None = None, wg: WireGuard | None = None,
                  source: TxtSource | None = None) -> None:
-        super().__init__(cfg.state_dir)
+        super().__init__(cfg.state_dir, cfg.wireguard, links, wg)
         self.cfg = cfg
-        self.links = links or Links()
-        self.wg = wg or backend(cfg.wireguard, self.links)
         self.private_key = load_or_create_private_key(cfg.state_dir)
         self.public_key = public_key(self.private_key)
         self.discovery = Discovery(cfg.domain, source or DnsTxtSource(cfg.nameservers), cfg.realm)
@@ -127,6 +128,8 @@ class Agent(Role):
             return []
         tunnel.error = ""
         tunnel.next_register = now + REGISTER_EVERY
+        if assignment is not None and not assignment.seen and tunnel.configured_at and now - tunnel.configured_at > KICK_GRACE:
+            tunnel.kick = True
         if assignment == tunnel.assignment:
             return []
         tunnel.assignment = assignment
@@ -157,6 +160,13 @@ class Agent(Role):
             changes.append(f"set {name} key {self.public_key}")
         peer = Peer(a.server_key, ("0.0.0.0/0",), endpoint(tunnel.server), self.cfg.keepalive)
         peer_changes = plan_peers([peer], device)
+        if tunnel.kick and not peer_changes:
+            # WireGuard would wait for its 2-minute rekey; a re-added peer handshakes at once.
+            peer_changes = [PeerChange("remove", peer), PeerChange("add", peer)]
+            log.warning("%s: %s has no session with us (restarted?); handshaking again", name, tunnel.server.ip)
+        tunnel.kick = False
+        if peer_changes or not tunnel.configured_at:  # (re)configured now, or adopted from an earlier run
+            tunnel.configured_at = time.monotonic()
         self.wg.apply(name, peer_changes)
         changes += [f"{name}: {c}" for c in peer_changes]
         changes += self.links.set_addresses(name, [f"{a.overlay_ip}/32"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sptun import __version__
-from sptun.config import AgentConfig, Config, ServerConfig, load, load_agent, load_server, SERVER_CONFIG, AGENT_CONFIG
+from sptun.config import AGENT_CONFIG, SERVER_CONFIG, Config, ServerConfig, load, load_agent, load_server
 from sptun.errors import SptunError, UsageError
 
 log = logging.getLogger("sptun")
@@ -80,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _check_serving(reply["status"])
         return 0
     role = make_role(cfg)
+    role.warn_fallback()
     role.set_down(False)
     _print_changes(role.reconcile())
     _check_serving(role.status())

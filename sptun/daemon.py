@@ -16,6 +16,8 @@ from typing import Any
 
 from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir
+from sptun.links import Links
+from sptun.wg import WireGuard, backend
 
 log = logging.getLogger("sptun")
 
@@ -29,13 +31,21 @@ class Role:
     interval = 1.0  # seconds between passes
     resync_every = 30.0  # a full re-read of the kernel, to repair drift
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, wireguard: str, links: Links | None, wg: WireGuard | None) -> None:
         self.state_dir = state_dir
+        self.links = links or Links()
+        self.wg = wg or backend(wireguard, self.links)
+        self.fallback = wireguard == "auto" and self.wg.kind == "userspace"
+        self.daemon = False  # True under `run`: then the loop keeps checking health
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self.passes = 0
         self.failed_passes = 0
         self.last_error = ""
+
+    def warn_fallback(self) -> None:
+        if self.fallback:
+            log.warning("no wireguard kernel module here; using userspace wireguard-go (slower)")
 
     # --- what a role implements --------------------------------------------------------
 
@@ -155,6 +165,8 @@ class Role:
     # --- the daemon --------------------------------------------------------------------
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
+        self.daemon = True
+        self.warn_fallback()
         ensure_private_dir(self.state_dir)
         self.control_path.unlink(missing_ok=True)
         old_umask = os.umask(0o077)  # the control socket is root's only

@@ -16,9 +16,9 @@ from sptun.config import ServerConfig
 from sptun.daemon import Role
 from sptun.errors import ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
-from sptun.leases import Leases, LeaseStore
+from sptun.leases import Lease, Leases, LeaseStore
 from sptun.links import Links, sysctl
-from sptun.wg import Device, Peer, PeerChange, WireGuard, backend, plan_peers
+from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
 log = logging.getLogger("sptun")
 
@@ -57,12 +57,18 @@ def healthy(state_handshake: float, now: float) -> bool:
     return state_handshake > 0 and now - state_handshake < FRESH_HANDSHAKE
 
 
+def peer_of(lease: Lease) -> Peer:
+    """A client as a peer of the server: only its overlay address may come from it."""
+    return Peer(lease.public_key, (f"{lease.overlay_ip}/32",))
+
+
 def forwards(cfg: ServerConfig, leases: Leases, live: set[str]) -> list[nft.Forward]:
     """Each domain's public address and port, with its live clients in a stable order. Pure."""
     result = []
     for domain in cfg.domains:
         backends = tuple(lease.overlay_ip for lease in leases.for_domain(domain.name) if lease.public_key in live)
-        for address in [str(a) for a in domain.listen] or [None]:
+        addresses: list[str | None] = [str(a) for a in domain.listen] or [None]  # None: any local address
+        for address in addresses:
             for port in domain.ports:
                 result.append(nft.Forward(domain.name, address, port, backends))
     return result
@@ -70,15 +76,14 @@ def forwards(cfg: ServerConfig, leases: Leases, live: set[str]) -> list[nft.Forw
 
 class Server(Role):
     def __init__(self, cfg: ServerConfig, links: Links | None = None, wg: WireGuard | None = None) -> None:
-        super().__init__(cfg.state_dir)
+        super().__init__(cfg.state_dir, cfg.wireguard, links, wg)
         self.cfg = cfg
-        self.links = links or Links()
-        self.wg = wg or backend(cfg.wireguard, self.links)
         self.private_key = load_or_create_private_key(cfg.state_dir)
         self.public_key = public_key(self.private_key)
         self.store = LeaseStore(cfg.state_dir)
         self.leases = Leases(cfg.overlay, self.store.load())
         self.live: set[str] = set()
+        self.device = Device()  # the interface as the last pass read it
         self.limiter = FailureLimiter()
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
@@ -89,7 +94,7 @@ class Server(Role):
     # --- kernel state ------------------------------------------------------------------
 
     def desired_peers(self) -> list[Peer]:
-        return [Peer(lease.public_key, (f"{lease.overlay_ip}/32",)) for lease in self.leases.all()]
+        return [peer_of(lease) for lease in self.leases.all()]
 
     def ensure_interface(self) -> list[str]:
         changes = []
@@ -116,7 +121,10 @@ class Server(Role):
 
     def sync_table(self, device: Device) -> list[str]:
         now = time.time()
-        self.live = {key for key, state in device.peers.items() if healthy(state.last_handshake, now)}
+        if self.daemon:
+            self.live = {key for key, state in device.peers.items() if healthy(state.last_handshake, now)}
+        else:  # a one-shot `sptun up` cannot come back when a handshake arrives: all leases serve
+            self.live = set(self.leases.by_key)
         ruleset = nft.render_server(self.cfg.interface, forwards(self.cfg, self.leases, self.live))
         if ruleset == self.loaded_table:
             return []
@@ -133,9 +141,9 @@ class Server(Role):
             self.loaded_table = None  # re-read the kernel now and then: someone may have changed it
             self.last_resync = now
         changes = self.ensure_interface()
-        device = self.wg.device(self.cfg.interface)
-        changes += self.sync_peers(device)
-        changes += self.sync_table(device)
+        self.device = self.wg.device(self.cfg.interface)
+        changes += self.sync_peers(self.device)
+        changes += self.sync_table(self.device)
         return changes
 
     def teardown(self) -> list[str]:
@@ -171,16 +179,22 @@ class Server(Role):
                 self.wg.apply(self.cfg.interface, [PeerChange("remove", Peer(lease.public_key, ()))])
                 self.store.save(self.leases)
                 self.live.discard(lease.public_key)
-                self.sync_table(self.wg.device(self.cfg.interface))  # out of the rotation now
+                self.device = self.wg.device(self.cfg.interface)
+                self.sync_table(self.device)  # out of the rotation now
                 log.info("deregistered %s (%s) from %s", lease.public_key, lease.overlay_ip, lease.domain)
             return None
         lease, changed = self.leases.acquire(request.client_key, request.domain)
         if changed:
             self.store.save(self.leases)
             log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
-        if self.wg.is_ours(self.cfg.interface):
-            self.sync_peers(self.wg.device(self.cfg.interface))
-        return proto.Assignment(lease.overlay_ip, str(self.cfg.server_ip), self.public_key, self.cfg.overlay.prefixlen)
+        # A refresh of a known client costs no kernel call: the last pass saw its peer.
+        state = self.device.peers.get(lease.public_key)
+        peer = peer_of(lease)
+        if (state is None or state.peer.allowed_ips != peer.allowed_ips) and self.wg.is_ours(self.cfg.interface):
+            self.wg.apply(self.cfg.interface, [PeerChange("add" if state is None else "update", peer)])
+        seen = state is not None and healthy(state.last_handshake, time.time())
+        return proto.Assignment(lease.overlay_ip, str(self.cfg.server_ip), self.public_key,
+                                self.cfg.overlay.prefixlen, seen)
 
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = str((writer.get_extra_info("peername") or ("?",))[0])
@@ -207,6 +221,7 @@ class Server(Role):
             self.authorize(request)
             async with self.lock:
                 assignment = await asyncio.to_thread(self.register, request)
+            self.wake.set()  # the next pass picks up the new client's handshake, or its absence
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, request.client_key))
         except ProtocolError as e:

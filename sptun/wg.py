@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sptun.errors import SptunError, WireGuardUnavailable
 from sptun.keys import public_key
@@ -223,7 +223,7 @@ class Kernel:
     def is_ours(self, ifname: str) -> bool:
         return self.links.kind(ifname) == "wireguard"
 
-    def _wg(self):  # type: ignore[no-untyped-def]
+    def _wg(self) -> Any:
         from pyroute2 import WireGuard as GenlWireGuard
 
         return GenlWireGuard()
@@ -293,15 +293,14 @@ def userspace_present() -> bool:
 
 
 def backend(mode: str, links: Links) -> WireGuard:
-    """The backend for `wireguard = mode`: kernel where the module is, else wireguard-go, loudly."""
+    """The backend for `wireguard = mode`: the kernel module where it is, else wireguard-go
+    (the daemons and `up` say so loudly: Role.warn_fallback)."""
     if mode in ("auto", "kernel") and kernel_module_present():
         return Kernel(links)
     if mode == "kernel":
         raise WireGuardUnavailable("wireguard = \"kernel\", but this kernel has no wireguard module",
                                    hint="install linux-image-amd64 (the module ships with it), or set wireguard = \"userspace\"")
     if userspace_present():
-        if mode == "auto":
-            log.warning("no wireguard kernel module here; using userspace wireguard-go (slower)")
         return Userspace(links)
     raise WireGuardUnavailable("no WireGuard: neither the kernel module nor wireguard-go is available",
                                hint="apt-get install wireguard-go, or load the wireguard module")
