@@ -19,7 +19,7 @@ import binascii
 import hmac
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.exceptions
@@ -52,6 +52,9 @@ class Assignment:
     server_ip: str  # the server's own overlay address
     server_key: str  # the server's WireGuard public key
     prefixlen: int  # of the overlay
+    # Whether the server has a fresh handshake from this client. False on a tunnel that the
+    # agent thinks is up means the server lost the session (its interface was recreated).
+    seen: bool = field(default=True, compare=False)
 
 
 def _b64(raw: bytes) -> str:
@@ -79,7 +82,7 @@ def _parse(line: bytes) -> dict[str, Any]:
         raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes", reason="oversized")
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." within 4 KiB
         raise ProtocolError("message is not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a JSON object")
@@ -98,6 +101,13 @@ def _private(private_key: str) -> PrivateKey:
     if raw is None:
         raise SptunError("the private key is not a base64 WireGuard key")
     return PrivateKey(raw)
+
+
+def _box(private: PrivateKey, public: PublicKey, what: str) -> Box:
+    try:
+        return Box(private, public)
+    except nacl.exceptions.CryptoError:  # a low-order point (all zeros, ...): no shared key
+        raise ProtocolError(f"{what} is not a usable WireGuard key") from None
 
 
 def _seal(box: Box, obj: dict[str, Any]) -> dict[str, str]:
@@ -131,7 +141,7 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
     the caller, which knows the domains."""
     obj = _parse(line)
     client = _public(obj.get("key"), "key")
-    inner = _open(Box(_private(server_private), client), obj, reason="unproven-key")
+    inner = _open(_box(_private(server_private), client, "key"), obj, reason="unproven-key")
     got = _unb64(inner.get("challenge"), "challenge")
     if not hmac.compare_digest(got, challenge):
         raise ProtocolError("the challenge does not match (a replayed registration?)", reason="replay")
@@ -147,9 +157,9 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
 
 def accept(assignment: Assignment | None, server_private: str, client_key: str) -> bytes:
     """A sealed answer: the assignment for a registration, nothing for a deregistration."""
-    box = Box(_private(server_private), _public(client_key, "key"))
+    box = _box(_private(server_private), _public(client_key, "key"), "key")
     body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
-            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen} if assignment else {}
+            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen} if assignment else {}
     return _line({"ok": True, **_seal(box, body)})
 
 
@@ -161,7 +171,7 @@ def reject(reason: str, error: str) -> bytes:
 
 
 def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
-    box = Box(_private(client_private), _public(server_key, "server key"))
+    box = _box(_private(client_private), _public(server_key, "server key"), "server key")
     inner = {"op": request.op, "domain": request.domain, "token": request.token, "challenge": _b64(challenge)}
     return _line({"key": request.client_key, **_seal(box, inner)})
 
@@ -182,12 +192,14 @@ def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment 
     if obj.get("ok") is not True:
         reason, error = str(obj.get("reason", "refused"))[:64], str(obj.get("error", "refused"))[:200]
         raise ProtocolError(f"server refused: {error}", reason=reason)
-    inner = _open(Box(_private(client_private), _public(server_key, "server key")), obj, reason="unproven-key")
+    inner = _open(_box(_private(client_private), _public(server_key, "server key"), "server key"), obj,
+                  reason="unproven-key")
     if not inner:
         return None
     try:
-        return Assignment(str(inner["overlay_ip"]), str(inner["server_ip"]), str(inner["server_key"]), int(inner["prefixlen"]))
-    except (KeyError, ValueError, TypeError):
+        return Assignment(str(inner["overlay_ip"]), str(inner["server_ip"]), str(inner["server_key"]), int(inner["prefixlen"]),
+                          inner.get("seen") is not False)
+    except (KeyError, ValueError, TypeError, OverflowError):  # OverflowError: int(Infinity)
         raise ProtocolError("assignment is incomplete") from None
 
 
