@@ -104,14 +104,18 @@ class Role:
             return changes
 
     async def loop(self) -> None:
+        ready = False
         while True:
             try:
                 await self.run_pass()
+                if not ready:  # READY after the first good pass, as Type=notify expects
+                    ready = sd_notify("READY=1")
             except SptunError as e:
                 log.error("reconcile failed: %s (retrying)", e)
             except Exception:  # a bug must not kill the daemon; log it and go on
                 self.failed_passes += 1
                 log.exception("reconcile failed unexpectedly (retrying)")
+            sd_notify("WATCHDOG=1")  # only a loop that goes round keeps the watchdog quiet
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=self.interval)
             except TimeoutError:
@@ -186,6 +190,7 @@ class Role:
             ready.set()
         await stop.wait()
         log.info("stopping")
+        sd_notify("STOPPING=1")
         task.cancel()
         for server in servers:
             server.close()
@@ -193,6 +198,23 @@ class Role:
             await self.on_stop()
         finally:
             self.control_path.unlink(missing_ok=True)
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) READY=1, WATCHDOG=1, STOPPING=1; False outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address, e)
+        return False
+    return True
 
 
 def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:

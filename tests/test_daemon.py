@@ -1,0 +1,161 @@
+"""The daemon machinery with a fake role: control socket, lasting down, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sptun.daemon import Role, control_request, sd_notify
+from sptun.errors import SptunError
+
+
+class FakeWireGuard:
+    kind = "fake"
+
+
+class FakeRole(Role):
+    interval = 0.05
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir, "userspace", links=object(), wg=FakeWireGuard())  # type: ignore[arg-type]
+        self.reconciles = 0
+        self.teardowns = 0
+        self.fail = False
+
+    def reconcile(self) -> list[str]:
+        if self.fail:
+            raise SptunError("broken on purpose")
+        self.reconciles += 1
+        return ["did a thing"] if self.reconciles == 1 else []
+
+    def teardown(self) -> list[str]:
+        self.teardowns += 1
+        return ["removed everything"]
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "fake", "reconciles": self.reconciles, "down": self.is_down()}
+
+
+async def ask(state_dir: Path, cmd: str) -> dict[str, Any] | None:
+    return await asyncio.to_thread(control_request, state_dir, cmd, 10)
+
+
+def run_daemon(role: FakeRole, scenario: Any) -> None:
+    async def main() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(role.serve(ready))
+        await ready.wait()
+        try:
+            await scenario()
+        finally:
+            os.kill(os.getpid(), 15)  # the daemon's own SIGTERM handler stops it
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket answers root only")
+def test_control_socket_up_down_status_and_down_lasts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    role = FakeRole(state)
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.2)
+        reply = await ask(state, "status")
+        assert reply and reply["ok"] and reply["status"]["reconciles"] >= 1
+        assert oct(state.stat().st_mode & 0o777) == "0o700"
+        assert (state / "control.sock").stat().st_mode & 0o077 == 0
+
+        reply = await ask(state, "down")
+        assert reply == {"ok": True, "changes": ["removed everything"]}
+        count = role.reconciles
+        await asyncio.sleep(0.3)
+        assert role.reconciles == count  # down lasts: the loop no longer reconciles
+
+        reply = await ask(state, "frobnicate")
+        assert reply and not reply["ok"] and "unknown control command" in reply["error"]
+
+    run_daemon(role, scenario)
+    assert role.teardowns == 1 and (state / "down").exists()
+    assert not (state / "control.sock").exists()
+
+    # ...even across a restart of the daemon, until `up`
+    again = FakeRole(state)
+
+    async def scenario2() -> None:
+        await asyncio.sleep(0.3)
+        assert again.reconciles == 0
+        reply = await ask(state, "up")
+        assert reply and reply["ok"] and reply["status"]["down"] is False
+        await asyncio.sleep(0.2)
+        assert again.reconciles >= 2
+
+    run_daemon(again, scenario2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket answers root only")
+def test_a_failing_pass_is_reported_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    role = FakeRole(state)
+    role.fail = True
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.3)
+        assert role.failed_passes >= 2  # logged and retried, never fatal
+        reply = await ask(state, "up")
+        assert reply == {"ok": False, "error": "broken on purpose"}
+        role.fail = False
+        await asyncio.sleep(0.2)
+        assert role.reconciles >= 1 and role.last_error == ""
+
+    run_daemon(role, scenario)
+
+
+def test_no_daemon_means_no_answer(tmp_path: Path) -> None:
+    assert control_request(tmp_path, "status") is None
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "control.sock"))  # bound but never listening: a dead daemon's socket
+    try:
+        assert control_request(tmp_path, "status") is None
+    finally:
+        stale.close()
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_sd_notify_speaks_to_a_real_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  abstract: bool) -> None:
+    name = f"\0sptun-test-{os.getpid()}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name[1:] if abstract else name)
+        assert sd_notify("READY=1")
+        assert sock.recv(100) == b"READY=1"
+        assert sd_notify("WATCHDOG=1")
+        assert sock.recv(100) == b"WATCHDOG=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sd_notify("READY=1") is False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket answers root only")
+def test_the_daemon_tells_systemd_it_is_ready_after_the_first_pass(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        role = FakeRole(tmp_path / "state")
+        got: list[bytes] = []
+
+        async def scenario() -> None:
+            while len(got) < 3:
+                got.append(await asyncio.to_thread(sock.recv, 100))
+
+        run_daemon(role, scenario)
+    assert got[0] == b"READY=1" and set(got[1:]) == {b"WATCHDOG=1"}
