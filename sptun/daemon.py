@@ -106,12 +106,16 @@ class Role:
     async def loop(self) -> None:
         ready = False
         while True:
+            error = self.last_error
             try:
                 await self.run_pass()
                 if not ready:  # READY after the first good pass, as Type=notify expects
                     ready = sd_notify("READY=1")
+                if error:
+                    log.info("reconcile works again")
             except SptunError as e:
-                log.error("reconcile failed: %s (retrying)", e)
+                # Once per distinct error, not once a second.
+                log.log(logging.ERROR if str(e) != error else logging.DEBUG, "reconcile failed: %s (retrying)", e)
             except Exception:  # a bug must not kill the daemon; log it and go on
                 self.failed_passes += 1
                 log.exception("reconcile failed unexpectedly (retrying)")

@@ -30,15 +30,15 @@ wireguard = "{wireguard}"
 [[domains]]
 name = "{domain}"
 listen = ["{address}"]
-ports = ["tcp/443"]
+ports = {ports}
 token_file = "{home}/tokens/{domain}"
 """
 
 AGENT_TOML = """\
 # sptun agent {name} of lab {prefix}
 domain = "{domain}"
-token_file = "{home}/token"
-ports = ["tcp/443"]
+token_file = "{home}/tokens/token"
+ports = {ports}
 nameservers = ["{dns}"]
 state_dir = "{home}/state"
 wireguard = "{wireguard}"
@@ -63,14 +63,16 @@ token_file = "{home}/tokens/{domain}"
 """
 
 
-def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = ()) -> None:
+def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = (),
+                  ports: tuple[str, ...] = ("tcp/443",)) -> None:
     """Role configs for every server and client, and one join token for the domain on all.
     Extra domains (tests) are served on ports 8443, 8444, ... with tokens of their own."""
     for host in lab.servers + lab.clients:
         template = SERVER_TOML if host.spec.role == "server" else AGENT_TOML
         (host.dir / "tokens").mkdir(mode=0o700, exist_ok=True)
         text = template.format(name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir,
-                               wireguard=wireguard, domain=DOMAIN, address=host.address, dns=DNS_ADDRESS)
+                               wireguard=wireguard, domain=DOMAIN, address=host.address, dns=DNS_ADDRESS,
+                               ports=json.dumps(list(ports)))
         if host.spec.role == "server":
             text += "".join(EXTRA_DOMAIN_TOML.format(domain=d, address=host.address, port=8443 + i, home=host.dir)
                             for i, d in enumerate(extra_domains))
@@ -84,7 +86,7 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
         host.run(sptun("token", "new", DOMAIN, "-c", config_path(host)))
         (host.dir / "tokens" / DOMAIN).write_text(token + "\n")
     for host in lab.clients:
-        token_file = host.dir / "token"
+        token_file = host.dir / "tokens" / "token"
         token_file.touch(mode=0o600)
         token_file.write_text(token + "\n")
 

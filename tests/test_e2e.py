@@ -44,13 +44,38 @@ def lab() -> Iterator[Lab]:
     lab = Lab(PREFIX)
     try:
         lab.up()
-        write_configs(lab, BACKEND, extra_domains=(OTHER,))
+        write_configs(lab, BACKEND, extra_domains=(OTHER,), ports=("tcp/443", "udp/443"))
         same_leases_on_every_server(lab)
+        for client in lab.clients:
+            client.spawn([sys.executable, "-c", UDP_ECHO, client.name], log=client.dir / "udp-echo.log")
         start_daemons(lab)
         wait_served(lab)
         yield lab
     finally:
         lab.down()
+
+
+# A UDP service on each client: answers each datagram with who it is and whom it saw.
+UDP_ECHO = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 443))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(f"client={sys.argv[1]} remote={peer[0]}".encode(), peer)
+""")
+
+UDP_BROWSER = textwrap.dedent("""
+    import socket, sys
+    for _ in range(int(sys.argv[2])):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a new source port: a new flow
+            s.settimeout(3)
+            s.sendto(b"hello", (sys.argv[1], 443))
+            try:
+                print(s.recvfrom(2048)[0].decode())
+            except TimeoutError:
+                print("timeout")
+""")
 
 
 def same_leases_on_every_server(lab: Lab) -> None:
@@ -84,6 +109,16 @@ def test_requests_through_each_server_are_even_keep_the_source_and_pass_tls(lab:
         # TLS passes through: each answer carries the answering client's own certificate
         for h in hits:
             assert f"OU={h.client}" in h.subject, h
+
+
+def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
+    names = [c.name for c in lab.clients]
+    for server in lab.servers:
+        out = lab.browser.run([sys.executable, "-c", UDP_BROWSER, server.address, str(2 * len(names))]).split()
+        assert "timeout" not in out
+        answers = [dict(part.split("=") for part in pair) for pair in zip(out[::2], out[1::2])]
+        assert Counter(a["client"] for a in answers) == {name: 2 for name in names}
+        assert {a["remote"] for a in answers} == {lab.browser.address}
 
 
 def test_status_json_follows_the_contract(lab: Lab) -> None:
@@ -243,6 +278,21 @@ def test_wireguard_kernel_without_the_module_fails_in_one_line(lab: Lab) -> None
     lines = err.value.stderr.strip().splitlines()
     assert err.value.returncode == 1 and len(lines) == 1
     assert lines[0].startswith("sptun: ") and "no wireguard module" in lines[0]
+
+
+def test_secrets_stay_in_their_files(lab: Lab) -> None:
+    """Private keys and tokens: 0600 files under 0700 directories, never in a log or a status."""
+    secrets = {}
+    for host in lab.servers + lab.clients:
+        files = [host.dir / "state" / "private.key", *(host.dir / "tokens").glob("*")]
+        for path in files:
+            assert path.stat().st_mode & 0o777 == 0o600, path
+            assert path.parent.stat().st_mode & 0o077 == 0, path.parent
+            secrets[path] = path.read_text().strip()
+    outputs = [(host.dir / "sptun.log").read_text() for host in lab.servers + lab.clients]
+    outputs += [json.dumps(status(host)) for host in lab.servers + lab.clients]
+    for path, secret in secrets.items():
+        assert not any(secret in text for text in outputs), f"the secret in {path} leaked"
 
 
 def sptun_leftovers(host: Host) -> dict[str, object]:
