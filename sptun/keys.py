@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 from nacl.public import PrivateKey
 
 from sptun.errors import SptunError
+
+log = logging.getLogger("sptun")
+_warned: set[Path] = set()
 
 KEY_LEN = 32
 
@@ -89,6 +93,9 @@ def read_token(path: Path) -> str:
         raise SptunError(f"token file {path} is not readable", hint="run as root") from None
     if not token or len(token) > 256:
         raise SptunError(f"token file {path} does not hold a token", hint="create it with `sptun token new DOMAIN` on a server")
+    if path.stat().st_mode & 0o077 and path not in _warned:
+        _warned.add(path)
+        log.warning("token file %s is readable by other users; chmod 600 it", path)
     return token
 
 
