@@ -145,31 +145,20 @@ class Agent(Role):
 
     # --- kernel state ------------------------------------------------------------------
 
-    def ensure_tunnel(self, tunnel: Tunnel) -> list[str]:
+    def ensure_link(self, tunnel: Tunnel) -> list[str]:
+        """The interface, its key, address and routing table; not yet the peer."""
         assert tunnel.assignment is not None
-        a, name = tunnel.assignment, tunnel.ifname
+        name = tunnel.ifname
         changes = []
         if not self.wg.is_ours(name):
             if self.links.delete(name):
                 changes.append(f"remove stale interface {name}")
             self.wg.create(name)
             changes.append(f"create interface {name} to {tunnel.server.ip} ({self.wg.kind} WireGuard)")
-        device = self.wg.device(name)
-        if device.public_key != self.public_key:
+        if self.wg.device(name).public_key != self.public_key:
             self.wg.configure(name, self.private_key, None)
             changes.append(f"set {name} key {self.public_key}")
-        peer = Peer(a.server_key, ("0.0.0.0/0",), endpoint(tunnel.server), self.cfg.keepalive)
-        peer_changes = plan_peers([peer], device)
-        if tunnel.kick and not peer_changes:
-            # WireGuard would wait for its 2-minute rekey; a re-added peer handshakes at once.
-            peer_changes = [PeerChange("remove", peer), PeerChange("add", peer)]
-            log.warning("%s: %s has no session with us (restarted?); handshaking again", name, tunnel.server.ip)
-        tunnel.kick = False
-        if peer_changes or not tunnel.configured_at:  # (re)configured now, or adopted from an earlier run
-            tunnel.configured_at = time.monotonic()
-        self.wg.apply(name, peer_changes)
-        changes += [f"{name}: {c}" for c in peer_changes]
-        changes += self.links.set_addresses(name, [f"{a.overlay_ip}/32"])
+        changes += self.links.set_addresses(name, [f"{tunnel.assignment.overlay_ip}/32"])
         self.links.up(name, MTU)
         # Loose: a browser's address routes out by the default route, not by this tunnel.
         if sysctl(f"net/ipv4/conf/{name}/rp_filter", "2"):
@@ -178,6 +167,23 @@ class Agent(Role):
         if table is not None and self.links.set_default_route(table, name):
             changes.append(f"route default dev {name} table {table:#x}")
         return changes
+
+    def ensure_peer(self, tunnel: Tunnel) -> list[str]:
+        """The server as the peer. This starts the handshake, after which the server puts us in
+        its rotation: so it comes last, once replies can find their way back."""
+        assert tunnel.assignment is not None
+        name = tunnel.ifname
+        peer = Peer(tunnel.assignment.server_key, ("0.0.0.0/0",), endpoint(tunnel.server), self.cfg.keepalive)
+        changes = plan_peers([peer], self.wg.device(name))
+        if tunnel.kick and not changes:
+            # WireGuard would wait for its 2-minute rekey; a re-added peer handshakes at once.
+            changes = [PeerChange("remove", peer), PeerChange("add", peer)]
+            log.warning("%s: %s has no session with us (restarted?); handshaking again", name, tunnel.server.ip)
+        tunnel.kick = False
+        if changes or not tunnel.configured_at:  # (re)configured now, or adopted from an earlier run
+            tunnel.configured_at = time.monotonic()
+        self.wg.apply(name, changes)
+        return [f"{name}: {c}" for c in changes]
 
     def table_of(self, name: str) -> int | None:
         index = self.links.index(name)
@@ -238,9 +244,12 @@ class Agent(Role):
                 continue
             changes += self.register(tunnel)
             if tunnel.assignment is not None:
-                changes += self.ensure_tunnel(tunnel)
+                changes += self.ensure_link(tunnel)
         changes += self.sync_rules()
         changes += self.sync_table()
+        for tunnel in self.tunnels.values():
+            if tunnel.assignment is not None and self.listening:
+                changes += self.ensure_peer(tunnel)
         self.save_state()
         return changes
 

@@ -229,3 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug: still one line, with the traceback under -v
+        log.debug("traceback", exc_info=True)
+        print(f"sptun: unexpected {type(e).__name__}: {e} (hint: this is a bug; -v shows the traceback)", file=sys.stderr)
+        return 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +209,15 @@ def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv
     listen: list[ipaddress.IPv4Address] = []
     for value in d.get("listen", list, [], 'use a list of IPv4 addresses like ["198.51.100.10"]'):
         try:
+            if not isinstance(value, str):  # IPv4Address(3325256714) would take a number
+                raise ValueError(value)
             address = ipaddress.IPv4Address(value)
         except ValueError:
             raise d.error("listen", f"{value!r} is not an IPv4 address", 'use addresses like "198.51.100.10"') from None
         if address in overlay:
             raise d.error("listen", f"{address} is inside the overlay {overlay}", "use a public address, or move the overlay")
+        if address in listen:
+            raise d.error("listen", f"{address} is listed twice", "list each address once")
         listen.append(address)
     ports = d.ports("ports", (Port("tcp", 443),))
     token_file = d.path_("token_file", Path(f"/etc/sptun/tokens/{name}"))
@@ -250,6 +254,8 @@ def load_agent(path: Path) -> AgentConfig:
     nameservers = r.get("nameservers", list, [], 'use a list of IP addresses like ["192.0.2.53"]')
     for value in nameservers:
         try:
+            if not isinstance(value, str):  # ip_address(5) would take a number
+                raise ValueError(value)
             ipaddress.ip_address(value)
         except ValueError:
             raise r.error("nameservers", f"{value!r} is not an IP address", 'use addresses like "192.0.2.53"') from None

@@ -74,7 +74,7 @@ def _port(fields: dict[str, str], key: str, default: int) -> int:
     if key not in fields:
         return default
     value = fields[key]
-    if not value.isdigit() or not 1 <= int(value) <= 65535:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:  # not "²" nor "٤٤٣"
         raise ValueError(f"{key}={value!r} is not a port")
     return int(value)
 
@@ -175,7 +175,9 @@ class Discovery:
         return servers
 
     def current(self) -> list[ServerRecord]:
-        """The servers now: refreshed if the TTL has run out."""
-        if self.servers is None or self.due():
+        """The servers now: refreshed if the TTL (or the retry delay) has run out."""
+        if self.due():
             return self.refresh()
+        if self.servers is None:  # no good answer yet, and not time to ask again
+            raise SptunError(self.last_error)
         return self.servers

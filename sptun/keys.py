@@ -45,25 +45,32 @@ def public_key(private: str) -> str:
 
 def ensure_private_dir(path: Path) -> None:
     """Create a directory for secrets at 0700 (and tighten it if it was looser)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:  # a file in the way, read-only, not root, ...: one line, not a traceback
+        raise SptunError(f"cannot create the directory {path}: {e.strerror or e}",
+                         hint="check the path and its parents") from None
 
 
 def write_file_atomic(path: Path, data: str, mode: int = 0o600) -> None:
     """Write via a temporary file, fsync and rename, so a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:  # a directory in the way, disk full, read-only, ...: one line, not a traceback
+        raise SptunError(f"cannot write {path}: {e.strerror or e}", hint="check the path, its directory and free space") from None
 
 
 def load_or_create_private_key(state_dir: Path, name: str = "private.key") -> str:

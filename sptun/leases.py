@@ -35,8 +35,9 @@ class Leases:
         self._next = int(overlay.network_address) + 2  # the first address is the server's
         for lease in leases or []:
             address = ipaddress.IPv4Address(lease.overlay_ip)
-            if address in self._used or not self._usable(address):
-                log.warning("dropping lease of %s: %s is taken or outside %s", lease.public_key, address, overlay)
+            if lease.public_key in self.by_key or address in self._used or not self._usable(address):
+                log.warning("dropping lease of %s: %s is taken or outside %s, or the key has a lease already",
+                            lease.public_key, address, overlay)
                 continue
             self.by_key[lease.public_key] = lease
             self._used.add(address)
@@ -120,7 +121,7 @@ class LeaseStore:
             try:
                 leases = loads(text)
             except (ValueError, KeyError, TypeError) as e:
-                damaged = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                damaged = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
                 path.rename(damaged)
                 log.error("%s is damaged (%s); kept it as %s and trying the backup", path, e, damaged)
                 continue

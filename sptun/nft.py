@@ -7,11 +7,12 @@ a reload that would change nothing is skipped, even by a fresh process.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from sptun.config import Port
-from sptun.errors import CommandError
+from sptun.errors import CommandError, SptunError
 from sptun.run import run
 
 TABLE = "sptun"
@@ -38,13 +39,24 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
-def _dnat_rule(f: Forward) -> str:
-    match = f"ip daddr {f.listen}" if f.listen else "meta nfproto ipv4 fib daddr type local"
-    if len(f.backends) == 1:
-        target = f.backends[0]
+def _ip(address: str) -> str:
+    """An IPv4 address, checked: nothing else goes into a rule unquoted."""
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IPv4 address") from None
+
+
+def _dnat_rule(f: Forward, dev: str) -> str:
+    # Not from the overlay: a client sending to the server's overlay address (a local address)
+    # or to a public address through its tunnel would otherwise be forwarded on to other clients.
+    match = f"iifname != {dev} " + (f"ip daddr {_ip(f.listen)}" if f.listen else "meta nfproto ipv4 fib daddr type local")
+    backends = [_ip(ip) for ip in f.backends]
+    if len(backends) == 1:
+        target = backends[0]
     else:
         target = "numgen inc mod {} map {{ {} }}".format(
-            len(f.backends), ", ".join(f"{i} : {ip}" for i, ip in enumerate(f.backends)))
+            len(backends), ", ".join(f"{i} : {ip}" for i, ip in enumerate(backends)))
     return f"{match} {f.port.proto} dport {f.port.number} counter dnat ip to {target} comment {_q(f.domain)}"
 
 
@@ -66,7 +78,7 @@ def render_server(interface: str, forwards: list[Forward]) -> str:
     """DNAT round-robin into the overlay, and isolation: through the overlay a client reaches
     nothing but the connections forwarded to it."""
     dev = _q(interface)
-    dnat = [_dnat_rule(f) for f in forwards if f.backends]
+    dnat = [_dnat_rule(f, dev) for f in forwards if f.backends]
     return _wrap("server", [
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;", dnat),
         ("forward", "type filter hook forward priority filter; policy accept;", [
@@ -83,6 +95,8 @@ def render_server(interface: str, forwards: list[Forward]) -> str:
 
 
 def client_mark(ifindex: int) -> int:
+    if ifindex & MARK_MASK:
+        raise SptunError(f"interface index {ifindex} is too large for sptun's marks", hint="recreate the interface")
     return MARK_BASE | ifindex
 
 

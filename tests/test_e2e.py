@@ -116,7 +116,7 @@ def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
     for server in lab.servers:
         out = lab.browser.run([sys.executable, "-c", UDP_BROWSER, server.address, str(2 * len(names))]).split()
         assert "timeout" not in out
-        answers = [dict(part.split("=") for part in pair) for pair in zip(out[::2], out[1::2])]
+        answers = [dict(part.split("=") for part in pair) for pair in zip(out[::2], out[1::2], strict=True)]
         assert Counter(a["client"] for a in answers) == {name: 2 for name in names}
         assert {a["remote"] for a in answers} == {lab.browser.address}
 
