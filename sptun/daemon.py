@@ -182,7 +182,13 @@ class Role:
             control = await asyncio.start_unix_server(self.handle_control, path=str(self.control_path), limit=CONTROL_MAX)
         finally:
             os.umask(old_umask)
-        servers = [control, *await self.start_services()]
+        try:
+            services = await self.start_services()
+        except BaseException:
+            control.close()
+            self.control_path.unlink(missing_ok=True)
+            raise
+        servers = [control, *services]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
