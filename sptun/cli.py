@@ -58,24 +58,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     _need_root(f"sptun {args.role} run")
     path = Path(args.config) if args.config else (SERVER_CONFIG if args.role == "server" else AGENT_CONFIG)
     cfg = load_server(path) if args.role == "server" else load_agent(path)
-    role = make_role(cfg)
+    if _ask_daemon(cfg, "status", timeout=5) is not None:
+        raise SptunError(f"an sptun {args.role} already runs with state dir {cfg.state_dir}", hint="stop it first")
+    asyncio.run(make_role(cfg).serve())
+    return 0
+
+
+def _ask_daemon(cfg: Config, cmd: str, timeout: float = 120) -> dict[str, Any] | None:
+    """The running daemon's answer to cmd, or None if no daemon runs for this config."""
     from sptun.daemon import control_request
 
-    if control_request(cfg.state_dir, "status", timeout=5) is not None:
-        raise SptunError(f"an sptun {args.role} already runs with state dir {cfg.state_dir}", hint="stop it first")
-    asyncio.run(role.serve())
-    return 0
+    reply = control_request(cfg.state_dir, cmd, timeout)
+    if reply is not None and not reply["ok"]:
+        raise SptunError(reply["error"])
+    return reply
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     _need_root("sptun up")
     cfg = load(Path(args.config) if args.config else None)
-    from sptun.daemon import control_request
-
-    reply = control_request(cfg.state_dir, "up")
+    reply = _ask_daemon(cfg, "up")
     if reply is not None:
-        if not reply["ok"]:
-            raise SptunError(reply["error"])
         _print_changes(reply.get("changes", []))
         _check_serving(reply["status"])
         return 0
@@ -109,12 +112,8 @@ def _check_serving(status: dict[str, Any]) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     _need_root("sptun down")
     cfg = load(Path(args.config) if args.config else None)
-    from sptun.daemon import control_request
-
-    reply = control_request(cfg.state_dir, "down")
+    reply = _ask_daemon(cfg, "down")
     if reply is not None:
-        if not reply["ok"]:
-            raise SptunError(reply["error"])
         _print_changes(reply.get("changes", []))
         return 0
     role = make_role(cfg)
@@ -126,11 +125,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     _need_root("sptun status")
     cfg = load(Path(args.config) if args.config else None)
-    from sptun.daemon import control_request
-
-    reply = control_request(cfg.state_dir, "status", timeout=30)
-    if reply is not None and not reply["ok"]:
-        raise SptunError(reply["error"])
+    reply = _ask_daemon(cfg, "status", timeout=30)
     status = reply["status"] if reply is not None else make_role(cfg).status()
     status["daemon"] = reply is not None
     if args.json:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir
 from sptun.links import Links
@@ -153,7 +155,9 @@ class Role:
     async def control(self, cmd: str) -> dict[str, Any]:
         try:
             if cmd == "status":
-                return {"ok": True, "status": await asyncio.to_thread(self.status)}
+                status = await asyncio.to_thread(self.status)
+                return {"ok": True, "status": {**status, "process": process_info(), "passes": self.passes,
+                                               "failed_passes": self.failed_passes, "last_error": self.last_error or None}}
             if cmd == "up":
                 self.set_down(False)
                 changes = await self.run_pass()
@@ -208,6 +212,15 @@ class Role:
             await self.on_stop()
         finally:
             self.control_path.unlink(missing_ok=True)
+
+
+def process_info() -> dict[str, Any]:
+    """This daemon's own footprint, for `status`."""
+    me = psutil.Process()
+    with me.oneshot():
+        cpu = me.cpu_times()
+        return {"pid": me.pid, "rss_bytes": me.memory_info().rss, "cpu_seconds": round(cpu.user + cpu.system, 2),
+                "uptime": round(time.time() - me.create_time(), 1)}
 
 
 def sd_notify(message: str) -> bool:

@@ -28,8 +28,16 @@ def _health(ok: bool) -> str:
     return "[green]healthy[/]" if ok else "[red]unhealthy[/]"
 
 
+def _daemon(status: dict[str, Any]) -> str:
+    p = status.get("process")
+    if not p:
+        return "no daemon runs (status read from the kernel)"
+    return f"daemon pid {p['pid']}, up {p['uptime']:.0f} s, rss {_bytes(p['rss_bytes'])}, cpu {p['cpu_seconds']} s"
+
+
 def render(status: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    # Piped output is still read by people: do not squeeze it into 80 columns.
+    console = console or Console(width=None if Console().is_terminal else 160)
     state = "[red]down (sptun up brings it back)[/]" if status.get("down") else "[green]up[/]"
     if status["role"] == "agent":
         console.print(f"agent for [bold]{status['domain']}[/] ({status['wireguard']} WireGuard): {state}; "
@@ -43,6 +51,7 @@ def render(status: dict[str, Any], console: Console | None = None) -> None:
                           _bytes(t["rx_bytes"]), _bytes(t["tx_bytes"]), "yes" if t["registered"] else
                           f"[red]no[/] {t.get('error') or ''}", _health(t["healthy"]))
         console.print(table)
+        console.print(_daemon(status))
         return
     console.print(f"server [bold]{status['interface']}[/] {status['overlay_ip']} ({status['wireguard']} WireGuard, "
                   f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
@@ -55,3 +64,4 @@ def render(status: dict[str, Any], console: Console | None = None) -> None:
             table.add_row(d["name"] if i == 0 else "", listen if i == 0 else "", b["overlay_ip"], _health(b["healthy"]),
                           b.get("reason", ""), _age(b["handshake_age"]), _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]))
     console.print(table)
+    console.print(_daemon(status))

@@ -124,6 +124,9 @@ def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
 def test_status_json_follows_the_contract(lab: Lab) -> None:
     server = status(lab.servers[0])
     assert server["role"] == "server" and server["interface"] == "sptun0"
+    assert server["daemon"] is True and server["process"]["rss_bytes"] > 0
+    table = lab.servers[0].run(sptun("status", "-c", config_path(lab.servers[0])))
+    assert DOMAIN in table and "10.99.0.2" in table and "healthy" in table and "daemon pid" in table
     (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
     assert len(domain["backends"]) == 3
     for b in domain["backends"]:
