@@ -6,7 +6,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
+import struct
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +47,10 @@ def endpoint(server: ServerRecord) -> str:
     return f"[{server.ip}]:{server.port}" if ":" in server.ip else f"{server.ip}:{server.port}"
 
 
-def listening(ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> bool:
-    """Whether a local service listens on every port (this network namespace)."""
-    found: set[Port] = set()
-    for proto_name, files, state in (("tcp", ("tcp", "tcp6"), "0A"), ("udp", ("udp", "udp6"), "07")):
+def sockets(proc: Path = Path("/proc/net")) -> Iterator[tuple[str, str, int, str]]:
+    """(protocol, local address, local port, state) of every socket in this network namespace.
+    IPv6 local addresses come as hex; only IPv4 ones are compared."""
+    for proto_name, files in (("tcp", ("tcp", "tcp6")), ("udp", ("udp", "udp6"))):
         for name in files:
             try:
                 lines = (proc / name).read_text().splitlines()[1:]
@@ -55,9 +58,28 @@ def listening(ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> bool:
                 continue
             for line in lines:
                 fields = line.split()
-                if len(fields) > 3 and fields[3] == state:
-                    found.add(Port(proto_name, int(fields[1].rsplit(":", 1)[1], 16)))
+                if len(fields) > 3:
+                    address, port = fields[1].rsplit(":", 1)
+                    if len(address) == 8:  # IPv4, in host byte order
+                        address = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
+                    yield proto_name, address, int(port, 16), fields[3]
+
+
+TCP_LISTEN, TCP_ESTABLISHED, UDP_UNCONNECTED = "0A", "01", "07"
+
+
+def listening(ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> bool:
+    """Whether a local service listens on every port (this network namespace)."""
+    found = {Port(p, port) for p, _, port, state in sockets(proc)
+             if state == (TCP_LISTEN if p == "tcp" else UDP_UNCONNECTED)}
     return all(port in found for port in ports)
+
+
+def in_flight(addresses: set[str], ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> int:
+    """Established TCP connections to the service on these (overlay) addresses."""
+    tcp = {p.number for p in ports if p.proto == "tcp"}
+    return sum(1 for p, address, port, state in sockets(proc)
+               if p == "tcp" and state == TCP_ESTABLISHED and address in addresses and port in tcp)
 
 
 @dataclass
@@ -220,19 +242,34 @@ class Agent(Role):
             return [f"load table inet sptun ({len(marks)} tunnels)"]
         return []
 
-    def remove_tunnel(self, tunnel: Tunnel, why: str) -> list[str]:
-        self.deregister(tunnel)
-        self.tunnels.pop(tunnel.server.ip, None)
-        if self.links.delete(tunnel.ifname):
-            return [f"delete interface {tunnel.ifname} ({why})"]
-        return []
+    def drain(self, tunnels: list[Tunnel]) -> None:
+        """Deregister first, so the servers take us out of their rotation at once; then wait,
+        at most drain_timeout, for the connections in flight through these tunnels."""
+        for tunnel in tunnels:
+            self.deregister(tunnel)
+        addresses = {t.assignment.overlay_ip for t in tunnels if t.assignment}
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while addresses and in_flight(addresses, self.cfg.ports) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = in_flight(addresses, self.cfg.ports) if addresses else 0
+        if left:
+            log.warning("drain: %d connections still open after %g s; closing them", left, self.cfg.drain_timeout)
+
+    def remove_tunnels(self, tunnels: list[Tunnel], why: str) -> list[str]:
+        self.drain(tunnels)
+        changes = []
+        for tunnel in tunnels:
+            self.tunnels.pop(tunnel.server.ip, None)
+            if self.links.delete(tunnel.ifname):
+                changes.append(f"delete interface {tunnel.ifname} ({why})")
+        return changes
 
     def reconcile(self) -> list[str]:
         servers = {s.ip: s for s in self.discovery.current()}
         changes = []
         for tunnel in list(self.tunnels.values()):
             if tunnel.server.ip not in servers:
-                changes += self.remove_tunnel(tunnel, f"{tunnel.server.ip} left DNS")
+                changes += self.remove_tunnels([tunnel], f"{tunnel.server.ip} left DNS")
         self.listening = listening(self.cfg.ports)
         for server in servers.values():
             tunnel = self.tunnels.setdefault(server.ip, Tunnel(server, interface_name(server.ip)))
@@ -240,7 +277,7 @@ class Agent(Role):
                 tunnel.server, tunnel.next_register = server, 0.0
             if not self.listening:
                 if tunnel.assignment is not None:
-                    changes += self.remove_tunnel(tunnel, f"nothing listens on {', '.join(map(str, self.cfg.ports))}")
+                    changes += self.remove_tunnels([tunnel], f"nothing listens on {', '.join(map(str, self.cfg.ports))}")
                 continue
             changes += self.register(tunnel)
             if tunnel.assignment is not None:
@@ -257,9 +294,7 @@ class Agent(Role):
         return any(t.assignment is not None and self.wg.is_ours(t.ifname) for t in self.tunnels.values())
 
     def teardown(self) -> list[str]:
-        changes = []
-        for tunnel in list(self.tunnels.values()):
-            changes += self.remove_tunnel(tunnel, "down")
+        changes = self.remove_tunnels(list(self.tunnels.values()), "down")
         for name in self.links.names(PREFIX):  # anything left by an earlier run
             if self.links.delete(name):
                 changes.append(f"delete interface {name}")

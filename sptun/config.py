@@ -41,6 +41,16 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Active checks of each backend: a TCP connect to its overlay address and first TCP port."""
+
+    interval: float = 1.0  # seconds between checks
+    timeout: float = 1.0
+    fall: int = 2  # failed checks in a row before a backend leaves the rotation
+    rise: int = 2  # good checks in a row before it comes (back) in
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     path: Path
     interface: str = "sptun0"
@@ -50,6 +60,7 @@ class ServerConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     wireguard: str = "auto"
     domains: tuple[Domain, ...] = ()
+    health: HealthConfig = HealthConfig()
 
     role = "server"
 
@@ -73,6 +84,7 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     wireguard: str = "auto"
     keepalive: int = 15
+    drain_timeout: float = 10.0  # seconds `down` waits for in-flight connections
     interface_prefix: str = "sptun-"
 
     role = "agent"
@@ -189,6 +201,7 @@ def load_server(path: Path) -> ServerConfig:
     state_dir = r.path_("state_dir", DEFAULT_STATE_DIR)
     wireguard = r.wireguard()
     raw_domains = r.get("domains", list, [], "use [[domains]] tables")
+    health = _load_health(path, r.get("health", dict, {}, "use a [health] table"))
     r.finish()
 
     domains: list[Domain] = []
@@ -197,7 +210,30 @@ def load_server(path: Path) -> ServerConfig:
             raise r.error("domains", f"entry {i} is not a table", "use [[domains]] tables")
         domains.append(_load_domain(path, i, raw, overlay))
     _check_domains(path, domains)
-    return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains))
+    return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health)
+
+
+def _seconds(r: _Reader, key: str, default: float, low: float, high: float) -> float:
+    fix = f"use seconds from {low:g} to {high:g}"
+    value = r.get(key, (int, float), default, fix)
+    if not low <= value <= high:
+        raise r.error(key, f"{value} is out of range", fix)
+    return float(value)
+
+
+def _count(r: _Reader, key: str, default: int) -> int:
+    value: int = r.get(key, int, default, "use a whole number from 1 to 100")
+    if not 1 <= value <= 100:
+        raise r.error(key, f"{value} is out of range", "use a whole number from 1 to 100")
+    return value
+
+
+def _load_health(path: Path, raw: dict[str, Any]) -> HealthConfig:
+    h = _Reader(path, raw, "health.")
+    health = HealthConfig(_seconds(h, "interval", 1.0, 0.1, 60), _seconds(h, "timeout", 1.0, 0.1, 60),
+                          _count(h, "fall", 2), _count(h, "rise", 2))
+    h.finish()
+    return health
 
 
 def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv4Network) -> Domain:
@@ -267,8 +303,10 @@ def load_agent(path: Path) -> AgentConfig:
     keepalive = r.get("keepalive", int, 15, "use seconds from 1 to 3600")
     if not 1 <= keepalive <= 3600:
         raise r.error("keepalive", f"{keepalive} is out of range", "use seconds from 1 to 3600")
+    drain_timeout = _seconds(r, "drain_timeout", 10.0, 0, 600)
     r.finish()
-    return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive)
+    return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive,
+                       drain_timeout)
 
 
 def load(path: Path | None) -> Config:

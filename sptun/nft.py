@@ -1,13 +1,16 @@
 """The `inet sptun` nftables table: rendered as text by pure functions, loaded in one `nft -f -`.
 
-sptun touches no other table. A rendered table carries a hash of itself in its comment, so
-a reload that would change nothing is skipped, even by a fresh process.
+sptun touches no other table. A rendered table carries a hash of its structure in its
+comment, so a reload that would change nothing is skipped, even by a fresh process. On a
+server, who is in each domain's rotation changes in place (map elements and one rule), not
+by a reload.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 
@@ -25,16 +28,20 @@ CLIENT_PREFIX = "sptun-"
 
 @dataclass(frozen=True)
 class Forward:
-    """One public address (None = any local address) and port, spread over backends."""
+    """One public address (None = any local address) and port of a domain."""
 
     domain: str
     listen: str | None
     port: Port
-    backends: tuple[str, ...]  # overlay addresses, in rotation order
+
+    @property
+    def key(self) -> str:
+        """Names its rule (as the rule's comment), so an update finds it again."""
+        return f"{self.domain} {self.listen or '*'} {self.port}"
 
 
 def _q(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.:/*-]+", name):
+    if not re.fullmatch(r"[A-Za-z0-9_.:/* -]+", name):
         raise ValueError(f"refusing to put {name!r} in an nft ruleset")
     return f'"{name}"'
 
@@ -47,40 +54,40 @@ def _ip(address: str) -> str:
         raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IPv4 address") from None
 
 
-def _dnat_rule(f: Forward, dev: str) -> str:
+def server_rule(interface: str, index: int, f: Forward, size: int) -> str:
+    """The DNAT rule of forward `index`, over the first `size` elements of its map @rrINDEX.
+    With no backend it only counts: the packet goes on to the host, where nothing listens."""
     # Not from the overlay: a client sending to the server's overlay address (a local address)
     # or to a public address through its tunnel would otherwise be forwarded on to other clients.
-    match = f"iifname != {dev} " + (f"ip daddr {_ip(f.listen)}" if f.listen else "meta nfproto ipv4 fib daddr type local")
-    backends = [_ip(ip) for ip in f.backends]
-    if len(backends) == 1:
-        target = backends[0]
-    else:
-        target = "numgen inc mod {} map {{ {} }}".format(
-            len(backends), ", ".join(f"{i} : {ip}" for i, ip in enumerate(backends)))
-    return f"{match} {f.port.proto} dport {f.port.number} counter dnat ip to {target} comment {_q(f.domain)}"
+    match = f"iifname != {_q(interface)} " + (
+        f"ip daddr {_ip(f.listen)}" if f.listen else "meta nfproto ipv4 fib daddr type local")
+    action = f" dnat ip to numgen inc mod {size} map @rr{index}" if size else ""
+    return f"{match} {f.port.proto} dport {f.port.number} counter{action} comment {_q(f.key)}"
 
 
-def _wrap(kind: str, chains: list[tuple[str, str, list[str]]]) -> str:
-    """The whole load transaction: (re)create the table with a hash of its body as comment."""
-    body = []
-    for name, hook, rules in chains:
-        body.append(f"\tchain {name} {{")
-        body.append(f"\t\t{hook}")
-        body += [f"\t\t{rule}" for rule in rules]
-        body.append("\t}")
-    text = "\n".join(body)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+def _wrap(kind: str, body: str, digest_of: str) -> str:
+    """The whole load transaction: (re)create the table, with a hash of `digest_of` as comment."""
+    digest = hashlib.sha256(digest_of.encode()).hexdigest()[:16]
     return (f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"
-            f"table {FAMILY} {TABLE} {{\n\tcomment \"sptun {kind} {digest}\"\n{text}\n}}\n")
+            f"table {FAMILY} {TABLE} {{\n\tcomment \"sptun {kind} {digest}\"\n{body}\n}}\n")
 
 
-def render_server(interface: str, forwards: list[Forward]) -> str:
-    """DNAT round-robin into the overlay, and isolation: through the overlay a client reaches
-    nothing but the connections forwarded to it."""
+def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
+    lines = []
+    for name, hook, rules in chains:
+        lines += [f"\tchain {name} {{", f"\t\t{hook}", *[f"\t\t{rule}" for rule in rules], "\t}"]
+    return "\n".join(lines)
+
+
+def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]]) -> str:
     dev = _q(interface)
-    dnat = [_dnat_rule(f, dev) for f in forwards if f.backends]
-    return _wrap("server", [
-        ("prerouting", "type nat hook prerouting priority dstnat; policy accept;", dnat),
+    maps = []
+    for i, backends in enumerate(rotations):
+        elements = f" elements = {{ {', '.join(f'{n} : {_ip(ip)}' for n, ip in enumerate(backends))} }}" if backends else ""
+        maps.append(f"\tmap rr{i} {{ typeof numgen inc mod 2 : ip daddr;{elements} }}")
+    chains = _chains([
+        ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
+         [server_rule(interface, i, f, len(rotations[i])) for i, f in enumerate(forwards)]),
         ("forward", "type filter hook forward priority filter; policy accept;", [
             f"iifname {dev} ct status dnat accept",
             f'iifname {dev} counter drop comment "clients reach only their forwarded connections"',
@@ -92,6 +99,78 @@ def render_server(interface: str, forwards: list[Forward]) -> str:
             f'iifname {dev} counter drop comment "clients cannot reach the server itself"',
         ]),
     ])
+    return "\n".join(maps + [chains])
+
+
+def render_server(interface: str, forwards: list[Forward], rotations: list[list[str]]) -> str:
+    """DNAT round-robin into the overlay, and isolation: through the overlay a client reaches
+    nothing but the connections forwarded to it. Each forward's backends live in a named map
+    that changes in place; the comment hashes the structure only, not who is in rotation."""
+    structure = _server_body(interface, forwards, [[] for _ in forwards])
+    return _wrap("server", _server_body(interface, forwards, rotations), structure)
+
+
+def server_comment(interface: str, forwards: list[Forward]) -> str | None:
+    return _comment(render_server(interface, forwards, [[] for _ in forwards]))
+
+
+def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
+    """The rotation after a change, moving as few map elements as possible: a leaving backend's
+    slot takes the last backend; newcomers are appended. Pure."""
+    order = list(current)
+    for ip in current:
+        if ip not in wanted:
+            i = order.index(ip)
+            order[i] = order[-1]
+            order.pop()
+    return order + sorted(wanted - set(order), key=ipaddress.IPv4Address)
+
+
+def rotation_update(interface: str, index: int, f: Forward, handle: int, current: list[str], new: list[str]) -> list[str]:
+    """nft commands that turn map @rrINDEX from current into new, in place. Pure."""
+    gone = [i for i in range(len(current)) if i >= len(new) or current[i] != new[i]]
+    came = [i for i in range(len(new)) if i >= len(current) or current[i] != new[i]]
+    lines = []
+    if gone:
+        lines.append(f"delete element {FAMILY} {TABLE} rr{index} {{ {', '.join(map(str, gone))} }}")
+    if came:
+        lines.append(f"add element {FAMILY} {TABLE} rr{index} {{ {', '.join(f'{i} : {_ip(new[i])}' for i in came)} }}")
+    if len(new) != len(current):  # numgen's modulus lives in the rule
+        lines.append(f"replace rule {FAMILY} {TABLE} prerouting handle {handle} {server_rule(interface, index, f, len(new))}")
+    return lines
+
+
+@dataclass
+class ServerTable:
+    """What the kernel holds: rule handles and the rotation in each map, by forward index."""
+
+    comment: str | None
+    handles: dict[str, int]
+    rotations: list[list[str]]
+
+
+def read_server_table(forwards: list[Forward]) -> ServerTable:
+    """The loaded table, read back (to adopt it after a restart, and to learn rule handles)."""
+    try:
+        listing = json.loads(run(["nft", "-a", "-j", "list", "table", FAMILY, TABLE]))
+    except CommandError:
+        return ServerTable(None, {}, [[] for _ in forwards])
+    handles: dict[str, int] = {}
+    maps: dict[str, list[str]] = {}
+    for item in listing.get("nftables", []):
+        rule = item.get("rule")
+        if rule and rule.get("chain") == "prerouting" and "comment" in rule:
+            handles[rule["comment"]] = int(rule["handle"])
+        nftmap = item.get("map")
+        if nftmap:
+            slots = {int(k): str(v) for k, v in nftmap.get("elem", [])}
+            maps[nftmap["name"]] = [slots[i] for i in sorted(slots)]
+    return ServerTable(loaded_comment(), handles, [maps.get(f"rr{i}", []) for i in range(len(forwards))])
+
+
+def transaction(lines: list[str]) -> None:
+    """Several changes to the table, all or none."""
+    run(["nft", "-f", "-"], input="\n".join(lines) + "\n")
 
 
 def client_mark(ifindex: int) -> int:
@@ -110,7 +189,7 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
         prerouting.append(f"ct state new ct mark set iifname map {{ {elements} }}")
     services = ", ".join(f"{p.proto} . {p.number}" for p in sorted(ports))
     any_tunnel = _q(CLIENT_PREFIX + "*")
-    return _wrap("agent", [
+    body = _chains([
         ("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting),
         ("output", "type route hook output priority mangle; policy accept;", [
             f"ct mark & {MARK_MASK:#x} == {MARK_BASE:#x} meta mark set ct mark",
@@ -121,6 +200,7 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
             f'iifname {any_tunnel} counter drop comment "the server reaches only the published ports"',
         ]),
     ])
+    return _wrap("agent", body, body)
 
 
 def _comment(ruleset: str) -> str | None:

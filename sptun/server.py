@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import time
 from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
 from typing import Any
 
 from sptun import nft, proto
@@ -29,6 +31,7 @@ MAX_CONNECTIONS = 256
 MAX_PER_SOURCE = 16
 FAILURES_ALLOWED = 10  # bad attempts per source per window, then it is refused for the window
 FAILURE_WINDOW = 60.0
+DRAIN_KEEP = 120.0  # s a deregistered client's peer stays, so its in-flight connections finish
 
 
 class FailureLimiter:
@@ -57,21 +60,45 @@ def healthy(state_handshake: float, now: float) -> bool:
     return state_handshake > 0 and now - state_handshake < FRESH_HANDSHAKE
 
 
+@dataclass
+class Health:
+    """One backend's health, with fall/rise hysteresis. A new backend starts out of rotation."""
+
+    up: bool = False
+    streak: int = 0  # checks in a row that disagree with `up`
+    reason: str = "not checked yet"
+    checked: float = 0.0
+
+    def record(self, ok: bool, reason: str, fall: int, rise: int) -> bool:
+        """Take one check's result; True if the backend changed state."""
+        self.reason, self.checked = reason, time.time()
+        self.streak = self.streak + 1 if ok != self.up else 0
+        if self.streak >= (rise if ok else fall):
+            self.up, self.streak = ok, 0
+            return True
+        return False
+
+
 def peer_of(lease: Lease) -> Peer:
     """A client as a peer of the server: only its overlay address may come from it."""
     return Peer(lease.public_key, (f"{lease.overlay_ip}/32",))
 
 
-def forwards(cfg: ServerConfig, leases: Leases, live: set[str]) -> list[nft.Forward]:
-    """Each domain's public address and port, with its live clients in a stable order. Pure."""
+def forwards(cfg: ServerConfig) -> list[nft.Forward]:
+    """Each domain's public addresses and ports, in config order. Pure."""
     result = []
     for domain in cfg.domains:
-        backends = tuple(lease.overlay_ip for lease in leases.for_domain(domain.name) if lease.public_key in live)
         addresses: list[str | None] = [str(a) for a in domain.listen] or [None]  # None: any local address
         for address in addresses:
             for port in domain.ports:
-                result.append(nft.Forward(domain.name, address, port, backends))
+                result.append(nft.Forward(domain.name, address, port))
     return result
+
+
+def check_port(cfg: ServerConfig, domain: str) -> int | None:
+    """The port a health check connects to: the domain's first TCP port (None: UDP only)."""
+    d = cfg.domain(domain)
+    return next((p.number for p in d.ports if p.proto == "tcp"), None) if d else None
 
 
 class Server(Role):
@@ -82,14 +109,16 @@ class Server(Role):
         self.public_key = public_key(self.private_key)
         self.store = LeaseStore(cfg.state_dir)
         self.leases = Leases(cfg.overlay, self.store.load())
-        self.live: set[str] = set()
+        self.health: dict[str, Health] = {}
+        self.draining: dict[str, float] = {}  # deregistered keys -> when their peer may go
         self.device = Device()  # the interface as the last pass read it
         self.limiter = FailureLimiter()
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.connections: Counter[str] = Counter()
         self.last_resync = 0.0
-        self.loaded_table: str | None = None  # the ruleset we loaded last, to skip equal reloads
+        self.table: nft.ServerTable | None = None  # what we loaded, to change it in place
+        self.health_task: asyncio.Task[None] | None = None
 
     # --- kernel state ------------------------------------------------------------------
 
@@ -119,31 +148,68 @@ class Server(Role):
         self.wg.apply(self.cfg.interface, changes)
         return [str(c) for c in changes]
 
-    def sync_table(self, device: Device) -> list[str]:
-        now = time.time()
-        if self.daemon:
-            self.live = {key for key, state in device.peers.items() if healthy(state.last_handshake, now)}
-        else:  # a one-shot `sptun up` cannot come back when a handshake arrives: all leases serve
-            self.live = set(self.leases.by_key)
-        ruleset = nft.render_server(self.cfg.interface, forwards(self.cfg, self.leases, self.live))
-        if ruleset == self.loaded_table:
-            return []
-        changed = nft.apply(ruleset)
-        self.loaded_table = ruleset
-        if not changed:
-            return []
-        summary = ", ".join(f"{f.domain} {f.port}->{len(f.backends)}" for f in forwards(self.cfg, self.leases, self.live))
-        return [f"load table inet sptun ({summary or 'no domains'})"]
+    def in_rotation(self, lease: Lease) -> bool:
+        if lease.public_key in self.draining:
+            return False
+        if not self.daemon:  # a one-shot `sptun up` has no health checks to bring anyone back later
+            return True
+        health = self.health.get(lease.public_key)
+        return health is not None and health.up
+
+    def sync_table(self) -> list[str]:
+        """Each forward's map holds the domain's backends in rotation. A change of who is in
+        rotation is made in place: map elements and one rule, atomically, no reload."""
+        fwds = forwards(self.cfg)
+        wanted = [{lease.overlay_ip for lease in self.leases.for_domain(f.domain) if self.in_rotation(lease)} for f in fwds]
+        if self.table is None:  # first pass, or a resync: adopt what the kernel holds
+            self.table = nft.read_server_table(fwds)
+        if self.table.comment != nft.server_comment(self.cfg.interface, fwds) or set(self.table.handles) != {f.key for f in fwds}:
+            rotations = [sorted(w, key=ipaddress.IPv4Address) for w in wanted]
+            nft.transaction([nft.render_server(self.cfg.interface, fwds, rotations)])
+            self.table = nft.read_server_table(fwds)
+            summary = ", ".join(f"{f.domain} {f.port}: {len(r)}" for f, r in zip(fwds, rotations, strict=True))
+            return [f"load table inet sptun ({summary or 'no domains'})"]
+        lines, changes = [], []
+        for i, f in enumerate(fwds):
+            current = self.table.rotations[i]
+            new = nft.next_rotation(current, wanted[i])
+            if new == current:
+                continue
+            lines += nft.rotation_update(self.cfg.interface, i, f, self.table.handles[f.key], current, new)
+            came, gone = sorted(set(new) - set(current)), sorted(set(current) - set(new))
+            changes.append(f"rotation {f.key}: {len(new)} backends" + "".join(f" +{ip}" for ip in came)
+                           + "".join(f" -{ip}" for ip in gone))
+            self.table.rotations[i] = new
+        if lines:
+            try:
+                nft.transaction(lines)
+            except SptunError:
+                self.table = None  # our picture of the kernel was wrong: read it again next pass
+                raise
+        return changes
+
+    def expire_drains(self) -> list[str]:
+        changes = []
+        now = time.monotonic()
+        for key, until in list(self.draining.items()):
+            if now >= until:
+                del self.draining[key]
+                lease = self.leases.release(key)
+                if lease is not None:
+                    self.store.save(self.leases)
+                    changes.append(f"release {lease.overlay_ip} of {key} ({lease.domain}): drained")
+        return changes
 
     def reconcile(self) -> list[str]:
         now = time.monotonic()
         if now - self.last_resync > self.resync_every:
-            self.loaded_table = None  # re-read the kernel now and then: someone may have changed it
+            self.table = None  # re-read the kernel now and then: someone may have changed it
             self.last_resync = now
         changes = self.ensure_interface()
+        changes += self.expire_drains()
         self.device = self.wg.device(self.cfg.interface)
         changes += self.sync_peers(self.device)
-        changes += self.sync_table(self.device)
+        changes += self.sync_table()
         return changes
 
     def teardown(self) -> list[str]:
@@ -152,9 +218,54 @@ class Server(Role):
             changes.append("delete table inet sptun")
         if self.links.delete(self.cfg.interface):
             changes.append(f"delete interface {self.cfg.interface}")
-        self.loaded_table = None
-        self.live = set()
+        self.table = None
+        self.health.clear()
         return changes
+
+    # --- health ------------------------------------------------------------------------
+
+    async def probe(self, lease: Lease) -> tuple[bool, str]:
+        state = self.device.peers.get(lease.public_key)
+        if state is None or not healthy(state.last_handshake, time.time()):
+            return False, "no recent WireGuard handshake"
+        port = check_port(self.cfg, lease.domain)
+        if port is None:
+            return True, "handshake fresh (UDP only: no connect check)"
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(lease.overlay_ip, port), self.cfg.health.timeout)
+        except TimeoutError:
+            return False, f"tcp/{port} timed out"
+        except OSError as e:
+            return False, f"tcp/{port}: {e.strerror or e}"
+        writer.close()
+        return True, f"tcp/{port} answers"
+
+    async def check_health(self) -> None:
+        """One round of checks of every backend, concurrently; a flip wakes the loop."""
+        h = self.cfg.health
+        leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
+        results = await asyncio.gather(*(self.probe(lease) for lease in leases))
+        flipped = False
+        for lease, (ok, reason) in zip(leases, results, strict=True):
+            health = self.health.setdefault(lease.public_key, Health())
+            if health.record(ok, reason, h.fall, h.rise):
+                flipped = True
+                log.info("backend %s of %s is %s: %s", lease.overlay_ip, lease.domain,
+                         "up" if health.up else "down", reason)
+        for key in set(self.health) - set(self.leases.by_key):
+            del self.health[key]
+        if flipped:
+            self.wake.set()
+
+    async def health_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            if not self.is_down():
+                try:
+                    await self.check_health()
+                except Exception:  # a bug here must not stop the checks for good
+                    log.exception("health check round failed")
+            await asyncio.sleep(max(0.0, self.cfg.health.interval - (time.monotonic() - started)))
 
     # --- registration ------------------------------------------------------------------
 
@@ -174,15 +285,15 @@ class Server(Role):
         """Runs under the lock: lease, peer, leases file. The table follows once the client's
         handshake proves it is live."""
         if request.op == "deregister":
-            lease = self.leases.release(request.client_key)
+            lease = self.leases.by_key.get(request.client_key)
             if lease is not None:
-                self.wg.apply(self.cfg.interface, [PeerChange("remove", Peer(lease.public_key, ()))])
-                self.store.save(self.leases)
-                self.live.discard(lease.public_key)
-                self.device = self.wg.device(self.cfg.interface)
-                self.sync_table(self.device)  # out of the rotation now
-                log.info("deregistered %s (%s) from %s", lease.public_key, lease.overlay_ip, lease.domain)
+                # Out of the rotation now; its peer stays while its connections finish.
+                self.draining[lease.public_key] = time.monotonic() + DRAIN_KEEP
+                if self.wg.is_ours(self.cfg.interface):
+                    self.sync_table()
+                log.info("deregistered %s (%s) from %s; draining", lease.public_key, lease.overlay_ip, lease.domain)
             return None
+        self.draining.pop(request.client_key, None)
         lease, changed = self.leases.acquire(request.client_key, request.domain)
         if changed:
             self.store.save(self.leases)
@@ -255,6 +366,7 @@ class Server(Role):
                              hint="is another sptun server running, or the port in use?") from None
         log.info("registration api on port %d, WireGuard on %d (%s), key %s", self.cfg.api_port,
                  self.cfg.listen_port, self.wg.kind, self.public_key)
+        self.health_task = asyncio.create_task(self.health_loop())
         return [api]
 
     # --- status ------------------------------------------------------------------------
@@ -268,12 +380,20 @@ class Server(Role):
             for lease in self.leases.for_domain(domain.name):
                 state = device.peers.get(lease.public_key)
                 handshake = state.last_handshake if state else 0.0
-                is_healthy = healthy(handshake, now)
-                reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
-                          else "no handshake yet" if not handshake else "handshake too old")
+                health = self.health.get(lease.public_key)
+                if self.daemon:  # the active checks speak
+                    is_healthy = health is not None and health.up
+                    reason = health.reason if health else "not checked yet"
+                else:  # no daemon: the handshake is all there is to go by
+                    is_healthy = healthy(handshake, now)
+                    reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
+                              else "no handshake yet" if not handshake else "handshake too old")
+                if lease.public_key in self.draining:
+                    reason = "draining (deregistered)"
                 backends.append({
                     "overlay_ip": lease.overlay_ip, "public_key": lease.public_key, "healthy": is_healthy,
-                    "reason": reason, "handshake_age": round(now - handshake, 1) if handshake else None,
+                    "reason": reason, "in_rotation": self.in_rotation(lease),
+                    "handshake_age": round(now - handshake, 1) if handshake else None,
                     "endpoint": state.peer.endpoint if state else None,
                     "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
                     "since": lease.since,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,7 +20,19 @@ from hypothesis import strategies as st
 
 from sptun import nft
 from sptun.config import Port
-from sptun.nft import MARK_BASE, MARK_MASK, Forward, _comment, _q, client_mark, render_client, render_server
+from sptun.nft import (
+    MARK_BASE,
+    MARK_MASK,
+    Forward,
+    _comment,
+    _q,
+    client_mark,
+    next_rotation,
+    render_client,
+    render_server,
+    rotation_update,
+    server_comment,
+)
 
 FUZZ = settings.get_profile("sptun")
 
@@ -28,19 +41,24 @@ TCP443, UDP443, TCP80 = Port("tcp", 443), Port("udp", 443), Port("tcp", 80)
 APP = "app.example.test"
 B3 = ("10.99.0.2", "10.99.0.3", "10.99.0.4")
 
-SERVER_CASES = {
-    "server_listen_tcp443_3_backends": ("sptun0", [Forward(APP, "198.51.100.10", TCP443, B3)]),
-    "server_any_address": ("sptun0", [Forward(APP, None, TCP443, B3)]),
-    "server_udp443": ("sptun0", [Forward(APP, "198.51.100.10", UDP443, B3)]),
-    "server_1_backend": ("sptun0", [Forward(APP, "198.51.100.10", TCP443, ("10.99.0.7",))]),
-    "server_0_backends": ("sptun0", [Forward(APP, "198.51.100.10", TCP443, ())]),
+# Each case: the interface, and each forward with the backends in its rotation.
+SERVER_CASES: dict[str, tuple[str, list[tuple[Forward, tuple[str, ...]]]]] = {
+    "server_listen_tcp443_3_backends": ("sptun0", [(Forward(APP, "198.51.100.10", TCP443), B3)]),
+    "server_any_address": ("sptun0", [(Forward(APP, None, TCP443), B3)]),
+    "server_udp443": ("sptun0", [(Forward(APP, "198.51.100.10", UDP443), B3)]),
+    "server_1_backend": ("sptun0", [(Forward(APP, "198.51.100.10", TCP443), ("10.99.0.7",))]),
+    "server_0_backends": ("sptun0", [(Forward(APP, "198.51.100.10", TCP443), ())]),
     "server_two_domains": ("wg-pub", [
-        Forward(APP, "198.51.100.10", TCP443, B3),
-        Forward(APP, "198.51.100.10", TCP80, B3),
-        Forward("shop.example.test", "198.51.100.11", TCP443, ("10.99.0.9", "10.99.0.5")),
-        Forward("idle.example.test", None, Port("tcp", 8443), ()),
+        (Forward(APP, "198.51.100.10", TCP443), B3),
+        (Forward(APP, "198.51.100.10", TCP80), B3),
+        (Forward("shop.example.test", "198.51.100.11", TCP443), ("10.99.0.9", "10.99.0.5")),
+        (Forward("idle.example.test", None, Port("tcp", 8443)), ()),
     ]),
 }
+
+
+def server(interface: str, cases: list[tuple[Forward, tuple[str, ...]]]) -> str:
+    return render_server(interface, [f for f, _ in cases], [list(b) for _, b in cases])
 CLIENT_CASES = {
     "client_2_interfaces": ({"sptun-s1": client_mark(5), "sptun-s2": client_mark(12)}, (TCP443,)),
     "client_no_interfaces": ({}, (TCP443,)),
@@ -60,8 +78,7 @@ def check_golden(name: str, text: str) -> None:
 
 @pytest.mark.parametrize("name", SERVER_CASES)
 def test_server_golden(name: str) -> None:
-    interface, forwards = SERVER_CASES[name]
-    check_golden(name, render_server(interface, forwards))
+    check_golden(name, server(*SERVER_CASES[name]))
 
 
 @pytest.mark.parametrize("name", CLIENT_CASES)
@@ -88,29 +105,34 @@ def dnat_rules(ruleset: str) -> list[str]:
 
 
 def test_round_robin_over_the_backends_in_order() -> None:
-    (rule,) = dnat_rules(render_server("sptun0", SERVER_CASES["server_listen_tcp443_3_backends"][1]))
+    ruleset = server(*SERVER_CASES["server_listen_tcp443_3_backends"])
+    (rule,) = dnat_rules(ruleset)
     assert "ip daddr 198.51.100.10 tcp dport 443" in rule
-    assert "dnat ip to numgen inc mod 3 map { 0 : 10.99.0.2, 1 : 10.99.0.3, 2 : 10.99.0.4 }" in rule
-    assert rule.endswith(f'comment "{APP}"')
+    assert "dnat ip to numgen inc mod 3 map @rr0" in rule
+    assert rule.endswith(f'comment "{APP} 198.51.100.10 tcp/443"')
+    assert "\tmap rr0 { typeof numgen inc mod 2 : ip daddr; elements = { 0 : 10.99.0.2, 1 : 10.99.0.3, 2 : 10.99.0.4 } }" \
+        in ruleset
 
 
 def test_any_address_matches_local_addresses() -> None:
-    (rule,) = dnat_rules(render_server("sptun0", SERVER_CASES["server_any_address"][1]))
-    assert "fib daddr type local" in rule and "ip daddr" not in rule
+    (rule,) = dnat_rules(server(*SERVER_CASES["server_any_address"]))
+    assert "fib daddr type local" in rule and "ip daddr" not in rule and f'"{APP} * tcp/443"' in rule
 
 
-def test_one_backend_is_a_plain_dnat() -> None:
-    (rule,) = dnat_rules(render_server("sptun0", SERVER_CASES["server_1_backend"][1]))
-    assert "numgen" not in rule and "dnat ip to 10.99.0.7 " in rule
+def test_one_backend_is_a_rotation_of_one() -> None:
+    (rule,) = dnat_rules(server(*SERVER_CASES["server_1_backend"]))
+    assert "numgen inc mod 1 map @rr0" in rule
 
 
-def test_no_backends_no_dnat() -> None:
-    ruleset = render_server("sptun0", SERVER_CASES["server_0_backends"][1])
-    assert chain(ruleset, "prerouting") == [] and "dnat ip to" not in ruleset
+def test_no_backends_no_dnat_but_the_rule_stays_for_updates() -> None:
+    ruleset = server(*SERVER_CASES["server_0_backends"])
+    assert chain(ruleset, "prerouting") == [
+        f'iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 counter comment "{APP} 198.51.100.10 tcp/443"']
+    assert "dnat ip to" not in ruleset and "\tmap rr0 { typeof numgen inc mod 2 : ip daddr; }" in ruleset
 
 
 def test_udp_forward() -> None:
-    (rule,) = dnat_rules(render_server("sptun0", SERVER_CASES["server_udp443"][1]))
+    (rule,) = dnat_rules(server(*SERVER_CASES["server_udp443"]))
     assert " udp dport 443 " in rule and "tcp" not in rule
 
 
@@ -118,13 +140,13 @@ def test_udp_forward() -> None:
 def test_clients_cannot_use_the_forwarding_from_inside_the_overlay(name: str) -> None:
     """Isolation: a client that sends to the server's overlay address (a local address) or to the
     public address through its tunnel must not be DNATed on to another client."""
-    interface, forwards = SERVER_CASES[name]
-    for rule in dnat_rules(render_server(interface, forwards)):
+    interface, cases = SERVER_CASES[name]
+    for rule in chain(server(interface, cases), "prerouting"):
         assert rule.startswith(f'iifname != "{interface}" '), rule
 
 
 def test_server_isolation_rules() -> None:
-    ruleset = render_server("sptun0", SERVER_CASES["server_listen_tcp443_3_backends"][1])
+    ruleset = server(*SERVER_CASES["server_listen_tcp443_3_backends"])
     assert chain(ruleset, "forward") == [
         'iifname "sptun0" ct status dnat accept',
         'iifname "sptun0" counter drop comment "clients reach only their forwarded connections"',
@@ -135,7 +157,7 @@ def test_server_isolation_rules() -> None:
 
 
 def test_only_the_sptun_table() -> None:
-    for ruleset in [render_server("sptun0", f) for _, f in SERVER_CASES.values()] + \
+    for ruleset in [server("sptun0", c) for _, c in SERVER_CASES.values()] + \
                    [render_client(m, p) for m, p in CLIENT_CASES.values()]:
         tables = re.findall(r"^(?:delete )?table (\S+ \S+)", ruleset, re.M)
         assert tables == ["inet sptun", "inet sptun", "inet sptun"]
@@ -170,17 +192,26 @@ def body_and_digest(ruleset: str) -> tuple[str, str]:
     return m.group(2), m.group(1)
 
 
-@pytest.mark.parametrize("ruleset", [render_server(i, f) for i, f in SERVER_CASES.values()]
-                         + [render_client(m, p) for m, p in CLIENT_CASES.values()])
-def test_digest_is_the_hash_of_the_body(ruleset: str) -> None:
+@pytest.mark.parametrize("ruleset", [render_client(m, p) for m, p in CLIENT_CASES.values()])
+def test_client_digest_is_the_hash_of_the_body(ruleset: str) -> None:
     body, digest = body_and_digest(ruleset)
     assert hashlib.sha256(body.encode()).hexdigest()[:16] == digest
-    assert _comment(ruleset) == f"sptun {'server' if 'server' in ruleset.split(chr(10))[3] else 'agent'} {digest}"
+    assert _comment(ruleset) == f"sptun agent {digest}"
+
+
+@pytest.mark.parametrize("name", SERVER_CASES)
+def test_server_digest_is_the_hash_of_the_structure(name: str) -> None:
+    """Who is in rotation changes in place, so it is not part of the table's identity."""
+    interface, cases = SERVER_CASES[name]
+    empty = server(interface, [(f, ()) for f, _ in cases])
+    body, digest = body_and_digest(server(interface, cases))
+    assert hashlib.sha256(body_and_digest(empty)[0].encode()).hexdigest()[:16] == digest
+    assert server_comment(interface, [f for f, _ in cases]) == f"sptun server {digest}"
 
 
 def test_digest_is_stable() -> None:
-    forwards = SERVER_CASES["server_two_domains"][1]
-    assert render_server("wg-pub", forwards) == render_server("wg-pub", list(forwards))
+    cases = SERVER_CASES["server_two_domains"][1]
+    assert server("wg-pub", cases) == server("wg-pub", list(cases))
     a = render_client({"sptun-s1": 0x53700005, "sptun-s2": 0x53700006}, (TCP443, UDP443))
     b = render_client({"sptun-s2": 0x53700006, "sptun-s1": 0x53700005}, (UDP443, TCP443))
     assert a == b  # dict and tuple order do not matter
@@ -195,18 +226,63 @@ def test_digest_is_stable_across_processes() -> None:
     assert outs == {render_client({"sptun-a": 1, "sptun-b": 2}, (TCP443, UDP443))}
 
 
+BASE = Forward(APP, "198.51.100.10", TCP443)
+
+
 @pytest.mark.parametrize("change", [
-    lambda: render_server("sptun0", [Forward(APP, "198.51.100.10", TCP443, B3[:2])]),
-    lambda: render_server("sptun0", [Forward(APP, "198.51.100.10", TCP443, B3[::-1])]),
-    lambda: render_server("sptun0", [Forward(APP, "198.51.100.11", TCP443, B3)]),
-    lambda: render_server("sptun0", [Forward(APP, "198.51.100.10", TCP80, B3)]),
-    lambda: render_server("sptun1", [Forward(APP, "198.51.100.10", TCP443, B3)]),
-    lambda: render_server("sptun0", [Forward("b.test", "198.51.100.10", TCP443, B3)]),
-    lambda: render_server("sptun0", []),
-], ids=["fewer-backends", "other-order", "other-address", "other-port", "other-interface", "other-domain", "none"])
-def test_digest_changes_with_the_body(change: Callable[[], str]) -> None:
-    base = render_server("sptun0", [Forward(APP, "198.51.100.10", TCP443, B3)])
-    assert body_and_digest(change())[1] != body_and_digest(base)[1]
+    lambda: server("sptun0", [(Forward(APP, "198.51.100.11", TCP443), B3)]),
+    lambda: server("sptun0", [(Forward(APP, "198.51.100.10", TCP80), B3)]),
+    lambda: server("sptun1", [(BASE, B3)]),
+    lambda: server("sptun0", [(Forward("b.test", "198.51.100.10", TCP443), B3)]),
+    lambda: server("sptun0", []),
+], ids=["other-address", "other-port", "other-interface", "other-domain", "none"])
+def test_digest_changes_with_the_structure(change: Callable[[], str]) -> None:
+    assert body_and_digest(change())[1] != body_and_digest(server("sptun0", [(BASE, B3)]))[1]
+
+
+@pytest.mark.parametrize("backends", [B3[:2], B3[::-1], ()])
+def test_digest_does_not_change_with_the_rotation(backends: tuple[str, ...]) -> None:
+    assert body_and_digest(server("sptun0", [(BASE, backends)]))[1] == body_and_digest(server("sptun0", [(BASE, B3)]))[1]
+
+
+# --- changing a rotation in place -------------------------------------------------------------------
+
+A, B, C, D = "10.99.0.2", "10.99.0.3", "10.99.0.4", "10.99.0.5"
+
+
+@pytest.mark.parametrize("current, wanted, expected", [
+    ([A, B, C], {A, B, C}, [A, B, C]),  # converged: nothing moves
+    ([A, B, C], {A, C}, [A, C]),  # the last one takes the leaver's slot
+    ([A, B, C], {A, B}, [A, B]),  # the last one leaves: nothing else moves
+    ([A, B, C], {B, C}, [C, B]),
+    ([A, B, C], {A, B, C, D}, [A, B, C, D]),  # newcomers are appended
+    ([A, B], {B, D, C}, [B, C, D]),
+    ([A, B, C], set(), []),
+    ([], {C, A}, [A, C]),
+])
+def test_next_rotation_moves_as_little_as_possible(current: list[str], wanted: set[str], expected: list[str]) -> None:
+    assert next_rotation(current, wanted) == expected
+
+
+def test_rotation_update_of_one_leaver_touches_two_slots_and_the_rule() -> None:
+    many = [f"10.99.{i // 250}.{i % 250 + 2}" for i in range(10_000)]
+    new = next_rotation(many, set(many) - {many[17]})
+    lines = rotation_update("sptun0", 3, BASE, 42, many, new)
+    assert lines == [
+        "delete element inet sptun rr3 { 17, 9999 }",
+        f"add element inet sptun rr3 {{ 17 : {many[-1]} }}",
+        f'replace rule inet sptun prerouting handle 42 iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 '
+        f'counter dnat ip to numgen inc mod 9999 map @rr3 comment "{APP} 198.51.100.10 tcp/443"',
+    ]
+
+
+def test_rotation_update_to_empty_and_back() -> None:
+    assert rotation_update("sptun0", 0, BASE, 7, [A], []) == [
+        "delete element inet sptun rr0 { 0 }",
+        f'replace rule inet sptun prerouting handle 7 iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 '
+        f'counter comment "{APP} 198.51.100.10 tcp/443"']
+    assert rotation_update("sptun0", 0, BASE, 7, [], [A])[0] == "add element inet sptun rr0 { 0 : 10.99.0.2 }"
+    assert rotation_update("sptun0", 0, BASE, 7, [A, B], [A, B]) == []
 
 
 def test_client_digest_changes_with_the_body() -> None:
@@ -227,7 +303,7 @@ def test_comment_read_back_from_nft_list_output() -> None:
 
 # --- injection --------------------------------------------------------------------------------------
 
-BAD_NAMES = ['sptun0"', 'a b', "a;b", "a\nb", "a\tb", "", 'x" ; flush ruleset ; "', "a}b", "a{b", "a'b", "a$b",
+BAD_NAMES = ['sptun0"', "a;b", "a\nb", "a\tb", "", 'x" ; flush ruleset ; "', "a}b", "a{b", "a'b", "a$b",
              "a#b", "a\\b", "a@b", "a\x00b", "é"]
 
 
@@ -237,20 +313,21 @@ def test_quote_refuses_unsafe_names(name: str) -> None:
         _q(name)
 
 
-@pytest.mark.parametrize("name", ["sptun0", "sptun-*", "app.example.test", "wg_1", "a:b/c"])
+@pytest.mark.parametrize("name", ["sptun0", "sptun-*", "app.example.test", "wg_1", "a:b/c", "app.test * tcp/443"])
 def test_quote_accepts_safe_names(name: str) -> None:
     assert _q(name) == f'"{name}"'
 
 
 @pytest.mark.parametrize("make", [
-    lambda: render_server('sptun0" ; flush ruleset ; "', []),
-    lambda: render_server("sptun0", [Forward('app" accept ; "', None, TCP443, B3)]),
-    lambda: render_server("sptun0", [Forward(APP, "198.51.100.10 accept; flush ruleset;", TCP443, B3)]),
-    lambda: render_server("sptun0", [Forward(APP, None, TCP443, ("10.99.0.2 }; flush ruleset; {",))]),
-    lambda: render_server("sptun0", [Forward(APP, None, TCP443, ("10.99.0.2", "10.99.0.3, 3 : 1.2.3.4"))]),
-    lambda: render_server("sptun0", [Forward(APP, "2001:db8::1", TCP443, B3)]),
+    lambda: server('sptun0" ; flush ruleset ; "', []),
+    lambda: server("sptun0", [(Forward('app" accept ; "', None, TCP443), B3)]),
+    lambda: server("sptun0", [(Forward(APP, "198.51.100.10 accept; flush ruleset;", TCP443), B3)]),
+    lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2 }; flush ruleset; {",))]),
+    lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2", "10.99.0.3, 3 : 1.2.3.4"))]),
+    lambda: server("sptun0", [(Forward(APP, "2001:db8::1", TCP443), B3)]),
+    lambda: rotation_update("sptun0", 0, BASE, 1, [], ["10.99.0.2 } ; flush ruleset"]),
     lambda: render_client({"sptun-a; flush ruleset": 1}, (TCP443,)),
-], ids=["interface", "domain", "listen", "backend", "backend-in-map", "listen-ipv6", "client-interface"])
+], ids=["interface", "domain", "listen", "backend", "backend-in-map", "listen-ipv6", "update", "client-interface"])
 def test_render_refuses_injection(make: Callable[[], str]) -> None:
     with pytest.raises(ValueError):
         make()
@@ -265,8 +342,22 @@ def test_fuzz_quote(name: str) -> None:
         return
     inner = quoted[1:-1]
     assert quoted == f'"{inner}"' and inner == name and name
-    assert not any(c in inner for c in "\"'; \t\n\r{}#\\$@")
+    assert not any(c in inner for c in "\"';\t\n\r{}#\\$@")
 
 
 def test_module_constants() -> None:
     assert (nft.FAMILY, nft.TABLE, nft.CLIENT_PREFIX) == ("inet", "sptun", "sptun-")
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft for a scratch namespace")
+def test_goldens_load_in_a_real_kernel() -> None:
+    """`nft -c` (check, no commit) of every golden, in a namespace of our own."""
+    ns = f"sptg{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for path in sorted(GOLDEN.glob("*.nft")):
+            proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-c", "-f", str(path)], capture_output=True, text=True)
+            assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
