@@ -59,6 +59,15 @@ class Leases:
         self.by_key[public_key] = lease
         return lease, True
 
+    def adopt(self, lease: Lease) -> bool:
+        """Take a lease found elsewhere (a peer on the interface) if its address is free."""
+        address = ipaddress.IPv4Address(lease.overlay_ip)
+        if lease.public_key in self.by_key or address in self._used or not self._usable(address):
+            return False
+        self.by_key[lease.public_key] = lease
+        self._used.add(address)
+        return True
+
     def release(self, public_key: str) -> Lease | None:
         lease = self.by_key.pop(public_key, None)
         if lease is not None:
@@ -111,8 +120,12 @@ class LeaseStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "leases.json"
         self.backup = state_dir / "leases.json.bak"
+        self.damaged: Path | None = None
 
     def load(self) -> list[Lease]:
+        """The leases, from the backup if the file is damaged. Reading changes nothing on disk
+        (`sptun status` reads too); the damaged file is set aside by the next save."""
+        self.damaged = None
         for path in (self.path, self.backup):
             try:
                 text = path.read_text()
@@ -121,9 +134,9 @@ class LeaseStore:
             try:
                 leases = loads(text)
             except (ValueError, KeyError, TypeError) as e:
-                damaged = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
-                path.rename(damaged)
-                log.error("%s is damaged (%s); kept it as %s and trying the backup", path, e, damaged)
+                log.error("%s is damaged (%s); trying the backup", path, e)
+                if path == self.path:
+                    self.damaged = path
                 continue
             if path == self.backup:
                 log.warning("restored %d leases from %s", len(leases), path)
@@ -131,6 +144,11 @@ class LeaseStore:
         return []
 
     def save(self, leases: Leases) -> None:
-        if self.path.exists():
+        if self.damaged is not None and self.path.exists():  # keep the evidence, and the good backup
+            aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
+            self.path.rename(aside)
+            log.warning("kept the damaged %s as %s", self.path, aside)
+            self.damaged = None
+        elif self.path.exists():
             self.path.replace(self.backup)
         write_file_atomic(self.path, dumps(leases))

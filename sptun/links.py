@@ -15,6 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from sptun.errors import SptunError
 
 log = logging.getLogger("sptun")
+IFF_UP = 0x1
 
 
 def _netlink_error(what: str, e: NetlinkError) -> SptunError:
@@ -71,6 +72,9 @@ class Links:
 
     def up(self, name: str, mtu: int) -> None:
         index = self._index_or_fail(name)
+        (link,) = self.ipr.get_links(index)
+        if link["flags"] & IFF_UP and link.get_attr("IFLA_MTU") == mtu:
+            return
         self._call(f"ip link set {name} mtu {mtu} up", self.ipr.link, "set", index=index, mtu=mtu, state="up")
 
     def _index_or_fail(self, name: str) -> int:

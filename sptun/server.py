@@ -160,9 +160,10 @@ class Server(Role):
         """Each forward's map holds the domain's backends in rotation. A change of who is in
         rotation is made in place: map elements and one rule, atomically, no reload."""
         fwds = forwards(self.cfg)
-        wanted = [{lease.overlay_ip for lease in self.leases.for_domain(f.domain) if self.in_rotation(lease)} for f in fwds]
         if self.table is None:  # first pass, or a resync: adopt what the kernel holds
             self.table = nft.read_server_table(fwds)
+            self.adopt_health(self.table)
+        wanted = [{lease.overlay_ip for lease in self.leases.for_domain(f.domain) if self.in_rotation(lease)} for f in fwds]
         if self.table.comment != nft.server_comment(self.cfg.interface, fwds) or set(self.table.handles) != {f.key for f in fwds}:
             rotations = [sorted(w, key=ipaddress.IPv4Address) for w in wanted]
             nft.transaction([nft.render_server(self.cfg.interface, fwds, rotations)])
@@ -188,6 +189,29 @@ class Server(Role):
                 raise
         return changes
 
+    def adopt_orphans(self, device: Device) -> list[str]:
+        """Peers on the interface with no lease (the leases file was lost or is behind): keep
+        their addresses for them, so they come back where they were when they register."""
+        changes = []
+        for key, state in device.peers.items():
+            ips = state.peer.allowed_ips
+            if key in self.leases.by_key or len(ips) != 1 or not ips[0].endswith("/32"):
+                continue
+            address = ips[0].removesuffix("/32")
+            if ipaddress.IPv4Address(address) in self.cfg.overlay and self.leases.adopt(Lease(key, "", address, time.time())):
+                changes.append(f"keep {address} for {key}: a peer with no lease, until it registers again")
+        if changes:
+            self.store.save(self.leases)
+        return changes
+
+    def adopt_health(self, table: nft.ServerTable) -> None:
+        """A restarted daemon trusts the rotation it finds until its own checks say otherwise:
+        emptying it while the first checks run would refuse every request."""
+        serving = {ip for rotation in table.rotations for ip in rotation}
+        for lease in self.leases.all():
+            if lease.overlay_ip in serving and lease.public_key not in self.health:
+                self.health[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
+
     def expire_drains(self) -> list[str]:
         changes = []
         now = time.monotonic()
@@ -208,6 +232,11 @@ class Server(Role):
         changes = self.ensure_interface()
         changes += self.expire_drains()
         self.device = self.wg.device(self.cfg.interface)
+        if self.passes <= 1:
+            changes += self.adopt_orphans(self.device)
+        if self.store.damaged:  # loaded from the backup: write a good file now
+            self.store.save(self.leases)
+            changes.append(f"rewrote the damaged {self.store.path} ({len(self.leases.by_key)} leases)")
         changes += self.sync_peers(self.device)
         changes += self.sync_table()
         return changes
@@ -260,7 +289,8 @@ class Server(Role):
     async def health_loop(self) -> None:
         while True:
             started = time.monotonic()
-            if not self.is_down():
+            # Not before the first pass has read the device and adopted the running rotation.
+            if not self.is_down() and self.table is not None:
                 try:
                     await self.check_health()
                 except Exception:  # a bug here must not stop the checks for good

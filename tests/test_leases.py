@@ -203,22 +203,32 @@ def test_damaged_file_falls_back_to_the_backup(tmp_path: Path, text: str, caplog
     (tmp_path / "leases.json").write_text(text)
     with caplog.at_level(logging.WARNING, logger="sptun"):
         assert store.load() == leases.all()
-    damaged = list(tmp_path.glob("leases.json.damaged-*"))
-    assert len(damaged) == 1 and damaged[0].read_text() == text  # kept aside, not deleted
     assert any("damaged" in r.getMessage() for r in caplog.records)
+    # Reading changes nothing on disk (`sptun status` reads too) ...
+    assert (tmp_path / "leases.json").read_text() == text and not list(tmp_path.glob("*.damaged-*"))
+    # ... the next save sets the damaged file aside, not deleted, and keeps the good backup.
+    store.save(leases)
+    damaged = list(tmp_path.glob("leases.json.damaged-*"))
+    assert len(damaged) == 1 and damaged[0].read_text() == text
+    assert LeaseStore(tmp_path).load() == leases.all()
+    assert loads((tmp_path / "leases.json.bak").read_text()) == leases.all()
 
 
 def test_damaged_file_and_no_backup(tmp_path: Path) -> None:
     (tmp_path / "leases.json").write_text("{oops")
-    assert LeaseStore(tmp_path).load() == []
+    store = LeaseStore(tmp_path)
+    assert store.load() == []
+    store.save(Leases(NET))
     assert [p.read_text() for p in tmp_path.glob("leases.json.damaged-*")] == ["{oops"]
 
 
 def test_both_damaged(tmp_path: Path) -> None:
     (tmp_path / "leases.json").write_text("{oops")
     (tmp_path / "leases.json.bak").write_text("[]")
-    assert LeaseStore(tmp_path).load() == []
-    assert sorted(p.read_text() for p in tmp_path.glob("leases.json*.damaged-*")) == ["[]", "{oops"]
+    store = LeaseStore(tmp_path)
+    assert store.load() == []
+    store.save(Leases(NET))
+    assert [p.read_text() for p in tmp_path.glob("leases.json.damaged-*")] == ["{oops"]
 
 
 def test_crash_between_backup_and_write(tmp_path: Path) -> None:

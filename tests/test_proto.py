@@ -323,7 +323,7 @@ def must_refuse(wire: bytes, may_accept: bool = False) -> None:
         assert got.op in proto.OPS and got.domain and got.token and got.client_key == CLIENT_PUB
 
 
-@FUZZ
+@settings(FUZZ, max_examples=max(10_000, FUZZ.max_examples))  # the server's first line of defence: 10k at least
 @given(st.binary(max_size=MAX_MESSAGE + 64))
 def test_fuzz_open_request_bytes(data: bytes) -> None:
     must_refuse(data)
