@@ -10,12 +10,12 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from sptun import nft, proto
-from sptun.config import AgentConfig, Port
+from sptun.config import AgentConfig, Port, load_agent
 from sptun.daemon import Role
 from sptun.discovery import Discovery, DnsTxtSource, ServerRecord, TxtSource
 from sptun.errors import SptunError
@@ -306,6 +306,19 @@ class Agent(Role):
             changes.append("delete table inet sptun")
         self.save_state()
         return changes
+
+    def reload_config(self) -> str:
+        new = load_agent(self.cfg.path)
+        for key in ("state_dir", "wireguard"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                raise SptunError(f"{key} changed in {self.cfg.path}", hint="that takes a restart of the agent")
+        changed = [f.name for f in fields(new) if getattr(new, f.name) != getattr(self.cfg, f.name)]
+        if (new.domain, new.nameservers, new.realm) != (self.cfg.domain, self.cfg.nameservers, self.cfg.realm):
+            self.discovery = Discovery(new.domain, DnsTxtSource(new.nameservers), new.realm)
+        self.cfg = new
+        for tunnel in self.tunnels.values():  # register again now, with the new token or domain
+            tunnel.next_register = 0.0
+        return ", ".join(changed) or "nothing changed"
 
     async def on_stop(self) -> None:
         """Stopping the agent drains: the servers take it out of rotation before its tunnels go."""

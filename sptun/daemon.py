@@ -62,6 +62,22 @@ class Role:
     def status(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def reload_config(self) -> str:
+        """Re-read the config file and take it; raise SptunError (keeping the old one) if it
+        is bad or changes what needs a restart. Returns what changed, for the log."""
+        raise NotImplementedError
+
+    async def reload(self) -> None:
+        """SIGHUP (systemctl reload): a new config, reconciled, with no teardown."""
+        async with self.lock:
+            try:
+                what = self.reload_config()
+            except SptunError as e:
+                log.error("reload refused, keeping the running config: %s", e)
+                return
+        log.info("reloaded the config: %s", what)
+        self.wake.set()
+
     async def on_stop(self) -> None:
         """Called on SIGTERM/SIGINT, before the process exits."""
 
@@ -197,6 +213,7 @@ class Role:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         if self.is_down():
             log.warning("this host was taken down with `sptun down`; staying down until `sptun up`")
         task = asyncio.create_task(self.loop())

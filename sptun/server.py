@@ -10,11 +10,11 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sptun import nft, proto
-from sptun.config import ServerConfig
+from sptun.config import ServerConfig, load_server
 from sptun.daemon import Role
 from sptun.errors import ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
@@ -250,6 +250,15 @@ class Server(Role):
         self.table = None
         self.health.clear()
         return changes
+
+    def reload_config(self) -> str:
+        new = load_server(self.cfg.path)
+        for key in ("interface", "overlay", "state_dir", "api_port", "wireguard"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                raise SptunError(f"{key} changed in {self.cfg.path}", hint="that takes a restart of the server")
+        changed = [f.name for f in fields(new) if getattr(new, f.name) != getattr(self.cfg, f.name)]
+        self.cfg = new
+        return ", ".join(changed) or "nothing changed"
 
     # --- health ------------------------------------------------------------------------
 

@@ -384,3 +384,26 @@ def test_a_broken_config_is_refused_and_nothing_running_changes(lab: Lab) -> Non
         assert lines[-1] == "rc=2" and len(lines) == 2 and lines[0].startswith("sptun: ") and str(broken) in lines[0]
     assert in_rotation(s1) == before
     assert all(lab.curl(s1.address).ok for _ in range(3))
+
+
+def test_sighup_reloads_a_good_config_and_refuses_a_bad_one(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    conf = Path(config_path(s1))
+    good = conf.read_text()
+    pid = daemon_pid(s1)
+    log = s1.dir / "sptun-restarted.log"  # the daemon started by the kill -9 test
+    try:
+        conf.write_text(good.replace('ports = ["tcp/443"]', 'ports = ["tcp/443", "tcp/8080"]'))
+        os.kill(pid, signal.SIGHUP)
+        wait_for("tcp/8080 forwarded", lambda: "tcp dport 8080" in s1.run(["nft", "list", "table", "inet", "sptun"]), 10)
+        conf.write_text("listen_port = 'not a port'\n")
+        os.kill(pid, signal.SIGHUP)
+        wait_for("the refusal logged", lambda: "reload refused" in log.read_text(), 10)
+        assert "tcp dport 8080" in s1.run(["nft", "list", "table", "inet", "sptun"])  # the last good config stays
+    finally:
+        conf.write_text(good)
+        os.kill(pid, signal.SIGHUP)
+    wait_for("back to tcp/443 only", lambda: "tcp dport 8080" not in s1.run(["nft", "list", "table", "inet", "sptun"]), 10)
+    assert daemon_pid(s1) == pid  # no restart, no teardown
+    assert "create interface" not in log.read_text()
+    assert all(lab.curl(s1.address).ok for _ in range(3))
