@@ -307,6 +307,10 @@ class Agent(Role):
         self.save_state()
         return changes
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self.cfg.metrics
+
     def reload_config(self) -> str:
         new = load_agent(self.cfg.path)
         for key in ("state_dir", "wireguard"):

@@ -125,6 +125,18 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     _need_root("sptun status")
     cfg = load(Path(args.config) if args.config else None)
+    if args.watch:
+        from sptun.status import watch
+
+        def read() -> dict[str, Any]:
+            reply = _ask_daemon(cfg, "status", timeout=30)
+            return reply["status"] if reply is not None else make_role(cfg).status()  # type: ignore[no-any-return]
+
+        try:
+            watch(read, args.interval)
+        except KeyboardInterrupt:
+            pass
+        return 0
     reply = _ask_daemon(cfg, "status", timeout=30)
     status = reply["status"] if reply is not None else make_role(cfg).status()
     status["daemon"] = reply is not None
@@ -194,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("status", help="show tunnels, backends and health")
     config_arg(q)
     q.add_argument("--json", action="store_true", help="one JSON object")
+    q.add_argument("--watch", action="store_true", help="refresh the table in place until Ctrl-C")
+    q.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     q.set_defaults(func=cmd_status)
 
     q = sub.add_parser("token", help="join tokens")

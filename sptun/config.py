@@ -61,6 +61,7 @@ class ServerConfig:
     wireguard: str = "auto"
     domains: tuple[Domain, ...] = ()
     health: HealthConfig = HealthConfig()
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
 
     role = "server"
 
@@ -85,6 +86,7 @@ class AgentConfig:
     wireguard: str = "auto"
     keepalive: int = 15
     drain_timeout: float = 10.0  # seconds `down` waits for in-flight connections
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
     interface_prefix: str = "sptun-"
 
     role = "agent"
@@ -155,6 +157,21 @@ class _Reader:
             raise self.error(key, f"{value!r} is not a DNS name", 'use a name like "app.example.com"')
         return value.lower().rstrip(".")
 
+    def metrics(self) -> tuple[str, int] | None:
+        fix = 'use "127.0.0.1:9586" (address:port), or leave it out'
+        value = self.get("metrics", str, None, fix)
+        if value is None:
+            return None
+        address, sep, port = value.rpartition(":")
+        try:
+            ipaddress.ip_address(address.strip("[]"))
+            number = int(port)
+        except ValueError:
+            raise self.error("metrics", f"{value!r} is not address:port", fix) from None
+        if not sep or not 1 <= number <= 65535:
+            raise self.error("metrics", f"{value!r} is not address:port", fix)
+        return address.strip("[]"), number
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
@@ -202,6 +219,7 @@ def load_server(path: Path) -> ServerConfig:
     wireguard = r.wireguard()
     raw_domains = r.get("domains", list, [], "use [[domains]] tables")
     health = _load_health(path, r.get("health", dict, {}, "use a [health] table"))
+    metrics = r.metrics()
     r.finish()
 
     domains: list[Domain] = []
@@ -210,7 +228,8 @@ def load_server(path: Path) -> ServerConfig:
             raise r.error("domains", f"entry {i} is not a table", "use [[domains]] tables")
         domains.append(_load_domain(path, i, raw, overlay))
     _check_domains(path, domains)
-    return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health)
+    return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health,
+                        metrics)
 
 
 def _seconds(r: _Reader, key: str, default: float, low: float, high: float) -> float:
@@ -304,9 +323,10 @@ def load_agent(path: Path) -> AgentConfig:
     if not 1 <= keepalive <= 3600:
         raise r.error("keepalive", f"{keepalive} is out of range", "use seconds from 1 to 3600")
     drain_timeout = _seconds(r, "drain_timeout", 10.0, 0, 600)
+    metrics = r.metrics()
     r.finish()
     return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive,
-                       drain_timeout)
+                       drain_timeout, metrics)
 
 
 def load(path: Path | None) -> Config:

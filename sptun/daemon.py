@@ -43,7 +43,12 @@ class Role:
         self.wake = asyncio.Event()
         self.passes = 0
         self.failed_passes = 0
+        self.pass_seconds = 0.0  # total time spent reconciling, for the metrics
         self.last_error = ""
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return None
 
     def warn_fallback(self) -> None:
         if self.fallback:
@@ -114,6 +119,8 @@ class Role:
                 self.failed_passes += 1
                 self.last_error = str(e)
                 raise
+            finally:
+                self.pass_seconds += time.monotonic() - started
             self.last_error = ""
             for change in changes:
                 log.info("%s", change)
@@ -204,6 +211,10 @@ class Role:
             os.umask(old_umask)
         try:
             services = await self.start_services()
+            if self.metrics_address is not None:
+                from sptun import metrics
+
+                metrics.serve(self, self.metrics_address)
         except BaseException:
             control.close()
             self.control_path.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from sptun.labnet import DNS_ADDRESS, DOMAIN, Host, Lab, destroy
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 REQUESTS_PER_SERVER = 12
+METRICS_PORT = 9586
 
 SERVER_TOML = """\
 # sptun server {name} of lab {prefix}
@@ -64,7 +65,7 @@ token_file = "{home}/tokens/{domain}"
 
 
 def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = (),
-                  ports: tuple[str, ...] = ("tcp/443",)) -> None:
+                  ports: tuple[str, ...] = ("tcp/443",), metrics: bool = False) -> None:
     """Role configs for every server and client, and one join token for the domain on all.
     Extra domains (tests) are served on ports 8443, 8444, ... with tokens of their own."""
     for host in lab.servers + lab.clients:
@@ -73,6 +74,8 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
         text = template.format(name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir,
                                wireguard=wireguard, domain=DOMAIN, address=host.address, dns=DNS_ADDRESS,
                                ports=json.dumps(list(ports)))
+        if metrics:  # each host is its own network namespace: the same address everywhere
+            text = f'metrics = "127.0.0.1:{METRICS_PORT}"\n' + text
         if host.spec.role == "server":
             text += "".join(EXTRA_DOMAIN_TOML.format(domain=d, address=host.address, port=8443 + i, home=host.dir)
                             for i, d in enumerate(extra_domains))

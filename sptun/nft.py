@@ -168,6 +168,23 @@ def read_server_table(forwards: list[Forward]) -> ServerTable:
     return ServerTable(loaded_comment(), handles, [maps.get(f"rr{i}", []) for i in range(len(forwards))])
 
 
+def forward_counters() -> dict[str, tuple[int, int]]:
+    """Packets and bytes counted by each forward's rule, by its key. A nat chain sees only the
+    first packet of a connection, so the packets are the connections forwarded."""
+    try:
+        listing = json.loads(run(["nft", "-j", "list", "chain", FAMILY, TABLE, "prerouting"]))
+    except CommandError:
+        return {}
+    counters = {}
+    for item in listing.get("nftables", []):
+        rule = item.get("rule")
+        if rule and "comment" in rule:
+            for expr in rule.get("expr", []):
+                if "counter" in expr:
+                    counters[rule["comment"]] = (int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
+    return counters
+
+
 def transaction(lines: list[str]) -> None:
     """Several changes to the table, all or none."""
     run(["nft", "-f", "-"], input="\n".join(lines) + "\n")

@@ -251,6 +251,10 @@ class Server(Role):
         self.health.clear()
         return changes
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self.cfg.metrics
+
     def reload_config(self) -> str:
         new = load_server(self.cfg.path)
         for key in ("interface", "overlay", "state_dir", "api_port", "wireguard"):
@@ -413,6 +417,7 @@ class Server(Role):
     def status(self) -> dict[str, Any]:
         device = self.wg.device(self.cfg.interface) if self.wg.is_ours(self.cfg.interface) else Device()
         now = time.time()
+        counters = nft.forward_counters()
         domains = []
         for domain in self.cfg.domains:
             backends = []
@@ -437,8 +442,10 @@ class Server(Role):
                     "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
                     "since": lease.since,
                 })
+            forwarded = [{"listen": f.listen or "*", "port": str(f.port), "connections": counters.get(f.key, (0, 0))[0],
+                          "bytes": counters.get(f.key, (0, 0))[1]} for f in forwards(self.cfg) if f.domain == domain.name]
             domains.append({"name": domain.name, "listen": [str(a) for a in domain.listen] or ["*"],
-                            "ports": [str(p) for p in domain.ports], "backends": backends})
+                            "ports": [str(p) for p in domain.ports], "backends": backends, "forwards": forwarded})
         return {
             "role": "server", "interface": self.cfg.interface, "public_key": self.public_key,
             "listen_port": self.cfg.listen_port, "api_port": self.cfg.api_port, "overlay": str(self.cfg.overlay),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
 
@@ -35,33 +38,54 @@ def _daemon(status: dict[str, Any]) -> str:
     return f"daemon pid {p['pid']}, up {p['uptime']:.0f} s, rss {_bytes(p['rss_bytes'])}, cpu {p['cpu_seconds']} s"
 
 
-def render(status: dict[str, Any], console: Console | None = None) -> None:
-    # Piped output is still read by people: do not squeeze it into 80 columns.
-    console = console or Console(width=None if Console().is_terminal else 160)
+def view(status: dict[str, Any]) -> Group:
+    """The status as rich renderables, per role."""
     state = "[red]down (sptun up brings it back)[/]" if status.get("down") else "[green]up[/]"
+    parts: list[Any] = []
     if status["role"] == "agent":
-        console.print(f"agent for [bold]{status['domain']}[/] ({status['wireguard']} WireGuard): {state}; "
-                      f"service {'listening' if status.get('listening') else '[red]not listening[/]'} on "
-                      f"{', '.join(status['ports'])}")
+        parts.append(f"agent for [bold]{status['domain']}[/] ({status['wireguard']} WireGuard): {state}; "
+                     f"service {'listening' if status.get('listening') else '[red]not listening[/]'} on "
+                     f"{', '.join(status['ports'])}")
         if status["dns"].get("error"):
-            console.print(f"[yellow]DNS: {status['dns']['error']}[/]")
+            parts.append(f"[yellow]DNS: {status['dns']['error']}[/]")
         table = Table("server", "interface", "overlay address", "handshake", "rx", "tx", "registered", "health")
         for t in status["tunnels"]:
             table.add_row(t["server"], t["interface"], t["overlay_ip"] or "-", _age(t["handshake_age"]),
                           _bytes(t["rx_bytes"]), _bytes(t["tx_bytes"]), "yes" if t["registered"] else
                           f"[red]no[/] {t.get('error') or ''}", _health(t["healthy"]))
-        console.print(table)
-        console.print(_daemon(status))
-        return
-    console.print(f"server [bold]{status['interface']}[/] {status['overlay_ip']} ({status['wireguard']} WireGuard, "
-                  f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
-    table = Table("domain", "listen", "backend", "health", "why", "handshake", "rx", "tx")
-    for d in status["domains"]:
-        listen = f"{','.join(d['listen'])} {','.join(d['ports'])}"
-        if not d["backends"]:
-            table.add_row(d["name"], listen, "[yellow]no clients[/]", "", "", "", "", "")
-        for i, b in enumerate(d["backends"]):
-            table.add_row(d["name"] if i == 0 else "", listen if i == 0 else "", b["overlay_ip"], _health(b["healthy"]),
-                          b.get("reason", ""), _age(b["handshake_age"]), _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]))
-    console.print(table)
-    console.print(_daemon(status))
+    else:
+        parts.append(f"server [bold]{status['interface']}[/] {status['overlay_ip']} ({status['wireguard']} WireGuard, "
+                     f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
+        table = Table("domain", "listen", "connections", "backend", "health", "why", "handshake", "rx", "tx")
+        for d in status["domains"]:
+            listen = f"{','.join(d['listen'])} {','.join(d['ports'])}"
+            connections = str(sum(f["connections"] for f in d.get("forwards", [])))
+            if not d["backends"]:
+                table.add_row(d["name"], listen, connections, "[yellow]no clients[/]", "", "", "", "", "")
+            for i, b in enumerate(d["backends"]):
+                first = i == 0
+                table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
+                              b["overlay_ip"], _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
+                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]))
+    parts += [table, _daemon(status)]
+    return Group(*parts)
+
+
+def _console() -> Console:
+    # Piped output is still read by people: do not squeeze it into 80 columns.
+    return Console(width=None if Console().is_terminal else 160)
+
+
+def render(status: dict[str, Any], console: Console | None = None) -> None:
+    (console or _console()).print(view(status))
+
+
+def watch(read: Callable[[], dict[str, Any]], interval: float, rounds: int | None = None) -> None:
+    """Refresh the status in place until Ctrl-C (or `rounds` refreshes, for tests)."""
+    console = _console()
+    with Live(view(read()), console=console, auto_refresh=False) as live:
+        n = 0
+        while rounds is None or n < rounds:
+            time.sleep(interval)
+            live.update(view(read()), refresh=True)
+            n += 1

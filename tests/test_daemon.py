@@ -159,3 +159,21 @@ def test_the_daemon_tells_systemd_it_is_ready_after_the_first_pass(tmp_path: Pat
 
         run_daemon(role, scenario)
     assert got[0] == b"READY=1" and set(got[1:]) == {b"WATCHDOG=1"}
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_log_lines_have_levels_and_no_timestamps_under_systemd(journal: bool, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from sptun.cli import setup_logging
+
+    if journal:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    setup_logging(verbose=False)
+    logging.getLogger("sptun").warning("one event")
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("WARNING one event") and "\n" not in line
+    assert (line == "WARNING one event") is journal  # the journal stamps the time itself

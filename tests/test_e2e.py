@@ -44,7 +44,7 @@ def lab() -> Iterator[Lab]:
     lab = Lab(PREFIX)
     try:
         lab.up()
-        write_configs(lab, BACKEND, extra_domains=(OTHER,), ports=("tcp/443", "udp/443"))
+        write_configs(lab, BACKEND, extra_domains=(OTHER,), ports=("tcp/443", "udp/443"), metrics=True)
         same_leases_on_every_server(lab)
         for client in lab.clients:
             client.spawn([sys.executable, "-c", UDP_ECHO, client.name], log=client.dir / "udp-echo.log")
@@ -127,6 +127,9 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
     assert server["daemon"] is True and server["process"]["rss_bytes"] > 0
     table = lab.servers[0].run(sptun("status", "-c", config_path(lab.servers[0])))
     assert DOMAIN in table and "10.99.0.2" in table and "healthy" in table and "daemon pid" in table
+    watched = lab.servers[0].run(["timeout", "--preserve-status", "-s", "INT", "2", *sptun(
+        "status", "--watch", "--interval", "0.3", "-c", config_path(lab.servers[0]))])
+    assert DOMAIN in watched and "healthy" in watched  # refreshed in place until Ctrl-C, then exit 0
     (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
     assert len(domain["backends"]) == 3
     for b in domain["backends"]:
@@ -281,6 +284,33 @@ def test_wireguard_kernel_without_the_module_fails_in_one_line(lab: Lab) -> None
     lines = err.value.stderr.strip().splitlines()
     assert err.value.returncode == 1 and len(lines) == 1
     assert lines[0].startswith("sptun: ") and "no wireguard module" in lines[0]
+
+
+def scrape(host: Host) -> dict[str, float]:
+    text = host.run(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9586/metrics"])
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoints_follow_the_traffic(lab: Lab) -> None:
+    s1, c1 = lab.servers[0], lab.clients[0]
+    key = f'sptun_forwarded_connections_total{{domain="{DOMAIN}",listen="{s1.address}",port="tcp/443"}}'
+    before = scrape(s1)
+    assert all(h.ok for h in browse(lab, s1, 6))
+    after = scrape(s1)
+    assert after[key] - before[key] == 6  # the nft rule counter: one per new connection
+    rotation = {k for k, v in after.items() if k.startswith("sptun_backend_in_rotation{") and DOMAIN in k and v == 1}
+    assert len(rotation) == 3  # (a test client that registered and left is still listed, draining)
+    assert all(after[k.replace("in_rotation", "healthy")] == 1 for k in rotation)
+    assert after['sptun_registrations_total{result="accepted"}'] >= 3
+    assert after["sptun_reconcile_duration_seconds_count"] > 0
+    agent = scrape(c1)
+    assert agent["sptun_tunnels_up"] == 2 and agent["sptun_dns_refreshes_total"] >= 1
+    assert sum(v for k, v in agent.items() if k.startswith("sptun_tunnel_received_bytes_total")) > 0
 
 
 def test_secrets_stay_in_their_files(lab: Lab) -> None:
