@@ -10,13 +10,13 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sptun import nft, proto
 from sptun.config import AgentConfig, Port, load_agent
-from sptun.daemon import Role
+from sptun.daemon import Role, config_changes
 from sptun.discovery import Discovery, DnsTxtSource, ServerRecord, TxtSource
 from sptun.errors import SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token, write_file_atomic
@@ -313,10 +313,7 @@ class Agent(Role):
 
     def reload_config(self) -> str:
         new = load_agent(self.cfg.path)
-        for key in ("state_dir", "wireguard"):
-            if getattr(new, key) != getattr(self.cfg, key):
-                raise SptunError(f"{key} changed in {self.cfg.path}", hint="that takes a restart of the agent")
-        changed = [f.name for f in fields(new) if getattr(new, f.name) != getattr(self.cfg, f.name)]
+        changed = config_changes(self.cfg, new, needs_restart=("state_dir", "wireguard", "metrics"))
         if (new.domain, new.nameservers, new.realm) != (self.cfg.domain, self.cfg.nameservers, self.cfg.realm):
             self.discovery = Discovery(new.domain, DnsTxtSource(new.nameservers), new.realm)
         self.cfg = new

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -240,6 +241,15 @@ class Role:
             await self.on_stop()
         finally:
             self.control_path.unlink(missing_ok=True)
+
+
+def config_changes(old: Any, new: Any, needs_restart: tuple[str, ...]) -> list[str]:
+    """The keys a reloaded config changes; SptunError if one of them needs a restart."""
+    changed = [f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)]
+    for key in needs_restart:
+        if key in changed:
+            raise SptunError(f"{key} changed in {old.path}", hint=f"that takes a restart of the {old.role}")
+    return changed
 
 
 def process_info() -> dict[str, Any]:

@@ -10,12 +10,12 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from sptun import nft, proto
 from sptun.config import ServerConfig, load_server
-from sptun.daemon import Role
+from sptun.daemon import Role, config_changes
 from sptun.errors import ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
 from sptun.leases import Lease, Leases, LeaseStore
@@ -257,10 +257,8 @@ class Server(Role):
 
     def reload_config(self) -> str:
         new = load_server(self.cfg.path)
-        for key in ("interface", "overlay", "state_dir", "api_port", "wireguard"):
-            if getattr(new, key) != getattr(self.cfg, key):
-                raise SptunError(f"{key} changed in {self.cfg.path}", hint="that takes a restart of the server")
-        changed = [f.name for f in fields(new) if getattr(new, f.name) != getattr(self.cfg, f.name)]
+        changed = config_changes(self.cfg, new, needs_restart=("interface", "overlay", "state_dir", "api_port",
+                                                               "wireguard", "metrics"))
         self.cfg = new
         return ", ".join(changed) or "nothing changed"
 

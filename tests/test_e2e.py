@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -17,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from support import LAB_TOOLS, netns_marks
 
 from sptun.agent import RULE_PRIORITY, interface_name
 from sptun.errors import CommandError
@@ -26,13 +26,7 @@ from sptun.labnet import DOMAIN, Host, Lab
 from sptun.leases import Lease, Leases, LeaseStore
 from sptun.nft import MARK_BASE, MARK_MASK
 
-TOOLS = ["ip", "nsenter", "unshare", "nft", "knotd", "kdig", "nginx", "openssl", "curl", "wireguard-go"]
-missing = [t for t in TOOLS if shutil.which(t) is None]
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}"),
-]
+pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
 
 BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
 PREFIX = f"spe{os.getpid() % 100000}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,19 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import LAB_TOOLS, netns_marks
 
 from sptun import labnet
 from sptun.errors import CommandError, SptunError
 from sptun.labnet import DOMAIN, LAB_ROOT, Lab, _alive, _lab_namespaces, _mounts_below, destroy, topology
 
-TOOLS = ["ip", "nsenter", "unshare", "nft", "knotd", "knotc", "kdig", "nginx", "openssl", "curl"]
-missing = [t for t in TOOLS if shutil.which(t) is None]
-
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(bool(missing), reason=f"missing tools: {', '.join(missing)}"),
-]
+pytestmark = netns_marks(*LAB_TOOLS)
 
 PREFIX = f"spt{os.getpid() % 100000}"
 
