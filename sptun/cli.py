@@ -60,7 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_server(path) if args.role == "server" else load_agent(path)
     if _ask_daemon(cfg, "status", timeout=5) is not None:
         raise SptunError(f"an sptun {args.role} already runs with state dir {cfg.state_dir}", hint="stop it first")
-    asyncio.run(make_role(cfg).serve())
+    role = make_role(cfg)
+    if isinstance(cfg, ServerConfig):
+        role.check_overlay()
+    asyncio.run(role.serve())
     return 0
 
 
@@ -83,6 +86,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _check_serving(reply["status"])
         return 0
     role = make_role(cfg)
+    if isinstance(cfg, ServerConfig):
+        role.check_overlay()
     role.warn_fallback()
     role.set_down(False)
     _print_changes(role.reconcile())

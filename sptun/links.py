@@ -4,6 +4,7 @@ network namespace."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 from pathlib import Path
@@ -106,6 +107,22 @@ class Links:
                            address=address, prefixlen=int(prefixlen))
                 changes.append(f"add address {cidr} to {name}")
         return changes
+
+    def overlapping_routes(self, network: ipaddress.IPv4Network, except_dev: str) -> list[str]:
+        """Routes of the main table that overlap network, other than through except_dev."""
+        ours = self.index(except_dev)
+        found = []
+        for route in self.ipr.get_routes(family=socket.AF_INET, table=254):
+            if route["dst_len"] == 0 or route.get_attr("RTA_OIF") == ours:
+                continue
+            dst = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
+            if dst.overlaps(network):
+                found.append(f"{dst} dev {self.name_of(route.get_attr('RTA_OIF'))}")
+        return found
+
+    def name_of(self, index: int | None) -> str:
+        links = self.ipr.get_links(index) if index else []
+        return str(links[0].get_attr("IFLA_IFNAME")) if links else "?"
 
     def default_route(self, table: int) -> int | None:
         """The output interface index of the default route in `table`, if any."""

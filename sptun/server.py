@@ -16,7 +16,7 @@ from typing import Any
 from sptun import nft, proto
 from sptun.config import ServerConfig, load_server
 from sptun.daemon import Role, config_changes
-from sptun.errors import ProtocolError, SptunError
+from sptun.errors import ConfigError, ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
 from sptun.leases import Lease, Leases, LeaseStore
 from sptun.links import Links, sysctl
@@ -124,6 +124,13 @@ class Server(Role):
 
     def desired_peers(self) -> list[Peer]:
         return [peer_of(lease) for lease in self.leases.all()]
+
+    def check_overlay(self) -> None:
+        """The overlay must not cover a network this host already routes elsewhere."""
+        clash = self.links.overlapping_routes(self.cfg.overlay, self.cfg.interface)
+        if clash:
+            raise ConfigError(f"{self.cfg.path}: overlay: {self.cfg.overlay} overlaps {clash[0]} on this host",
+                              hint="choose an overlay that no local network uses")
 
     def ensure_interface(self) -> list[str]:
         changes = []

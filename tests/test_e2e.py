@@ -322,6 +322,17 @@ def test_secrets_stay_in_their_files(lab: Lab) -> None:
         assert not any(secret in text for text in outputs), f"the secret in {path} leaked"
 
 
+def test_an_overlay_over_a_local_network_is_refused(lab: Lab) -> None:
+    s2 = lab.servers[1]
+    conf = s2.dir / "overlap.toml"
+    conf.write_text(f'interface = "sptest0"\noverlay = "198.51.100.0/24"\nstate_dir = "{s2.dir}/overlap-state"\n')
+    with pytest.raises(CommandError) as err:
+        s2.run(sptun("up", "-c", str(conf)))
+    (line,) = err.value.stderr.strip().splitlines()
+    assert err.value.returncode == 2 and line.startswith("sptun: ") and "overlaps 198.51.100.0/24 dev eth0" in line
+    assert "sptest0" not in s2.run(["ip", "link"])  # nothing was made
+
+
 def sptun_leftovers(host: Host) -> dict[str, object]:
     links = [link["ifname"] for link in json.loads(host.run(["ip", "-j", "link", "show"]))
              if link["ifname"].startswith("sptun")]
