@@ -95,6 +95,29 @@ def forwards(cfg: ServerConfig) -> list[nft.Forward]:
     return result
 
 
+IPS_DST_NAT = 0x20
+TCP_CONNTRACK_ESTABLISHED = 3
+
+
+def active_connections() -> Counter[str]:
+    """Connections DNATed to each backend and still open, from conntrack (status time only:
+    a dump of the whole table)."""
+    from pyroute2 import Conntrack
+
+    counts: Counter[str] = Counter()
+    try:
+        with Conntrack() as ct:
+            for entry in ct.dump_entries():
+                if not entry.status & IPS_DST_NAT:
+                    continue
+                if entry.protoinfo is not None and entry.protoinfo.state != TCP_CONNTRACK_ESTABLISHED:
+                    continue
+                counts[str(entry.tuple_reply.saddr)] += 1
+    except Exception as e:  # noqa: BLE001 - no conntrack here is not a reason to fail `status`
+        log.debug("conntrack dump failed: %s", e)
+    return counts
+
+
 def check_port(cfg: ServerConfig, domain: str) -> int | None:
     """The port a health check connects to: the domain's first TCP port (None: UDP only)."""
     d = cfg.domain(domain)
@@ -423,6 +446,7 @@ class Server(Role):
         device = self.wg.device(self.cfg.interface) if self.wg.is_ours(self.cfg.interface) else Device()
         now = time.time()
         counters = nft.forward_counters()
+        active = active_connections()
         domains = []
         for domain in self.cfg.domains:
             backends = []
@@ -445,7 +469,7 @@ class Server(Role):
                     "handshake_age": round(now - handshake, 1) if handshake else None,
                     "endpoint": state.peer.endpoint if state else None,
                     "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
-                    "since": lease.since,
+                    "active_connections": active[lease.overlay_ip], "since": lease.since,
                 })
             forwarded = [{"listen": f.listen or "*", "port": str(f.port), "connections": counters.get(f.key, (0, 0))[0],
                           "bytes": counters.get(f.key, (0, 0))[1]} for f in forwards(self.cfg) if f.domain == domain.name]

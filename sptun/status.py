@@ -56,17 +56,17 @@ def view(status: dict[str, Any]) -> Group:
     else:
         parts.append(f"server [bold]{status['interface']}[/] {status['overlay_ip']} ({status['wireguard']} WireGuard, "
                      f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
-        table = Table("domain", "listen", "connections", "backend", "health", "why", "handshake", "rx", "tx")
+        table = Table("domain", "listen", "forwarded", "backend", "health", "why", "handshake", "rx", "tx", "active")
         for d in status["domains"]:
             listen = f"{','.join(d['listen'])} {','.join(d['ports'])}"
             connections = str(sum(f["connections"] for f in d.get("forwards", [])))
             if not d["backends"]:
-                table.add_row(d["name"], listen, connections, "[yellow]no clients[/]", "", "", "", "", "")
+                table.add_row(d["name"], listen, connections, "[yellow]no clients[/]", "", "", "", "", "", "")
             for i, b in enumerate(d["backends"]):
                 first = i == 0
                 table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
                               b["overlay_ip"], _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
-                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]))
+                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b.get("active_connections", 0)))
     parts += [table, _daemon(status)]
     return Group(*parts)
 

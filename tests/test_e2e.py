@@ -138,6 +138,18 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
         assert t["overlay_ip"] in [b["overlay_ip"] for b in backends]
 
 
+def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    hold = "import socket, sys, time; s = socket.create_connection((sys.argv[1], 443)); time.sleep(6)"
+    holder = lab.browser.spawn([sys.executable, "-c", hold, s1.address], log=lab.browser.dir / "hold.log")
+    try:
+        time.sleep(2)
+        (domain,) = [d for d in status(s1)["domains"] if d["name"] == DOMAIN]
+        assert sum(b["active_connections"] for b in domain["backends"]) == 1
+    finally:
+        holder.wait(timeout=20)
+
+
 def test_overlapping_leases_are_told_apart_by_interface(lab: Lab) -> None:
     """Every client holds the same address from both servers (see the fixture), yet the
     requests above succeed through both: replies leave by the tunnel they came in on."""
