@@ -100,8 +100,8 @@ TCP_CONNTRACK_ESTABLISHED = 3
 
 
 def active_connections() -> Counter[str]:
-    """Connections DNATed to each backend and still open, from conntrack (status time only:
-    a dump of the whole table)."""
+    """TCP connections DNATed to each backend and still established, from conntrack (status
+    time only: a dump of the whole table). UDP has no connections to count."""
     from pyroute2 import Conntrack
 
     counts: Counter[str] = Counter()
@@ -110,7 +110,7 @@ def active_connections() -> Counter[str]:
             for entry in ct.dump_entries():
                 if not entry.status & IPS_DST_NAT:
                     continue
-                if entry.protoinfo is not None and entry.protoinfo.state != TCP_CONNTRACK_ESTABLISHED:
+                if entry.protoinfo is None or entry.protoinfo.state != TCP_CONNTRACK_ESTABLISHED:
                     continue
                 counts[str(entry.tuple_reply.saddr)] += 1
     except Exception as e:  # noqa: BLE001 - no conntrack here is not a reason to fail `status`
