@@ -106,7 +106,7 @@ def status(host: Host) -> dict[str, Any]:
     return result
 
 
-def wait_served(lab: Lab, timeout: float = 60) -> None:
+def wait_served(lab: Lab, timeout: float = 120) -> None:
     """Until every server forwards the domain to every client (healthy backends)."""
     deadline = time.monotonic() + timeout
     want = len(lab.clients)

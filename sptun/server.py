@@ -403,7 +403,6 @@ class Server(Role):
             self.authorize(request)
             async with self.lock:
                 assignment = await asyncio.to_thread(self.register, request)
-            self.wake.set()  # the next pass picks up the new client's handshake, or its absence
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, request.client_key))
         except ProtocolError as e:
