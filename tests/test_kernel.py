@@ -87,9 +87,10 @@ WORKER = textwrap.dedent("""
             plan = plan_peers([peer(p) for p in kw["desired"]], wg.device(ifname))
             wg.apply(ifname, plan)
             return changes(plan)
-        if op == "messages":  # how many netlink messages the device dump takes
+        if op == "messages":  # the peers of each netlink message of the device dump
             with wg._wg() as nl:
-                return len(list(nl.info(ifname)))
+                return [[p.get_attr("WGPEER_A_PUBLIC_KEY").decode() for p in m.get_attr("WGDEVICE_A_PEERS") or []]
+                        for m in nl.info(ifname)]
         raise ValueError(op)
 
     print(json.dumps({"ready": True}), flush=True)
@@ -225,12 +226,14 @@ def actions(plan: list[list[Any]]) -> list[tuple[str, str]]:
 @needs_wg
 def test_a_dump_of_300_peers_returns_every_peer_with_its_allowed_ips_and_keepalive(ns: Namespace) -> None:
     peers = many_peers(300)
-    # One peer with more allowed-ips than fit in one message: the kernel continues it in
-    # the next message, under the same public key.
-    wide = peer([v4(i, "10.100.0.0") for i in range(800)], keepalive=25)
+    # One peer with more allowed-ips than fit in one message (~60 KB of them): the kernel
+    # continues it in the next message, under the same public key.
+    wide = peer([v4(i, "10.100.0.0") for i in range(2000)], keepalive=25)
     private = setup_device(ns, [*peers, wide])
 
-    assert ns.call("messages") > 1, "the dump should span several netlink messages"
+    messages = ns.call("messages")
+    assert len(messages) > 2, "the dump should span several netlink messages"
+    assert sum(wide["public_key"] in keys for keys in messages) >= 2, "the wide peer should be split"
     device = ns.call("device")
     assert device["public_key"] == public_key(private) and device["listen_port"] == 51820
     assert len(device["peers"]) == 301

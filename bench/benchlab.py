@@ -1,0 +1,76 @@
+"""The benchmarks' lab: `sptun lab`'s topology with three tunnel servers, of which DNS lists
+two at first (the third is for the DNS-change timing), three clients running nginx on 80
+and 443, and sptun publishing both ports."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bench.common import log, note_command
+from sptun.lab import config_path, sptun, start_daemons, status, wait_served, write_configs
+from sptun.labnet import Host, Lab
+
+PORTS = ("tcp/443", "tcp/80")
+WIREGUARD = "auto"  # wireguard-go on this host: the kernel has no module
+
+
+def in_dns(lab: Lab, n: int = 2) -> Lab:
+    """A view of the lab with only the first n servers (those in DNS), for wait_served."""
+    view = Lab.__new__(Lab)
+    view.__dict__.update(lab.__dict__)
+    view.servers = lab.servers[:n]
+    return view
+
+
+@contextmanager
+def bench_lab(prefix: str) -> Iterator[Lab]:
+    lab = Lab(prefix, servers=3, clients=3)
+    try:
+        started = time.monotonic()
+        lab.up()
+        lab.set_txt([f"r=superprotocol;ip={s.address}" for s in lab.servers[:2]], a=[s.address for s in lab.servers[:2]])
+        write_configs(lab, WIREGUARD, ports=PORTS)
+        start_daemons(lab)
+        for host in lab.servers + lab.clients:
+            note_command("lab", sptun("server" if host.spec.role == "server" else "agent", "run", "-c", config_path(host)))
+        wait_served(in_dns(lab), timeout=90)
+        log(f"lab {prefix} up and served in {time.monotonic() - started:.1f} s")
+        yield lab
+    finally:
+        lab.down()
+        log(f"lab {prefix} removed")
+
+
+def overlay_ips(server: Host, domain: str | None = None) -> dict[str, str]:
+    """Client name -> its overlay address on this server, from `sptun status --json`."""
+    st = status(server)
+    keys: dict[str, str] = {}
+    for d in st["domains"]:
+        if domain is None or d["name"] == domain:
+            for b in d["backends"]:
+                keys[b["public_key"]] = b["overlay_ip"]
+    return keys
+
+
+def client_overlay(lab: Lab, server: Host) -> dict[str, str]:
+    """Client name -> overlay address on server, matched by each agent's own status."""
+    result = {}
+    for client in lab.clients:
+        for t in status(client)["tunnels"]:
+            if t["server"] == server.address and t["overlay_ip"]:
+                result[client.name] = t["overlay_ip"]
+    return result
+
+
+def rotation(server: Host, index: int = 0) -> list[str]:
+    """The overlay addresses in map @rrINDEX of the server's table, read straight from nft."""
+    out = server.run(["nft", "-j", "list", "map", "inet", "sptun", f"rr{index}"], check=False)
+    if not out.strip():
+        return []
+    for item in json.loads(out).get("nftables", []):
+        if "map" in item:
+            return [str(v) for _, v in sorted(item["map"].get("elem", []), key=lambda kv: int(kv[0]))]
+    return []

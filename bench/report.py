@@ -1,0 +1,616 @@
+"""RESULTS.md and the plots, from the results dict that bench.run collects (results.json)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import median
+
+# (key, figure, target): the rows of the targets table, in order. tests/test_bench_smoke.py
+# checks that RESULTS.md has every one of them.
+FIGURES = [
+    ("haproxy_keepalive", "sptun rps ÷ HAProxy rps, keep-alive", "≥ 1.2"),
+    ("haproxy_close", "sptun rps ÷ HAProxy rps, connection per request", "≥ 1.2"),
+    ("overlay_keepalive", "sptun rps ÷ direct-to-overlay rps, keep-alive", "≥ 0.95"),
+    ("overlay_close", "sptun rps ÷ direct-to-overlay rps, connection per request", "≥ 0.95"),
+    ("cpu", "server CPU per request, sptun ÷ HAProxy (not counting wireguard-go)", "≤ 0.5"),
+    ("split", "split over 3 clients (largest share − smallest)", "≤ 1 connection"),
+    ("nft_change", "one backend change at 10k backends", "≤ 10 ms (incremental)"),
+    ("nft_reload", "full reload at 10k backends", "≤ 100 ms"),
+    ("reg_p99", "registration p99 with 100 at once", "≤ 50 ms"),
+    ("reg_rate", "registration throughput", "≥ 200 per second"),
+    ("crash", "crashed client out of the rotation", "≤ 3 s"),
+    ("drain", "failed requests in a drain", "0"),
+    ("agent_kill", "failed requests in an agent kill -9 and restart", "0"),
+    ("agent_term", "failed requests in an agent stop (SIGTERM) and restart", "0"),
+    ("server_kill", "failed requests in a server kill -9 and restart", "0"),
+    ("server_term", "failed requests in a server stop (SIGTERM) and restart", "0"),
+    ("dns", "DNS change to served", "≤ TTL + 2 s"),
+    ("status", "`status --json` with 10k peers", "≤ 1 s"),
+    ("rss", "server RSS with 10k leases", "≤ 150 MB"),
+    ("agent_cpu", "agent idle CPU", "≤ 0.5% of a core"),
+    ("agent_rss", "agent RSS", "≤ 50 MB"),
+]
+MB = 1e6
+BASELINE = ("Baseline taken by hand on this machine before sptun existed: DNAT over wireguard-go 18.5k rps "
+            "keep-alive / 5.1k new-connection; HAProxy over the same tunnels 15.1k / 4.1k; direct to overlay ~21k; "
+            "`nft -f` full reload of a 10k-element map ~57 ms; add-only transaction ~5 ms.")
+
+
+@dataclass
+class Row:
+    key: str
+    figure: str
+    target: str
+    measured: str = "not measured"
+    result: str = "n/a"  # PASS | MISS | n/a
+    note: str = ""
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB ({n / MB:.0f} MB)"
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    out = {key: Row(key, figure, target) for key, figure, target in FIGURES}
+    smoke = results.get("smoke", False)
+    dp = (results.get("dataplane") or {}).get("summary")
+    if dp:
+        for keep, kind in (("keep-alive", "keepalive"), ("close", "close")):
+            for other, key, threshold in (("haproxy", f"haproxy_{kind}", 1.2), ("overlay", f"overlay_{kind}", 0.95)):
+                ratios = {s: dp[f"{keep} {s}"]["sptun"]["rps"] / dp[f"{keep} {s}"][other]["rps"] for s in ("http", "https")}
+                worst = min(ratios.values())
+                out[key].measured = f"{_fmt(worst)} (http {_fmt(ratios['http'])}, https {_fmt(ratios['https'])})"
+                out[key].result = _verdict(worst >= threshold)
+                out[key].note = "the lower of plain HTTP and TLS; medians of the runs"
+        cpu = {}
+        for mode, paths in dp.items():
+            mine = paths["sptun"]["cpu_per_10k"]["sptun"]
+            theirs = paths["haproxy"]["cpu_per_10k"]["haproxy"] + paths["haproxy"]["cpu_per_10k"]["sptun"]
+            cpu[mode] = mine / theirs if theirs else float("nan")
+        worst_mode = max(cpu, key=lambda m: cpu[m])
+        out["cpu"].measured = f"{_fmt(cpu[worst_mode], 3)} (worst mode: {worst_mode})"
+        out["cpu"].result = _verdict(cpu[worst_mode] <= 0.5)
+        out["cpu"].note = "sptun daemon ÷ (haproxy + sptun daemon), CPU s per 10k requests in s1's namespace"
+    split = results.get("split")
+    if split:
+        counts = {c: n for c, n in split["sptun"].items() if not c.startswith("failed")}
+        failed = sum(n for c, n in split["sptun"].items() if c.startswith("failed"))
+        spread = (max(counts.values()) - min(counts.values())) if len(counts) == 3 else float("inf")
+        out["split"].measured = f"{spread} ({', '.join(f'{c}={n}' for c, n in sorted(counts.items()))}{f', {failed} failed' if failed else ''})"
+        out["split"].result = _verdict(spread <= 1 and not failed)
+        out["split"].note = f"{sum(split['sptun'].values())} new TLS connections, 8 at a time, each counted by the page it got"
+    nft = results.get("nft")
+    if nft:
+        top = nft[-1]
+        kinds = ("join", "leave", "flip_down", "flip_up")
+        worst = max(kinds, key=lambda k: top[k]["median_ms"])
+        label = "" if top["backends"] == 10000 else f" (at {top['backends']:,})"
+        out["nft_change"].measured = f"{_fmt(top[worst]['median_ms'])} ms{label} (worst: {worst.replace('_', ' ')})"
+        out["nft_change"].result = _verdict(top[worst]["median_ms"] <= 10)
+        out["nft_change"].note = ", ".join(f"{k.replace('_', ' ')} {_fmt(top[k]['median_ms'])}" for k in kinds) + " ms (medians)"
+        out["nft_reload"].measured = f"{_fmt(top['full_reload']['median_ms'])} ms{label}"
+        out["nft_reload"].result = _verdict(top["full_reload"]["median_ms"] <= 100)
+        out["nft_reload"].note = f"render_server alone {_fmt(top['render']['median_ms'])} ms"
+    reg = results.get("registration")
+    if reg:
+        hundred = next((r for r in reg if r["n"] == 100), None)
+        if hundred:
+            out["reg_p99"].measured = f"{_fmt(hundred['p99_ms'])} ms (p50 {_fmt(hundred['p50_ms'])} ms)"
+            out["reg_p99"].result = _verdict(hundred["p99_ms"] <= 50 and not hundred["failures"])
+            out["reg_p99"].note = f"{hundred['ok']} ok, failures {hundred['failures'] or 'none'}"
+        big = [r for r in reg if r["n"] >= 100]
+        if big:
+            worst_r = min(big, key=lambda r: r["per_second"])
+            out["reg_rate"].measured = f"{_fmt(worst_r['per_second'])}/s (at {worst_r['n']:,} at once)"
+            out["reg_rate"].result = _verdict(worst_r["per_second"] >= 200)
+            out["reg_rate"].note = ", ".join(f"{r['n']:,}: {_fmt(r['per_second'])}/s" for r in reg)
+    crash = results.get("crash")
+    if crash:
+        out["crash"].measured = f"{_fmt(crash['detection_s'])} s"
+        out["crash"].result = _verdict(crash["detection_s"] <= 3)
+        out["crash"].note = (f"{crash['failed']}/{crash['requests']} requests failed, the last "
+                             f"{_fmt(crash['last_failure_after_cut_s'])} s after the cut")
+    for r in results.get("restarts") or []:
+        row = out[r["key"]]
+        row.measured = f"{r['failed']} of {r['requests']}"
+        row.result = _verdict(r["failed"] == 0 and r["requests"] > 0)
+        row.note = "; ".join(f"{x[0]} s: {x[2]}" for x in r["failures"][:2])
+    dns = results.get("dns")
+    if dns:
+        out["dns"].measured = f"{_fmt(dns['served_s'])} s (TTL {dns['ttl_s']} s)"
+        out["dns"].result = _verdict(dns["served_s"] <= dns["ttl_s"] + 2)
+        out["dns"].note = "from the zone reload to the first successful curl through s3"
+    scale = results.get("scale")
+    if scale:
+        label = "" if scale["leases"] == 10000 else f" (at {scale['leases']:,})"
+        st = median(scale["status_s"])
+        out["status"].measured = f"{_fmt(st)} s{label}"
+        out["status"].result = _verdict(st <= 1)
+        out["status"].note = (f"median of {len(scale['status_s'])}, through the daemon; "
+                              f"{_fmt(scale['status_no_daemon_s'])} s with no daemon")
+        out["rss"].measured = _mib(scale["rss_bytes"]) + label
+        out["rss"].result = _verdict(scale["rss_bytes"] <= 150 * MB)
+        out["rss"].note = f"wireguard-go beside it: {_mib(scale['wireguard_go_rss_bytes'])}"
+    idle = results.get("agent_idle")
+    if idle:
+        out["agent_cpu"].measured = f"{100 * idle['cpu_fraction_max']:.2f}% (worst of 3 agents, {idle['seconds']:g} s)"
+        out["agent_cpu"].result = _verdict(idle["cpu_fraction_max"] <= 0.005)
+        out["agent_cpu"].note = ", ".join(f"{n} {100 * a['cpu_fraction']:.2f}%" for n, a in sorted(idle["agents"].items()))
+        out["agent_rss"].measured = _mib(idle["rss_bytes_max"])
+        out["agent_rss"].result = _verdict(idle["rss_bytes_max"] <= 50 * MB)
+    if smoke:
+        for row in out.values():
+            if row.result != "n/a":
+                row.note = (row.note + "; " if row.note else "") + "smoke run: reduced sizes, indicative only"
+    return list(out.values())
+
+
+# --- markdown --------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], body: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _dataplane_md(results: dict[str, Any]) -> str:
+    dp = results.get("dataplane")
+    if not dp:
+        return "_not measured_"
+    from bench.dataplane import CONNECTIONS, PATHS
+
+    prof = results["profile"]
+    parts = [
+        f"wrk, {prof['wrk_repeats']} run(s) of {prof['wrk_seconds']:g} s per path and mode, interleaved "
+        f"(each round runs every path once per mode, starting with a different path); "
+        f"{CONNECTIONS['keep-alive']} connections keep-alive, {CONNECTIONS['close']} with `Connection: close`; 2 threads. "
+        "Medians of the runs (min–max in brackets). Server CPU: utime+stime from /proc/PID/stat of every process in "
+        "s1's namespace, per 10k requests, by process (the kernel's own DNAT and forwarding work has no process of its "
+        "own: it is charged to whichever process sent the packet: wrk, wireguard-go, haproxy). Machine CPU: all "
+        "CPUs from /proc/stat, including the load generator and everything else running on the machine.",
+        "",
+        "Paths: " + "; ".join(f"**{k}** = {v}" for k, v in PATHS.items()) + f". Overlay addresses: {dp['overlay']}.",
+        "",
+    ]
+    body = []
+    for mode, paths in dp["summary"].items():
+        for name, v in paths.items():
+            cpu = v["cpu_per_10k"]
+            split = v["split_requests"]
+            body.append([mode, name, f"{_fmt(v['rps'])} [{_fmt(min(v['rps_all']))}–{_fmt(max(v['rps_all']))}]",
+                         _fmt(v["p50_ms"]), _fmt(v["p99_ms"]),
+                         f"{_fmt(cpu['wireguard-go'], 3)} / {_fmt(cpu['haproxy'], 3)} / {_fmt(cpu['sptun'], 3)}",
+                         _fmt(v["machine_cpu_per_10k"]), v["errors"],
+                         ", ".join(f"{c}={n}" for c, n in sorted(split.items())) if split else ""])
+    parts.append(_table(["mode", "path", "rps", "p50 ms", "p99 ms", "server CPU s/10k req: wg-go / haproxy / sptun",
+                         "machine CPU s/10k req", "errors", "requests per client (access logs)"], body))
+    parts += ["", "Ratios of the medians:", ""]
+    body = []
+    for mode, paths in dp["summary"].items():
+        s, h, o, v = (paths[p]["rps"] for p in ("sptun", "haproxy", "overlay", "veth"))
+        c_s, c_h = paths["sptun"]["cpu_per_10k"], paths["haproxy"]["cpu_per_10k"]
+        with_wg = (c_s["wireguard-go"] + c_s["sptun"]) / max(1e-9, c_h["wireguard-go"] + c_h["haproxy"] + c_h["sptun"])
+        eff_s = 1e4 / paths["sptun"]["machine_cpu_per_10k"]
+        eff_o = 1e4 / paths["overlay"]["machine_cpu_per_10k"]
+        body.append([mode, _fmt(s / h), _fmt(s / o), _fmt(o / v), _fmt(with_wg, 3), _fmt(eff_s), _fmt(eff_o)])
+    parts.append(_table(["mode", "sptun ÷ HAProxy", "sptun ÷ overlay", "overlay ÷ veth",
+                         "server CPU/request sptun ÷ HAProxy, wireguard-go included",
+                         "sptun: requests per machine CPU-second", "overlay: requests per machine CPU-second"], body))
+    parts += ["", BASELINE, "", "![requests per second](dataplane_rps.png)", "", "![latency](dataplane_latency.png)", "",
+              "![server CPU per request](server_cpu.png)"]
+    return "\n".join(parts)
+
+
+def _one_backend_md(results: dict[str, Any]) -> str:
+    ob = results.get("one_backend")
+    if not ob:
+        return "_not measured_"
+    dp = (results.get("dataplane") or {}).get("summary") or {}
+    body = []
+    for mode, v in ob["summary"].items():
+        three = dp.get(mode, {})
+        ratio3 = three["sptun"]["rps"] / three["overlay"]["rps"] if three else float("nan")
+        body.append([mode, _fmt(ratio3), f"{_fmt(v['ratio'])} ({_fmt(v['rps']['sptun'])} vs {_fmt(v['rps']['overlay'])} rps)",
+                     f"{_fmt(v['machine_cpu_per_10k']['sptun'])} vs {_fmt(v['machine_cpu_per_10k']['overlay'])}"])
+    return "\n".join([
+        "Connection per request, with c2 and c3 drained (`sptun down`), so that sptun and the direct path reach the "
+        "same single client (interleaved runs, medians):",
+        "",
+        _table(["mode", "sptun ÷ overlay, 3 clients (above)", "sptun ÷ overlay, 1 client",
+                "machine CPU s/10k req, sptun vs overlay, 1 client"], body),
+    ])
+
+
+def _split_md(results: dict[str, Any]) -> str:
+    split = results.get("split")
+    if not split:
+        return "_not measured_"
+    return _table(["path", "connections answered by each client"],
+                  [[p, ", ".join(f"{c}={n}" for c, n in sorted(v.items()))] for p, v in split.items()])
+
+
+def _buffers_md(results: dict[str, Any]) -> str:
+    b = results.get("buffers")
+    if not b:
+        return "_not measured_"
+    body = []
+    for load, settings in b["summary"].items():
+        d, r = settings["default"], settings["raised"]
+        body.append([load, f"{_fmt(d['rps'])} → {_fmt(r['rps'])}", _fmt(r["rps"] / d["rps"]) if d["rps"] else "—",
+                     f"{_fmt(d['p99_ms'])} → {_fmt(r['p99_ms'])}",
+                     f"{d['rcvbuf_errors']:,} ({100 * d['drop_rate']:.2f}%) → {r['rcvbuf_errors']:,} ({100 * r['drop_rate']:.2f}%)",
+                     ", ".join(f"{h}={n}" for h, n in d["rcvbuf_errors_by_host"].items() if n) or "none"])
+    ns = ", ".join(f"`net.core.{k}` = {v}" for k, v in b["namespaced"].items())
+    return "\n".join([
+        f"In a network namespace on this kernel: {ns}.",
+        "",
+        _table(["load (sptun path, wrk from the browser)", "rps default → raised", "ratio", "p99 ms",
+                "UDP RcvbufErrors (drop rate), default → raised", "where the default drops"], body),
+        "",
+        f"Default: 212,992 bytes (Debian's `net.core.rmem_default`, which Debian 12's wireguard-go keeps). Raised: "
+        f"{b['raised_bytes']:,} bytes on every wireguard-go UDP socket of s1 and the clients, which is what "
+        f"`net.core.rmem_default = {b['raised_bytes']}` gives a socket opened after it. Runs alternate default and "
+        "raised; RcvbufErrors are summed over s1 and the clients' namespaces (/proc/net/snmp).",
+        "",
+        "![receive buffer](rcvbuf.png)",
+    ])
+
+
+def _mtu_md(results: dict[str, Any]) -> str:
+    mtu = results.get("mtu")
+    if not mtu:
+        return "_not measured_"
+    body = []
+    for r in mtu["runs"]:
+        body.append(["MSS clamped on the server (bench's own table)" if r["clamp"] else "sptun as it is",
+                     f"{r['responses']} responses, {r['bytes']:,} bytes, {_fmt(r['ms'])} ms",
+                     ", ".join(f"{h}={n}" for h, n in r["too_big"].items() if n) or "none",
+                     ", ".join(f"{h}={n}" for h, n in r["retransmits"].items() if n) or "none"])
+    socks = ", ".join(f"{c}: mss {v['mss']}, pmtu {v['pmtu']}" for c, v in sorted(mtu["client_sockets"].items()))
+    return "\n".join([
+        "The tunnels' MTU is 1420; the browser's and the clients' own links are 1500. A client's socket for a tunnelled "
+        f"connection takes its route, and so its MSS, from the main table (the default route over eth0), not from the "
+        f"tunnel that its packets are rerouted to by the conntrack mark: {socks or 'not seen'}. So both ends send "
+        "1500-byte packets that do not fit the tunnel until path-MTU discovery has cut them down, once per browser "
+        "address, and only if the ICMP gets through. One connection of pipelined plain-HTTP requests from a browser "
+        "address with no path-MTU history (route caches flushed), without and with MSS clamping on the server:",
+        "",
+        _table(["server", "exchange", "packets too big for the tunnel (IP FragFails: dropped, ICMP sent)",
+                "TCP retransmissions"], body),
+    ])
+
+
+def _nft_md(results: dict[str, Any]) -> str:
+    nft = results.get("nft")
+    if not nft:
+        return "_not measured_"
+    body = []
+    for r in nft:
+        p = r["proposed"]
+        body.append([f"{r['backends']:,}", _fmt(r["render"]["median_ms"]), _fmt(r["full_reload"]["median_ms"]),
+                     _fmt(r["join"]["median_ms"]), _fmt(r["leave"]["median_ms"]), _fmt(r["flip_down"]["median_ms"]),
+                     _fmt(r["flip_up"]["median_ms"]), _fmt(p["chain_process"]["median_ms"]),
+                     _fmt(p["chain_library"]["median_ms"]), _fmt(p["full_reload_library"]["median_ms"])])
+    return "\n".join([
+        "Medians in ms, in a scratch namespace. sptun's own code (sptun.nft): render_server, full reload "
+        "(render_server + `nft -f`), and the in-place changes the daemon makes (next_rotation + rotation_update + "
+        "`nft -f`): a join, a leave (a backend from the middle: the last one takes its slot), a health flip down and "
+        "back up. The last three columns are the proposed fix, prototyped in bench/nftproposed.py: the DNAT rule in a "
+        "chain of its own, remade with `flush chain` + `add rule` instead of `replace rule ... handle`, through `nft -f` "
+        "and through libnftables in-process.",
+        "",
+        _table(["backends", "render", "full reload", "join", "leave", "flip down", "flip up",
+                "proposed: own chain, nft -f", "proposed: own chain, libnftables", "full reload, libnftables"], body),
+        "",
+        "![nft](nft_change.png)",
+    ])
+
+
+def _scale_md(results: dict[str, Any]) -> str:
+    s = results.get("scale")
+    if not s:
+        return "_not measured_"
+    return _table(["figure", "value"], [
+        ["leases in state_dir", f"{s['leases']:,}"],
+        ["`sptun up -c` (no daemon): wall time", f"{_fmt(s['up_s'])} s ({s['up_in_rotation']:,} in the rotation)"],
+        ["`sptun status --json`, no daemon", f"{_fmt(s['status_no_daemon_s'])} s ({s['peers']:,} peers)"],
+        ["daemon start to answering status", f"{_fmt(s['daemon_ready_s'])} s"],
+        ["`sptun status --json` through the daemon", ", ".join(f"{_fmt(x)}" for x in s["status_s"]) + " s"],
+        ["daemon RSS (/proc; status says)", f"{_mib(s['rss_bytes'])}; {_mib(s['rss_status_bytes'])}"],
+        ["wireguard-go RSS", _mib(s["wireguard_go_rss_bytes"])],
+        ["daemon CPU while idle (no registrations, no traffic)", f"{100 * s['daemon_idle_cpu_fraction']:.0f}% of a core"],
+    ])
+
+
+def _status_load_md(results: dict[str, Any]) -> str:
+    s = results.get("status_after_load")
+    if not s:
+        return ""
+    shown = ", ".join(_fmt(x) + " s" if isinstance(x, float) else str(x) for x in s["status_s"])
+    dump = s.get("pyroute2_dump") or {}
+    return (f"`sptun status --json` on s1 right after the data-plane load, with {s['conntrack_entries']:,} entries in its "
+            f"conntrack table (status counts each backend's open connections from a dump of that table): {shown}. "
+            f"The dump alone through pyroute2 (`Conntrack().dump_entries()`): {dump.get('entries', 0):,} entries in "
+            f"{_fmt(dump.get('seconds', float('nan')))} s.")
+
+
+def _registration_md(results: dict[str, Any]) -> str:
+    reg = results.get("registration")
+    if not reg:
+        return "_not measured_"
+    body = [[f"{r['n']:,}", r["inflight"], r["leases_before"], _fmt(r["p50_ms"]), _fmt(r["p99_ms"]), _fmt(r["max_ms"]),
+             _fmt(r["per_second"]), r["failures"] or "none", _fmt(r["server_cpu_s"])] for r in reg]
+    return "\n".join([
+        "Fresh keys, the domain's token, `sptun.proto.exchange` from one process in the browser namespace, all started "
+        "at once behind a barrier. The server caps connections at 16 per source address (and 256 in all), so the browser "
+        "got 8 extra addresses (203.0.113.20–27) and each worker thread binds one of them: at most 16 per source, at most "
+        "128 in flight. Server s2 (not the data-plane server); the leases accumulate from run to run.",
+        "",
+        _table(["registrations", "in flight", "leases before", "p50 ms", "p99 ms", "max ms", "per second", "failures",
+                "server CPU s"], body),
+        "",
+        "![registration](registration.png)",
+    ])
+
+
+def _faults_md(results: dict[str, Any]) -> str:
+    parts = []
+    crash = results.get("crash")
+    if crash:
+        parts += [f"Crash: c2's uplink cut under load through s1 (one new TLS connection every ~20 ms); c2 left s1's "
+                  f"rotation (read from nft every 50 ms) {_fmt(crash['detection_s'])} s after the cut; "
+                  f"{crash['failed']} of {crash['requests']} requests failed.", "", "![crash](crash.png)", ""]
+    rs = results.get("restarts")
+    if rs:
+        parts.append(_table(["case", "requests", "failed", "answered by", "first failures"],
+                            [[r["case"], r["requests"], r["failed"], ", ".join(r["answered_by"]),
+                              "; ".join(f"{x[0]} s {x[2]}" for x in r["failures"][:3])] for r in rs]))
+    dns = results.get("dns")
+    if dns:
+        parts += ["", f"DNS: TXT records for s1 and s2, TTL {dns['ttl_s']} s; then s3 added (knot reload). The first "
+                  f"curl through s3 succeeded {_fmt(dns['served_s'])} s later (curl every 0.1 s, 1 s timeout)."]
+    return "\n".join(parts) or "_not measured_"
+
+
+def _idle_md(results: dict[str, Any]) -> str:
+    idle = results.get("agent_idle")
+    if not idle:
+        return "_not measured_"
+    return _table(["agent", "CPU, % of a core (with the commands it ran)", "CPU of the daemon process alone", "RSS"],
+                  [[n, f"{100 * a['cpu_fraction']:.2f}%", f"{100 * a.get('own_cpu_fraction', a['cpu_fraction']):.2f}%",
+                    _mib(a["rss_bytes"])] for n, a in sorted(idle["agents"].items())])
+
+
+def markdown(results: dict[str, Any], table: list[Row]) -> str:
+    m = results["machine"]
+    v = m["versions"]
+    smoke = results.get("smoke")
+    commands = results.get("commands", {})
+    cmd_md = []
+    for section, cmds in commands.items():
+        cmd_md += [f"**{section}**", "", "```"] + cmds[:40] + (["..."] if len(cmds) > 40 else []) + ["```", ""]
+    errors = results.get("errors") or {}
+    passed = sum(r.result == "PASS" for r in table)
+    missed = sum(r.result == "MISS" for r in table)
+    lines = [
+        "# sptun benchmarks",
+        "",
+        f"Written by `scripts/bench{' --smoke' if smoke else ''}` ({results.get('started', '?')}), "
+        f"wall time {results.get('wall_seconds', 0) / 60:.1f} min. "
+        + ("**Smoke run: reduced sizes and durations, to keep the harness working; not the figures to quote.** " if smoke else "")
+        + f"{passed} PASS, {missed} MISS"
+        + (f", {sum(r.result == 'n/a' for r in table)} not measured" if any(r.result == "n/a" for r in table) else "") + ".",
+        "",
+        "## Machine",
+        "",
+        _table(["", ""], [
+            ["nproc", m["nproc"]], ["CPU", m["cpu"]], ["kernel", m["kernel"]], ["OS", m.get("os", "?")],
+            ["memory", m.get("memory", "?")], ["load average at start", " ".join(m["loadavg_at_start"])],
+            ["wireguard kernel module", "present" if m["wireguard_kernel_module"] else "absent: userspace wireguard-go"],
+            *[[name, ver] for name, ver in v.items()],
+        ]),
+        "",
+        "Everything runs on these cores at once: wrk, the lab's routers, the tunnel server, three clients with nginx and "
+        "their wireguard-go, and whatever else the machine is doing (it is shared: see the load average). Absolute numbers "
+        "move from run to run; the ratios of interleaved runs are the figures to read.",
+        "",
+        "## Targets",
+        "",
+        _table(["figure", "target", "measured", "result", "notes"],
+               [[r.figure, r.target, r.measured, f"**{r.result}**", r.note] for r in table]),
+        "",
+    ]
+    if errors:
+        lines += ["Benchmarks that could not run:", ""] + [f"- {k}: `{e.splitlines()[0]}`" for k, e in errors.items()] + [""]
+    lines += [
+        "## Data plane", "", _dataplane_md(results), "",
+        "### Split over the clients, every connection counted", "", _split_md(results), "",
+        "### sptun against the direct path with one client", "", _one_backend_md(results), "",
+        "## wireguard-go's receive buffer", "", _buffers_md(results), "",
+        "## Path MTU", "", _mtu_md(results), "",
+        "## Control plane", "",
+        "### One backend change, and a full reload, by number of backends", "", _nft_md(results), "",
+        f"### A server with {(results.get('scale') or {}).get('leases', 10000):,} leases", "", _scale_md(results), "",
+        _status_load_md(results), "",
+        "### Registrations at once", "", _registration_md(results), "",
+        f"### Idle agents ({(results.get('agent_idle') or {}).get('seconds', '?')} s, nothing happening)", "",
+        _idle_md(results), "",
+        "## Faults", "", _faults_md(results), "",
+    ]
+    analysis = Path(__file__).with_name("ANALYSIS.md")
+    if analysis.exists():
+        lines += [analysis.read_text().strip(), ""]
+    lines += ["## Exact commands", "",
+              f"`scripts/bench{' --smoke' if smoke else ''}` (it runs `scripts/setup`, installs haproxy and wrk with apt "
+              "and matplotlib into .venv, then `.venv/bin/python -m bench.run`). Inside, as run (`[host]` = the lab "
+              "namespace it ran in):", ""] + cmd_md
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+
+def plots(results: dict[str, Any], out: Path, table: list[Row]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    verdict = {r.key: r.result for r in table}
+    made = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    dp = (results.get("dataplane") or {}).get("summary")
+    if dp:
+        modes = list(dp)
+        paths = ["sptun", "haproxy", "overlay", "veth"]
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        width = 0.2
+        for i, p in enumerate(paths):
+            vals = [dp[m][p]["rps"] for m in modes]
+            lo = [dp[m][p]["rps"] - min(dp[m][p]["rps_all"]) for m in modes]
+            hi = [max(dp[m][p]["rps_all"]) - dp[m][p]["rps"] for m in modes]
+            ax.bar([x + (i - 1.5) * width for x in range(len(modes))], vals, width, yerr=[lo, hi], capsize=3, label=p)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_yscale("log")
+        ax.set_ylabel("requests per second (median, min–max)")
+        ax.set_title(f"Data plane: sptun÷HAProxy ≥ 1.2: keep-alive {verdict['haproxy_keepalive']}, "
+                     f"per-request {verdict['haproxy_close']}; sptun÷overlay ≥ 0.95: "
+                     f"{verdict['overlay_keepalive']} / {verdict['overlay_close']}", fontsize=9)
+        ax.legend()
+        save(fig, "dataplane_rps.png")
+
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        for i, p in enumerate(paths):
+            xs = [x + (i - 1.5) * width for x in range(len(modes))]
+            ax.bar(xs, [dp[m][p]["p99_ms"] for m in modes], width, alpha=0.35, color=f"C{i}")
+            ax.bar(xs, [dp[m][p]["p50_ms"] for m in modes], width, color=f"C{i}", label=f"{p} (p50 solid, p99 light)")
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency, ms (median of runs)")
+        ax.set_title("Data plane latency (wrk --latency)", fontsize=9)
+        ax.legend(fontsize=8)
+        save(fig, "dataplane_latency.png")
+
+        fig, ax = plt.subplots(figsize=(10, 4.8))
+        for j, p in enumerate(("sptun", "haproxy")):
+            bottom = [0.0] * len(modes)
+            for kind, hatch in (("wireguard-go", ""), ("haproxy", "//"), ("sptun", "..")):
+                vals = [dp[m][p]["cpu_per_10k"][kind] for m in modes]
+                xs = [x + (j - 0.5) * 0.35 for x in range(len(modes))]
+                ax.bar(xs, vals, 0.35, bottom=bottom, color=f"C{j}", hatch=hatch, edgecolor="black", alpha=0.8,
+                       label=f"{p} path: {kind}" if any(vals) else None)
+                bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_ylabel("CPU seconds per 10k requests, s1's namespace")
+        ax.set_title(f"Server CPU per request; sptun÷HAProxy without wireguard-go ≤ 0.5: {verdict['cpu']}", fontsize=9)
+        ax.legend(fontsize=7)
+        save(fig, "server_cpu.png")
+
+    b = results.get("buffers")
+    if b:
+        loads = list(b["summary"])
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for i, setting in enumerate(("default", "raised")):
+            xs = [x + (i - 0.5) * 0.35 for x in range(len(loads))]
+            a1.bar(xs, [b["summary"][ld][setting]["rps"] for ld in loads], 0.35, label=setting)
+            a2.bar(xs, [100 * b["summary"][ld][setting]["drop_rate"] for ld in loads], 0.35, label=setting)
+        for a, title in ((a1, "requests per second (median)"), (a2, "UDP datagrams dropped, RcvbufErrors %")):
+            a.set_xticks(range(len(loads)), [ld.replace(", ", "\n") for ld in loads], fontsize=8)
+            a.set_title(title, fontsize=9)
+            a.legend()
+        a1.set_yscale("log")
+        fig.suptitle(f"wireguard-go receive buffer: default 212,992 B vs {b['raised_bytes']:,} B", fontsize=10)
+        save(fig, "rcvbuf.png")
+
+    nft = results.get("nft")
+    if nft:
+        sizes = [r["backends"] for r in nft]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.plot(sizes, [max(r[k]["median_ms"] for k in ("join", "leave", "flip_down", "flip_up")) for r in nft], "o-",
+                label="sptun: one change (worst kind)")
+        ax.plot(sizes, [r["full_reload"]["median_ms"] for r in nft], "s-", label="sptun: full reload")
+        ax.plot(sizes, [r["proposed"]["chain_process"]["median_ms"] for r in nft], "^--", label="proposed: own chain, nft -f")
+        ax.plot(sizes, [r["proposed"]["chain_library"]["median_ms"] for r in nft], "v--", label="proposed: own chain, libnftables")
+        ax.axhline(10, color="grey", ls=":", label="targets: change 10 ms, reload 100 ms")
+        ax.axhline(100, color="grey", ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("backends in the domain")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"nft: change at 10k {verdict['nft_change']}, full reload at 10k {verdict['nft_reload']}", fontsize=9)
+        ax.legend(fontsize=8)
+        save(fig, "nft_change.png")
+
+    reg = results.get("registration")
+    if reg:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+        labels = [f"{r['n']:,}" for r in reg]
+        a1.bar([x - 0.2 for x in range(len(reg))], [r["p50_ms"] for r in reg], 0.4, label="p50")
+        a1.bar([x + 0.2 for x in range(len(reg))], [r["p99_ms"] for r in reg], 0.4, label="p99")
+        a1.axhline(50, color="grey", ls=":", label="target p99 (100 at once)")
+        a1.set_yscale("log")
+        a1.set_xticks(range(len(reg)), labels)
+        a1.set_xlabel("registrations at once")
+        a1.set_ylabel("ms")
+        a1.legend(fontsize=8)
+        a1.set_title(f"latency: p99 at 100 {verdict['reg_p99']}", fontsize=9)
+        a2.bar(range(len(reg)), [r["per_second"] for r in reg])
+        a2.axhline(200, color="grey", ls=":", label="target")
+        a2.set_xticks(range(len(reg)), labels)
+        a2.set_xlabel("registrations at once")
+        a2.set_ylabel("registrations per second")
+        a2.set_title(f"throughput {verdict['reg_rate']}", fontsize=9)
+        a2.legend(fontsize=8)
+        save(fig, "registration.png")
+
+    crash = results.get("crash")
+    if crash and crash.get("timeline"):
+        fig, ax = plt.subplots(figsize=(10, 3.2))
+        names = sorted({r[2] for r in crash["timeline"] if r[1]})
+        ys = {n: i for i, n in enumerate(names)}
+        ok = [r for r in crash["timeline"] if r[1]]
+        bad = [r for r in crash["timeline"] if not r[1]]
+        ax.scatter([r[0] for r in ok], [ys[r[2]] for r in ok], s=6, label="answered by")
+        ax.scatter([r[0] for r in bad], [-1] * len(bad), s=12, color="red", marker="x", label="failed")
+        ax.axvline(crash["cut_at_s"], color="black", ls="--", label="c2's uplink cut")
+        ax.axvline(crash["cut_at_s"] + crash["detection_s"], color="green", ls="--", label="out of the rotation")
+        ax.set_yticks([-1, *ys.values()], ["failed", *names])
+        ax.set_xlabel("seconds into the load")
+        ax.set_title(f"A crashed client: out of the rotation in {crash['detection_s']:.2f} s (≤ 3 s: {verdict['crash']})",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        save(fig, "crash.png")
+    return made
+
+
+def write(results: dict[str, Any], out: Path) -> list[Row]:
+    table = rows(results)
+    try:
+        plots(results, out, table)
+    except Exception as e:  # a plot must not cost the table
+        results.setdefault("errors", {})["plots"] = f"{type(e).__name__}: {e}"
+    (out / "RESULTS.md").write_text(markdown(results, table))
+    return table

@@ -1,0 +1,163 @@
+"""`scripts/bench`: every benchmark in one run, then RESULTS.md and the plots.
+
+    python -m bench.run [--smoke] [--out DIR]
+
+Builds its own lab (unique prefix, always removed), measures, and writes DIR/RESULTS.md,
+DIR/results.json and DIR/*.png. A missed target is reported, never an error: the exit
+code is 0 unless a benchmark could not run at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import common, control, dataplane, faults, report
+from bench.benchlab import bench_lab
+from bench.common import log
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of everything to run."""
+
+    smoke: bool
+    wrk_seconds: float
+    wrk_repeats: int
+    split_connections: int
+    buffer_repeats: int
+    buffer_seconds: float
+    nft_sizes: tuple[int, ...]
+    nft_repeats: int
+    scale_leases: int
+    scale_repeats: int
+    scale_idle_seconds: float
+    registrations: tuple[int, ...]
+    registration_inflight: int
+    idle_seconds: float
+    crash_seconds: float
+    restart_seconds: float
+
+
+FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=5, split_connections=300, buffer_repeats=2, buffer_seconds=4,
+               nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
+               scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
+               crash_seconds=12, restart_seconds=9)
+SMOKE = Profile(smoke=True, wrk_seconds=1, wrk_repeats=1, split_connections=30, buffer_repeats=1, buffer_seconds=1,
+                nft_sizes=(10, 10000), nft_repeats=2, scale_leases=500, scale_repeats=1, scale_idle_seconds=2,
+                registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3)
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    wg = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "wireguard-go"], capture_output=True, text=True).stdout
+    from sptun import __version__
+
+    return {
+        "nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+        "memory": _first_line(["sh", "-c", "free -h | awk '/Mem:/ {print $2}'"]),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "os": _first_line(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
+        "versions": {
+            "sptun": __version__,
+            "wireguard-go": f"{wg} (Debian package; the binary has no --version)" if wg else "?",
+            "nft": _first_line(["nft", "--version"]),
+            "haproxy": re.sub(r" - https://.*", "", _first_line(["haproxy", "-v"])),
+            "nginx": _first_line(["nginx", "-v"]),
+            "wrk": re.sub(r" \[.*", "", _first_line(["wrk", "--version"])),
+            "python": platform.python_version(),
+        },
+        "wireguard_kernel_module": Path("/sys/module/wireguard").exists(),
+    }
+
+
+def step(results: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
+    """Run one benchmark; a failure is recorded (and shown in RESULTS.md), the others still run."""
+    started = time.monotonic()
+    try:
+        value = fn(*args)
+        results[name] = value
+        return value
+    except Exception as e:  # one broken benchmark must not hide the others' results
+        log(f"{name} FAILED: {type(e).__name__}: {e}")
+        results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+        return None
+    finally:
+        results.setdefault("step_seconds", {})[name] = round(time.monotonic() - started, 1)
+
+
+def run(profile: Profile, out: Path) -> dict[str, Any]:
+    tag = f"{os.getpid() % 100000}"
+    results: dict[str, Any] = {"smoke": profile.smoke, "profile": profile.__dict__, "machine": machine(),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bns{tag}"]}
+    started = time.monotonic()
+    with bench_lab(f"bnl{tag}") as lab:
+        s1, s2 = lab.servers[0], lab.servers[1]
+        # The agents sit idle while the scratch-namespace benchmarks run.
+        idle = control.IdleAgents(lab)
+        step(results, "nft", control.nft_bench, f"bnn{tag}", list(profile.nft_sizes), profile.nft_repeats)
+        step(results, "scale", control.scale_bench, f"bns{tag}", profile.scale_leases, profile.scale_repeats,
+             profile.scale_idle_seconds)
+        time.sleep(max(0.0, profile.idle_seconds - (time.monotonic() - idle.started)))
+        step(results, "agent_idle", idle.finish)
+        step(results, "dataplane", dataplane.dataplane, lab, s1, profile.wrk_repeats, profile.wrk_seconds, not profile.smoke)
+        step(results, "status_after_load", control.status_with_conntrack, s1)
+        step(results, "split", dataplane.split_check, lab, s1, profile.split_connections)
+        step(results, "one_backend", dataplane.one_backend, lab, s1, profile.wrk_repeats, profile.wrk_seconds)
+        step(results, "buffers", dataplane.buffer_experiment, lab, s1, profile.buffer_repeats, profile.buffer_seconds)
+        step(results, "mtu", dataplane.mtu_probe, lab, s1)
+        step(results, "crash", faults.crash, lab, profile.crash_seconds)
+        step(results, "restarts", faults.restarts, lab, profile.restart_seconds)
+        step(results, "dns", faults.dns_change, lab)
+        step(results, "registration", control.registration_bench, lab, s2, list(profile.registrations),
+             profile.registration_inflight)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    results["commands"] = common.COMMANDS
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a reduced run of about a minute or two: every row, small sizes")
+    p.add_argument("--out", default=str(common.BENCH_DIR), help="where RESULTS.md, results.json and the plots go")
+    p.add_argument("--report-only", metavar="JSON", help="rewrite RESULTS.md and the plots from a results.json")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("scripts/bench: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads(Path(args.report_only).read_text())
+    else:
+        results = run(SMOKE if args.smoke else FULL, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    rows = report.write(results, out)
+    log(f"wrote {out / 'RESULTS.md'}: {sum(r.result == 'PASS' for r in rows)} PASS, "
+        f"{sum(r.result == 'MISS' for r in rows)} MISS, {sum(r.result == 'n/a' for r in rows)} not measured; "
+        f"wall time {results.get('wall_seconds', 0):.0f} s")
+    return 1 if results.get("errors") and all(r.result == "n/a" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
