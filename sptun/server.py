@@ -99,15 +99,22 @@ IPS_DST_NAT = 0x20
 TCP_CONNTRACK_ESTABLISHED = 3
 
 
-def active_connections() -> Counter[str]:
+CONNTRACK_BUDGET = 0.5  # s: pyroute2 decodes ~1k entries/s; status must not wait on a big table
+
+
+def active_connections() -> Counter[str] | None:
     """TCP connections DNATed to each backend and still established, from conntrack (status
-    time only: a dump of the whole table). UDP has no connections to count."""
+    time only: a dump of the whole table). UDP has no connections to count. None when the
+    table is too large to count within CONNTRACK_BUDGET."""
     from pyroute2 import Conntrack
 
     counts: Counter[str] = Counter()
+    deadline = time.monotonic() + CONNTRACK_BUDGET
     try:
         with Conntrack() as ct:
             for entry in ct.dump_entries():
+                if time.monotonic() > deadline:
+                    return None
                 if not entry.status & IPS_DST_NAT:
                     continue
                 if entry.protoinfo is None or entry.protoinfo.state != TCP_CONNTRACK_ESTABLISHED:
@@ -468,7 +475,8 @@ class Server(Role):
                     "handshake_age": round(now - handshake, 1) if handshake else None,
                     "endpoint": state.peer.endpoint if state else None,
                     "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
-                    "active_connections": active[lease.overlay_ip], "since": lease.since,
+                    "active_connections": active[lease.overlay_ip] if active is not None else None,
+                    "since": lease.since,
                 })
             forwarded = [{"listen": f.listen or "*", "port": str(f.port), "connections": counters.get(f.key, (0, 0))[0],
                           "bytes": counters.get(f.key, (0, 0))[1]} for f in forwards(self.cfg) if f.domain == domain.name]

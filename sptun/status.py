@@ -66,7 +66,7 @@ def view(status: dict[str, Any]) -> Group:
                 first = i == 0
                 table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
                               b["overlay_ip"], _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
-                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b.get("active_connections", 0)))
+                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b["active_connections"]) if b.get("active_connections") is not None else "?")
     parts += [table, _daemon(status)]
     return Group(*parts)
 
