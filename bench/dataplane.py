@@ -256,24 +256,28 @@ def split_check(lab: Lab, server: Host, n: int, concurrency: int = 8) -> dict[st
 
 # --- wireguard-go's receive buffer ------------------------------------------------------------------------
 
-UPLOAD_LUA = """\
-wrk.method = "POST"
-wrk.body = string.rep("x", 256 * 1024)
-wrk.headers["Content-Type"] = "application/octet-stream"
+PIPELINE_LUA = """\
+-- HTTP pipelining: each write carries 100 requests, so the answers come back in bursts
+init = function(args)
+   local r = {}
+   for i = 1, 100 do r[i] = wrk.format(nil, "/") end
+   req = table.concat(r)
+end
+request = function() return req end
 """
 RAISED = 4 * 2**20  # bytes: what `net.core.rmem_default = 4194304` would give a new socket
 BUFFER_LOADS = [
     # name, extra wrk arguments, scheme, connections
-    ("upload 256 KiB POSTs", ["-s", "{lua}"], "http", 16),
-    ("keep-alive https, 256 conns", [], "https", 256),
+    ("pipelined http, 16 conns × 100 requests", ["-s", "{lua}"], "http", 16),
+    ("pipelined https, 64 conns × 100 requests", ["-s", "{lua}"], "https", 64),
     ("keep-alive http, 256 conns", [], "http", 256),
 ]
 
 
 def buffer_experiment(lab: Lab, server: Host, repeats: int, seconds: float) -> dict[str, Any]:
     """The sptun path with wireguard-go's default receive buffer and with a raised one, in turn."""
-    lua = lab.browser.dir / "upload.lua"
-    lua.write_text(UPLOAD_LUA)
+    lua = lab.browser.dir / "pipeline.lua"
+    lua.write_text(PIPELINE_LUA)
     hosts = [server, *lab.clients]
     rows: list[dict[str, Any]] = []
     for rep in range(repeats):

@@ -8,11 +8,12 @@ import json
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 from bench.benchlab import client_overlay, rotation
 from bench.common import BENCH_DIR, PY, daemon_pid, log, note_command, wait_for
-from sptun.lab import config_path, sptun, status
+from sptun.lab import config_path, sptun
 from sptun.labnet import DOMAIN, Arg, Host, Lab
 
 
@@ -112,6 +113,7 @@ def restarts(lab: Lab, seconds: float) -> list[dict[str, Any]]:
     ]
     rows = []
     for key, name, inject, restore, argvs in cases:
+        since = time.time()
         for argv in argvs:
             note_command("faults", argv)
         load = Load(lab, s1, seconds)
@@ -123,8 +125,8 @@ def restarts(lab: Lab, seconds: float) -> list[dict[str, Any]]:
         if restore:
             restore()
         _all_back(s1, want)
-        if "server" in key:  # the new daemon answers before the next case looks for it
-            wait_for("the restarted server answering", lambda: _answers(s1), 30, interval=0.2)
+        if "server" in key:  # the new daemon is up before the next case looks for it
+            wait_for("the restarted server's control socket", partial(_control_socket, s1, since), 30, interval=0.2)
         failed = [r for r in results if not r[1]]
         rows.append({"key": key, "case": name, "requests": len(results), "failed": len(failed), "inject_s": round(took, 2),
                      "failures": failed[:5],
@@ -133,10 +135,12 @@ def restarts(lab: Lab, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
-def _answers(host: Host) -> bool:
+def _control_socket(host: Host, since: float) -> bool:
+    """A daemon started after `since` (time.time()) has opened its control socket. (Not `status`:
+    that can take long on a server right after a load.)"""
     try:
-        return bool(status(host).get("daemon"))
-    except Exception:
+        return (host.dir / "state" / "control.sock").stat().st_mtime >= since
+    except FileNotFoundError:
         return False
 
 

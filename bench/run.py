@@ -49,7 +49,7 @@ class Profile:
     restart_seconds: float
 
 
-FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=5, split_connections=300, buffer_repeats=2, buffer_seconds=4,
+FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=4, split_connections=300, buffer_repeats=2, buffer_seconds=4,
                nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
                scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
                crash_seconds=12, restart_seconds=9)
@@ -123,7 +123,7 @@ def run(profile: Profile, out: Path) -> dict[str, Any]:
         step(results, "dataplane", dataplane.dataplane, lab, s1, profile.wrk_repeats, profile.wrk_seconds, not profile.smoke)
         step(results, "status_after_load", control.status_with_conntrack, s1)
         step(results, "split", dataplane.split_check, lab, s1, profile.split_connections)
-        step(results, "one_backend", dataplane.one_backend, lab, s1, profile.wrk_repeats, profile.wrk_seconds)
+        step(results, "one_backend", dataplane.one_backend, lab, s1, min(3, profile.wrk_repeats), profile.wrk_seconds)
         step(results, "buffers", dataplane.buffer_experiment, lab, s1, profile.buffer_repeats, profile.buffer_seconds)
         step(results, "mtu", dataplane.mtu_probe, lab, s1)
         step(results, "crash", faults.crash, lab, profile.crash_seconds)
