@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
+import threading
 from dataclasses import dataclass
 
 from sptun.config import Port
 from sptun.errors import CommandError, SptunError
 from sptun.run import run
+
+log = logging.getLogger("sptun")
 
 TABLE = "sptun"
 FAMILY = "inet"
@@ -46,23 +50,33 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def _ip(address: str) -> str:
-    """An IPv4 address, checked: nothing else goes into a rule unquoted."""
-    try:
-        return str(ipaddress.IPv4Address(address))
-    except ValueError:
-        raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IPv4 address") from None
+    """An IPv4 address in canonical dotted form, checked: nothing else goes into a rule unquoted.
+    (A regular expression: ipaddress.IPv4Address costs most of a 10k-backend render.)"""
+    if not isinstance(address, str) or not _IPV4.fullmatch(address):
+        raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IPv4 address")
+    return address
 
 
 def server_rule(interface: str, index: int, f: Forward, size: int) -> str:
-    """The DNAT rule of forward `index`, over the first `size` elements of its map @rrINDEX.
-    With no backend it only counts: the packet goes on to the host, where nothing listens."""
+    """The prerouting rule of forward `index`: it counts the forward's connections and jumps to
+    the forward's own chain fwdINDEX, which holds the DNAT rule (dnat_rule). With no backend
+    that chain is empty: the packet goes on to the host, where nothing listens. `size` is
+    not part of this rule: a change of the rotation's size remakes only the small chain."""
     # Not from the overlay: a client sending to the server's overlay address (a local address)
     # or to a public address through its tunnel would otherwise be forwarded on to other clients.
     match = f"iifname != {_q(interface)} " + (
         f"ip daddr {_ip(f.listen)}" if f.listen else "meta nfproto ipv4 fib daddr type local")
-    action = f" dnat ip to numgen inc mod {size} map @rr{index}" if size else ""
-    return f"{match} {f.port.proto} dport {f.port.number} counter{action} comment {_q(f.key)}"
+    return f"{match} {f.port.proto} dport {f.port.number} counter jump fwd{index} comment {_q(f.key)}"
+
+
+def dnat_rule(index: int, size: int) -> list[str]:
+    """The rules of chain fwdINDEX: DNAT over the first `size` elements of map @rrINDEX."""
+    return [f"dnat ip to numgen inc mod {size} map @rr{index}"] if size else []
 
 
 def _wrap(kind: str, body: str, digest_of: str) -> str:
@@ -86,6 +100,7 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
         elements = f" elements = {{ {', '.join(f'{n} : {_ip(ip)}' for n, ip in enumerate(backends))} }}" if backends else ""
         maps.append(f"\tmap rr{i} {{ typeof numgen inc mod 2 : ip daddr;{elements} }}")
     chains = _chains([
+        *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]))) for i, f in enumerate(forwards)],
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
          [server_rule(interface, i, f, len(rotations[i])) for i, f in enumerate(forwards)]),
         ("forward", "type filter hook forward priority filter; policy accept;", [
@@ -126,8 +141,12 @@ def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
     return order + sorted(wanted - set(order), key=ipaddress.IPv4Address)
 
 
-def rotation_update(interface: str, index: int, f: Forward, handle: int, current: list[str], new: list[str]) -> list[str]:
-    """nft commands that turn map @rrINDEX from current into new, in place. Pure."""
+def rotation_update(interface: str, index: int, f: Forward, current: list[str], new: list[str]) -> list[str]:
+    """nft commands that turn map @rrINDEX from current into new, in place. Pure.
+
+    A change of size remakes chain fwdINDEX (`flush chain` + `add rule`): unlike `replace rule
+    ... handle`, that needs no cache of the map's elements in nft, so its cost does not grow
+    with the number of backends."""
     gone = [i for i in range(len(current)) if i >= len(new) or current[i] != new[i]]
     came = [i for i in range(len(new)) if i >= len(current) or current[i] != new[i]]
     lines = []
@@ -136,7 +155,8 @@ def rotation_update(interface: str, index: int, f: Forward, handle: int, current
     if came:
         lines.append(f"add element {FAMILY} {TABLE} rr{index} {{ {', '.join(f'{i} : {_ip(new[i])}' for i in came)} }}")
     if len(new) != len(current):  # numgen's modulus lives in the rule
-        lines.append(f"replace rule {FAMILY} {TABLE} prerouting handle {handle} {server_rule(interface, index, f, len(new))}")
+        lines.append(f"flush chain {FAMILY} {TABLE} fwd{index}")
+        lines += [f"add rule {FAMILY} {TABLE} fwd{index} {rule}" for rule in dnat_rule(index, len(new))]
     return lines
 
 
@@ -185,9 +205,56 @@ def forward_counters() -> dict[str, tuple[int, int]]:
     return counters
 
 
+class _Library:
+    """libnftables (the library behind `nft`, package libnftables1) in this process: a change
+    costs no fork and exec of `nft`, which at one change per health flip is most of its cost."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        self.lib = lib
+        self.ctx = lib.nft_ctx_new(0)
+        lib.nft_ctx_buffer_output(self.ctx)
+        lib.nft_ctx_buffer_error(self.ctx)
+        self.lock = threading.Lock()  # one context: one command at a time
+
+    def run(self, text: str) -> None:
+        with self.lock:
+            if self.lib.nft_run_cmd_from_buffer(self.ctx, text.encode()) != 0:
+                raise CommandError(["nft", "-f", "-"], 1, self.lib.nft_ctx_get_error_buffer(self.ctx).decode(errors="replace"))
+
+
+_library: _Library | None = None
+_library_failed = False
+
+
+def _nft_library() -> _Library | None:
+    global _library, _library_failed
+    if _library is None and not _library_failed:
+        try:
+            _library = _Library()
+        except (OSError, AttributeError):  # no libnftables.so.1: use the nft command
+            _library_failed = True
+    return _library
+
+
 def transaction(lines: list[str]) -> None:
     """Several changes to the table, all or none."""
-    run(["nft", "-f", "-"], input="\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    lib = _nft_library()
+    if lib is None:
+        run(["nft", "-f", "-"], input=text)
+        return
+    log.debug("[#] nft -f - (libnftables): %s", text.strip().splitlines()[0][:200] if text.strip() else "")
+    lib.run(text)
 
 
 def client_mark(ifindex: int) -> int:

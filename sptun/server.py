@@ -213,7 +213,7 @@ class Server(Role):
             new = nft.next_rotation(current, wanted[i])
             if new == current:
                 continue
-            lines += nft.rotation_update(self.cfg.interface, i, f, self.table.handles[f.key], current, new)
+            lines += nft.rotation_update(self.cfg.interface, i, f, current, new)
             came, gone = sorted(set(new) - set(current)), sorted(set(current) - set(new))
             changes.append(f"rotation {f.key}: {len(new)} backends" + "".join(f" +{ip}" for ip in came)
                            + "".join(f" -{ip}" for ip in gone))

@@ -101,7 +101,14 @@ def chain(ruleset: str, name: str) -> list[str]:
 
 
 def dnat_rules(ruleset: str) -> list[str]:
-    return [r for r in chain(ruleset, "prerouting") if "dnat" in r]
+    """Each forward's prerouting rule, with the rules of the chain it jumps to appended."""
+    rules = []
+    for r in chain(ruleset, "prerouting"):
+        m = re.search(r"\bjump (fwd\d+)\b", r)
+        target = " ".join(chain(ruleset, m.group(1))) if m else ""
+        if "dnat" in target:
+            rules.append(f"{r} {target}")
+    return rules
 
 
 def test_round_robin_over_the_backends_in_order() -> None:
@@ -109,7 +116,7 @@ def test_round_robin_over_the_backends_in_order() -> None:
     (rule,) = dnat_rules(ruleset)
     assert "ip daddr 198.51.100.10 tcp dport 443" in rule
     assert "dnat ip to numgen inc mod 3 map @rr0" in rule
-    assert rule.endswith(f'comment "{APP} 198.51.100.10 tcp/443"')
+    assert f'jump fwd0 comment "{APP} 198.51.100.10 tcp/443"' in rule
     assert "\tmap rr0 { typeof numgen inc mod 2 : ip daddr; elements = { 0 : 10.99.0.2, 1 : 10.99.0.3, 2 : 10.99.0.4 } }" \
         in ruleset
 
@@ -127,7 +134,8 @@ def test_one_backend_is_a_rotation_of_one() -> None:
 def test_no_backends_no_dnat_but_the_rule_stays_for_updates() -> None:
     ruleset = server(*SERVER_CASES["server_0_backends"])
     assert chain(ruleset, "prerouting") == [
-        f'iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 counter comment "{APP} 198.51.100.10 tcp/443"']
+        f'iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 counter jump fwd0 comment "{APP} 198.51.100.10 tcp/443"']
+    assert chain(ruleset, "fwd0") == []
     assert "dnat ip to" not in ruleset and "\tmap rr0 { typeof numgen inc mod 2 : ip daddr; }" in ruleset
 
 
@@ -267,22 +275,22 @@ def test_next_rotation_moves_as_little_as_possible(current: list[str], wanted: s
 def test_rotation_update_of_one_leaver_touches_two_slots_and_the_rule() -> None:
     many = [f"10.99.{i // 250}.{i % 250 + 2}" for i in range(10_000)]
     new = next_rotation(many, set(many) - {many[17]})
-    lines = rotation_update("sptun0", 3, BASE, 42, many, new)
+    lines = rotation_update("sptun0", 3, BASE, many, new)
     assert lines == [
         "delete element inet sptun rr3 { 17, 9999 }",
         f"add element inet sptun rr3 {{ 17 : {many[-1]} }}",
-        f'replace rule inet sptun prerouting handle 42 iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 '
-        f'counter dnat ip to numgen inc mod 9999 map @rr3 comment "{APP} 198.51.100.10 tcp/443"',
+        "flush chain inet sptun fwd3",
+        "add rule inet sptun fwd3 dnat ip to numgen inc mod 9999 map @rr3",
     ]
 
 
 def test_rotation_update_to_empty_and_back() -> None:
-    assert rotation_update("sptun0", 0, BASE, 7, [A], []) == [
-        "delete element inet sptun rr0 { 0 }",
-        f'replace rule inet sptun prerouting handle 7 iifname != "sptun0" ip daddr 198.51.100.10 tcp dport 443 '
-        f'counter comment "{APP} 198.51.100.10 tcp/443"']
-    assert rotation_update("sptun0", 0, BASE, 7, [], [A])[0] == "add element inet sptun rr0 { 0 : 10.99.0.2 }"
-    assert rotation_update("sptun0", 0, BASE, 7, [A, B], [A, B]) == []
+    assert rotation_update("sptun0", 0, BASE, [A], []) == [
+        "delete element inet sptun rr0 { 0 }", "flush chain inet sptun fwd0"]
+    assert rotation_update("sptun0", 0, BASE, [], [A]) == [
+        "add element inet sptun rr0 { 0 : 10.99.0.2 }", "flush chain inet sptun fwd0",
+        "add rule inet sptun fwd0 dnat ip to numgen inc mod 1 map @rr0"]
+    assert rotation_update("sptun0", 0, BASE, [A, B], [A, B]) == []
 
 
 def test_client_digest_changes_with_the_body() -> None:
@@ -325,7 +333,7 @@ def test_quote_accepts_safe_names(name: str) -> None:
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2 }; flush ruleset; {",))]),
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2", "10.99.0.3, 3 : 1.2.3.4"))]),
     lambda: server("sptun0", [(Forward(APP, "2001:db8::1", TCP443), B3)]),
-    lambda: rotation_update("sptun0", 0, BASE, 1, [], ["10.99.0.2 } ; flush ruleset"]),
+    lambda: rotation_update("sptun0", 0, BASE, [], ["10.99.0.2 } ; flush ruleset"]),
     lambda: render_client({"sptun-a; flush ruleset": 1}, (TCP443,)),
 ], ids=["interface", "domain", "listen", "backend", "backend-in-map", "listen-ipv6", "update", "client-interface"])
 def test_render_refuses_injection(make: Callable[[], str]) -> None:
