@@ -6,7 +6,7 @@ import ipaddress
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sptun.errors import SptunError
@@ -33,6 +33,7 @@ class Leases:
         self.by_key: dict[str, Lease] = {}
         self._used: set[ipaddress.IPv4Address] = set()
         self._next = int(overlay.network_address) + 2  # the first address is the server's
+        self._sorted: list[Lease] | None = None  # all(), kept until the next change: the daemon asks every second
         for lease in leases or []:
             address = ipaddress.IPv4Address(lease.overlay_ip)
             if lease.public_key in self.by_key or address in self._used or not self._usable(address):
@@ -57,6 +58,7 @@ class Leases:
             lease = Lease(public_key, domain, str(self._free_address()), time.time())
             self._used.add(ipaddress.IPv4Address(lease.overlay_ip))
         self.by_key[public_key] = lease
+        self._sorted = None
         return lease, True
 
     def adopt(self, lease: Lease) -> bool:
@@ -66,12 +68,14 @@ class Leases:
             return False
         self.by_key[lease.public_key] = lease
         self._used.add(address)
+        self._sorted = None
         return True
 
     def release(self, public_key: str) -> Lease | None:
         lease = self.by_key.pop(public_key, None)
         if lease is not None:
             self._used.discard(ipaddress.IPv4Address(lease.overlay_ip))
+            self._sorted = None
         return lease
 
     def _free_address(self) -> ipaddress.IPv4Address:
@@ -85,15 +89,22 @@ class Leases:
         raise SptunError(f"the overlay {self.overlay} is full", hint="use a larger overlay")
 
     def for_domain(self, domain: str) -> list[Lease]:
-        return sorted((lease for lease in self.by_key.values() if lease.domain == domain),
-                      key=lambda lease: ipaddress.IPv4Address(lease.overlay_ip))
+        return [lease for lease in self.all() if lease.domain == domain]
 
     def all(self) -> list[Lease]:
-        return sorted(self.by_key.values(), key=lambda lease: ipaddress.IPv4Address(lease.overlay_ip))
+        if self._sorted is None:
+            self._sorted = sorted(self.by_key.values(), key=_address_key)
+        return list(self._sorted)
+
+
+def _address_key(lease: Lease) -> tuple[int, ...]:
+    """Sort key of a lease's (valid, dotted) IPv4 address: ipaddress.IPv4Address costs 10x more."""
+    return tuple(map(int, lease.overlay_ip.split(".")))
 
 
 def dumps(leases: Leases) -> str:
-    return json.dumps({"format": FORMAT, "leases": [asdict(lease) for lease in leases.all()]}, indent=1) + "\n"
+    rows = [{"public_key": x.public_key, "domain": x.domain, "overlay_ip": x.overlay_ip, "since": x.since} for x in leases.all()]
+    return json.dumps({"format": FORMAT, "leases": rows}, indent=1) + "\n"
 
 
 def loads(text: str) -> list[Lease]:
@@ -144,6 +155,10 @@ class LeaseStore:
         return []
 
     def save(self, leases: Leases) -> None:
+        self.save_text(dumps(leases))
+
+    def save_text(self, text: str) -> None:
+        """save() of a dumps() made earlier (under the daemon's lock, written outside it)."""
         if self.damaged is not None and self.path.exists():  # keep the evidence, and the good backup
             aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
             self.path.rename(aside)
@@ -151,4 +166,4 @@ class LeaseStore:
             self.damaged = None
         elif self.path.exists():
             self.path.replace(self.backup)
-        write_file_atomic(self.path, dumps(leases))
+        write_file_atomic(self.path, text)

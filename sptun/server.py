@@ -18,7 +18,7 @@ from sptun.config import ServerConfig, load_server
 from sptun.daemon import Role, config_changes
 from sptun.errors import ConfigError, ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
-from sptun.leases import Lease, Leases, LeaseStore
+from sptun.leases import Lease, Leases, LeaseStore, dumps
 from sptun.links import Links, sysctl
 from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
@@ -149,6 +149,9 @@ class Server(Role):
         self.last_resync = 0.0
         self.table: nft.ServerTable | None = None  # what we loaded, to change it in place
         self.health_task: asyncio.Task[None] | None = None
+        self.lease_version = 0  # bumped by each registration that changes a lease ...
+        self.saved_version = 0  # ... and what the leases file on disk holds
+        self.save_lock = asyncio.Lock()
 
     # --- kernel state ------------------------------------------------------------------
 
@@ -373,17 +376,30 @@ class Server(Role):
             return None
         self.draining.pop(request.client_key, None)
         lease, changed = self.leases.acquire(request.client_key, request.domain)
-        if changed:
-            self.store.save(self.leases)
+        if changed:  # written by persist() before the answer goes out: one write for many registrations
+            self.lease_version += 1
             log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
         # A refresh of a known client costs no kernel call: the last pass saw its peer.
         state = self.device.peers.get(lease.public_key)
         peer = peer_of(lease)
-        if (state is None or state.peer.allowed_ips != peer.allowed_ips) and self.wg.is_ours(self.cfg.interface):
+        # The last pass found the interface (is_ours costs a netlink dump of every link).
+        if (state is None or state.peer.allowed_ips != peer.allowed_ips) and self.device.public_key is not None:
             self.wg.apply(self.cfg.interface, [PeerChange("add" if state is None else "update", peer)])
         seen = state is not None and healthy(state.last_handshake, time.time())
         return proto.Assignment(lease.overlay_ip, str(self.cfg.server_ip), self.public_key,
                                 self.cfg.overlay.prefixlen, seen)
+
+    async def persist(self) -> None:
+        """Write the leases file if it lacks a registration made so far. Registrations that
+        arrive while a write runs share the next one (group commit): one fsync for many."""
+        wanted = self.lease_version
+        async with self.save_lock:
+            if self.saved_version >= wanted:
+                return
+            async with self.lock:
+                version, text = self.lease_version, await asyncio.to_thread(dumps, self.leases)
+            await asyncio.to_thread(self.store.save_text, text)
+            self.saved_version = version
 
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = str((writer.get_extra_info("peername") or ("?",))[0])
@@ -410,6 +426,7 @@ class Server(Role):
             self.authorize(request)
             async with self.lock:
                 assignment = await asyncio.to_thread(self.register, request)
+            await self.persist()  # the lease is on disk before the client hears of it
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, request.client_key))
         except ProtocolError as e:
