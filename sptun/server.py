@@ -173,10 +173,12 @@ class Server(Role):
                 changes.append(f"remove stale interface {name}")
             self.wg.create(name)
             changes.append(f"create interface {name} ({self.wg.kind} WireGuard)")
-        device = self.wg.device(name)
+        device = self.wg.device(name)  # reconcile uses this read too: a device of 10k peers is costly to read
         if device.public_key != self.public_key or device.listen_port != self.cfg.listen_port:
             self.wg.configure(name, self.private_key, self.cfg.listen_port)
             changes.append(f"set {name} key {self.public_key} listen-port {self.cfg.listen_port}")
+            device = self.wg.device(name)
+        self.device = device
         changes += self.links.set_addresses(name, [f"{self.cfg.server_ip}/{self.cfg.overlay.prefixlen}"])
         self.links.up(name, MTU)
         if sysctl("net/ipv4/ip_forward", "1"):
@@ -269,9 +271,8 @@ class Server(Role):
         if now - self.last_resync > self.resync_every:
             self.table = None  # re-read the kernel now and then: someone may have changed it
             self.last_resync = now
-        changes = self.ensure_interface()
+        changes = self.ensure_interface()  # and reads the device into self.device
         changes += self.expire_drains()
-        self.device = self.wg.device(self.cfg.interface)
         if self.passes <= 1:
             changes += self.adopt_orphans(self.device)
         if self.store.damaged:  # loaded from the backup: write a good file now
@@ -324,7 +325,13 @@ class Server(Role):
         """One round of checks of every backend, concurrently; a flip wakes the loop."""
         h = self.cfg.health
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
-        results = await asyncio.gather(*(self.probe(lease) for lease in leases))
+        now = time.time()
+        # A backend with no fresh handshake fails without a connect: no task for it (10k a second add up).
+        fresh = [lease for lease in leases
+                 if (state := self.device.peers.get(lease.public_key)) is not None and healthy(state.last_handshake, now)]
+        probed = dict(zip((lease.public_key for lease in fresh),
+                          await asyncio.gather(*(self.probe(lease) for lease in fresh)), strict=True))
+        results = [probed.get(lease.public_key, (False, "no recent WireGuard handshake")) for lease in leases]
         flipped = False
         for lease, (ok, reason) in zip(leases, results, strict=True):
             health = self.health.setdefault(lease.public_key, Health())
