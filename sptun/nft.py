@@ -28,6 +28,7 @@ FAMILY = "inet"
 MARK_BASE = 0x53700000
 MARK_MASK = 0xFFF00000
 CLIENT_PREFIX = "sptun-"
+TUNNEL_MSS = 1420 - 40  # server.MTU less the IPv4 and TCP headers
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
          [server_rule(interface, i, f, len(rotations[i])) for i, f in enumerate(forwards)]),
         ("forward", "type filter hook forward priority filter; policy accept;", [
+            # The tunnel's MTU is lower than the browsers' and the clients' own links: clamp the MSS of
+            # forwarded connections both ways, so no end relies on ICMP "fragmentation needed".
+            f"oifname {dev} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
+            f"iifname {dev} tcp flags syn / syn,rst tcp option maxseg size > {TUNNEL_MSS} "
+            f"tcp option maxseg size set {TUNNEL_MSS}",
             f"iifname {dev} ct status dnat accept",
             f'iifname {dev} counter drop comment "clients reach only their forwarded connections"',
             f"oifname {dev} ct status dnat accept",

@@ -156,6 +156,8 @@ def test_clients_cannot_use_the_forwarding_from_inside_the_overlay(name: str) ->
 def test_server_isolation_rules() -> None:
     ruleset = server(*SERVER_CASES["server_listen_tcp443_3_backends"])
     assert chain(ruleset, "forward") == [
+        'oifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu',
+        'iifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size > 1380 tcp option maxseg size set 1380',
         'iifname "sptun0" ct status dnat accept',
         'iifname "sptun0" counter drop comment "clients reach only their forwarded connections"',
         'oifname "sptun0" ct status dnat accept',
