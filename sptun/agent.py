@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from sptun import nft, proto
-from sptun.config import AgentConfig, Port, load_agent
+from sptun.config import MTU, AgentConfig, Port, load_agent
 from sptun.daemon import Role, config_changes
 from sptun.discovery import Discovery, DnsTxtSource, ServerRecord, TxtSource
 from sptun.errors import SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token, write_file_atomic
 from sptun.links import Links, sysctl
-from sptun.server import MTU, healthy
+from sptun.server import healthy
 from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
 log = logging.getLogger("sptun")

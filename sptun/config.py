@@ -19,6 +19,7 @@ AGENT_CONFIG = Path("/etc/sptun/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/sptun")
 DEFAULT_REALM = "superprotocol"
 WIREGUARD_MODES = ("auto", "kernel", "userspace")
+MTU = 1420  # of every sptun tunnel: WireGuard's own default (1500 less its 80 bytes of headers)
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 

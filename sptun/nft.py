@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from sptun.config import Port
+from sptun.config import MTU, Port
 from sptun.errors import CommandError, SptunError
 from sptun.run import run
 
@@ -28,7 +28,7 @@ FAMILY = "inet"
 MARK_BASE = 0x53700000
 MARK_MASK = 0xFFF00000
 CLIENT_PREFIX = "sptun-"
-TUNNEL_MSS = 1420 - 40  # server.MTU less the IPv4 and TCP headers
+TUNNEL_MSS = MTU - 40  # the tunnel's MTU less the IPv4 and TCP headers
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
     return order + sorted(wanted - set(order), key=ipaddress.IPv4Address)
 
 
-def rotation_update(interface: str, index: int, f: Forward, current: list[str], new: list[str]) -> list[str]:
+def rotation_update(index: int, current: list[str], new: list[str]) -> list[str]:
     """nft commands that turn map @rrINDEX from current into new, in place. Pure.
 
     A change of size remakes chain fwdINDEX (`flush chain` + `add rule`): unlike `replace rule

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sptun import nft, proto
-from sptun.config import ServerConfig, load_server
+from sptun.config import MTU, ServerConfig, load_server
 from sptun.daemon import Role, config_changes
 from sptun.errors import ConfigError, ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
@@ -24,7 +24,6 @@ from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
 log = logging.getLogger("sptun")
 
-MTU = 1420
 FRESH_HANDSHAKE = 180.0  # s; with the agents' keepalive, WireGuard re-handshakes every 2 min
 API_READ_TIMEOUT = 5.0
 MAX_CONNECTIONS = 256
@@ -218,7 +217,7 @@ class Server(Role):
             new = nft.next_rotation(current, wanted[i])
             if new == current:
                 continue
-            lines += nft.rotation_update(self.cfg.interface, i, f, current, new)
+            lines += nft.rotation_update(i, current, new)
             came, gone = sorted(set(new) - set(current)), sorted(set(current) - set(new))
             changes.append(f"rotation {f.key}: {len(new)} backends" + "".join(f" +{ip}" for ip in came)
                            + "".join(f" -{ip}" for ip in gone))

@@ -277,7 +277,7 @@ def test_next_rotation_moves_as_little_as_possible(current: list[str], wanted: s
 def test_rotation_update_of_one_leaver_touches_two_slots_and_the_rule() -> None:
     many = [f"10.99.{i // 250}.{i % 250 + 2}" for i in range(10_000)]
     new = next_rotation(many, set(many) - {many[17]})
-    lines = rotation_update("sptun0", 3, BASE, many, new)
+    lines = rotation_update(3, many, new)
     assert lines == [
         "delete element inet sptun rr3 { 17, 9999 }",
         f"add element inet sptun rr3 {{ 17 : {many[-1]} }}",
@@ -287,12 +287,12 @@ def test_rotation_update_of_one_leaver_touches_two_slots_and_the_rule() -> None:
 
 
 def test_rotation_update_to_empty_and_back() -> None:
-    assert rotation_update("sptun0", 0, BASE, [A], []) == [
+    assert rotation_update(0, [A], []) == [
         "delete element inet sptun rr0 { 0 }", "flush chain inet sptun fwd0"]
-    assert rotation_update("sptun0", 0, BASE, [], [A]) == [
+    assert rotation_update(0, [], [A]) == [
         "add element inet sptun rr0 { 0 : 10.99.0.2 }", "flush chain inet sptun fwd0",
         "add rule inet sptun fwd0 dnat ip to numgen inc mod 1 map @rr0"]
-    assert rotation_update("sptun0", 0, BASE, [A, B], [A, B]) == []
+    assert rotation_update(0, [A, B], [A, B]) == []
 
 
 def test_client_digest_changes_with_the_body() -> None:
@@ -335,7 +335,7 @@ def test_quote_accepts_safe_names(name: str) -> None:
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2 }; flush ruleset; {",))]),
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2", "10.99.0.3, 3 : 1.2.3.4"))]),
     lambda: server("sptun0", [(Forward(APP, "2001:db8::1", TCP443), B3)]),
-    lambda: rotation_update("sptun0", 0, BASE, [], ["10.99.0.2 } ; flush ruleset"]),
+    lambda: rotation_update(0, [], ["10.99.0.2 } ; flush ruleset"]),
     lambda: render_client({"sptun-a; flush ruleset": 1}, (TCP443,)),
 ], ids=["interface", "domain", "listen", "backend", "backend-in-map", "listen-ipv6", "update", "client-interface"])
 def test_render_refuses_injection(make: Callable[[], str]) -> None:
