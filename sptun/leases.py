@@ -155,10 +155,7 @@ class LeaseStore:
         return []
 
     def save(self, leases: Leases) -> None:
-        self.save_text(dumps(leases))
-
-    def save_text(self, text: str) -> None:
-        """save() of a dumps() made earlier (under the daemon's lock, written outside it)."""
+        text = dumps(leases)
         if self.damaged is not None and self.path.exists():  # keep the evidence, and the good backup
             aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
             self.path.rename(aside)

@@ -18,7 +18,7 @@ from sptun.config import MTU, ServerConfig, load_server
 from sptun.daemon import Role, config_changes
 from sptun.errors import ConfigError, ProtocolError, SptunError
 from sptun.keys import load_or_create_private_key, public_key, read_token
-from sptun.leases import Lease, Leases, LeaseStore, dumps
+from sptun.leases import Lease, Leases, LeaseStore
 from sptun.links import Links, sysctl
 from sptun.wg import Device, Peer, PeerChange, WireGuard, plan_peers
 
@@ -397,14 +397,16 @@ class Server(Role):
 
     async def persist(self) -> None:
         """Write the leases file if it lacks a registration made so far. Registrations that
-        arrive while a write runs share the next one (group commit): one fsync for many."""
+        arrive while a write runs share the next one (group commit): one fsync for many. The
+        write holds the daemon's lock, as the passes' writes do: one writer of the file at a time,
+        and never an older picture over a newer one."""
         wanted = self.lease_version
         async with self.save_lock:
             if self.saved_version >= wanted:
                 return
             async with self.lock:
-                version, text = self.lease_version, await asyncio.to_thread(dumps, self.leases)
-            await asyncio.to_thread(self.store.save_text, text)
+                version = self.lease_version
+                await asyncio.to_thread(self.store.save, self.leases)
             self.saved_version = version
 
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
