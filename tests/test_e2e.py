@@ -162,6 +162,97 @@ def test_overlapping_leases_are_told_apart_by_interface(lab: Lab) -> None:
         assert [t["overlay_ip"] for t in status(client)["tunnels"]] == [f"10.99.0.{i + 2}"] * 2
 
 
+def sptun_links(host: Host) -> dict[str, dict]:
+    """sptun's interfaces on host, by name, as `ip -d -j link` shows them."""
+    return {link["ifname"]: link for link in json.loads(host.run(["ip", "-d", "-j", "link", "show"]))
+            if link["ifname"].startswith("sptun")}
+
+
+def test_the_backend_is_the_one_asked_for(lab: Lab) -> None:
+    """Kernel WireGuard links in the VM tier; on a host without the module, `auto` runs
+    wireguard-go (tun links) and every daemon says so in its log."""
+    fallback = "no wireguard kernel module here; using userspace wireguard-go"
+    for host in lab.servers + lab.clients:
+        kinds = {link.get("linkinfo", {}).get("info_kind", "?") for link in sptun_links(host).values()}
+        log = (host.dir / "sptun.log").read_text()
+        if BACKEND == "kernel":
+            assert kinds == {"wireguard"} and fallback not in log, (host, kinds)
+        else:
+            assert BACKEND == "auto" and not os.path.exists("/sys/module/wireguard"), "run the kernel backend in the VM tier"
+            assert kinds == {"tun"} and fallback in log, (host, kinds)
+
+
+def test_replies_leave_by_the_tunnel_they_came_in_on(lab: Lab) -> None:
+    """The agent's policy routing, read back from the kernel: for each tunnel, a table whose
+    default route leaves by it, one rule from its overlay address with its mark to that
+    table, and loose rp_filter on the tunnel only."""
+    for client in lab.clients:
+        links = sptun_links(client)
+        rules = [r for r in json.loads(client.run(["ip", "-j", "rule", "show"])) if r.get("priority") == RULE_PRIORITY]
+        tunnels = status(client)["tunnels"]
+        assert len(rules) == len(tunnels) == len(lab.servers)
+        for t in tunnels:
+            name = t["interface"]
+            table = MARK_BASE | links[name]["ifindex"]
+            routes = json.loads(client.run(["ip", "-j", "route", "show", "table", str(table)]))
+            assert [(r["dst"], r["dev"]) for r in routes] == [("default", name)]
+            (rule,) = [r for r in rules if int(r["table"]) == table]
+            assert (rule["src"], rule.get("srclen", 32), int(rule["fwmark"], 16)) == (t["overlay_ip"], 32, table)
+            assert client.run(["cat", f"/proc/sys/net/ipv4/conf/{name}/rp_filter"]).strip() == "2"
+        default = client.run(["cat", "/proc/sys/net/ipv4/conf/default/rp_filter"]).strip()
+        assert client.run(["cat", "/proc/sys/net/ipv4/conf/eth0/rp_filter"]).strip() == default  # untouched
+
+
+def wg_peers(host: Host) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(latest handshake, rx bytes, tx bytes) by (interface, peer), from `wg show all dump`:
+    wireguard-tools reading the kernel or wireguard-go, not sptun."""
+    peers = {}
+    for line in host.run(["wg", "show", "all", "dump"]).splitlines():
+        fields = line.split("\t")
+        if len(fields) == 9:  # a peer; an interface's line has 5 fields
+            peers[(fields[0], fields[1])] = (int(fields[5]), int(fields[6]), int(fields[7]))
+    return peers
+
+
+def nft_table(host: Host) -> tuple[int, dict[str, int]]:
+    """The handle of table inet sptun (a reload makes a new table, with a new handle), and
+    the packet counter of each rule with a comment (a reload zeroes it)."""
+    items = json.loads(host.run(["nft", "-j", "list", "table", "inet", "sptun"]))["nftables"]
+    (handle,) = [item["table"]["handle"] for item in items if "table" in item]
+    counters = {}
+    for item in items:
+        rule = item.get("rule", {})
+        for expr in rule.get("expr", []):
+            if "counter" in expr and "comment" in rule:
+                counters[rule["comment"]] = expr["counter"]["packets"]
+    return handle, counters
+
+
+def test_up_again_is_a_no_op(lab: Lab) -> None:
+    """`sptun up` on a host that is up changes nothing: no interface made again, WireGuard
+    sessions and their counters kept, no nft reload."""
+    for server in lab.servers:  # traffic first: handshakes and counters to keep
+        assert all(h.ok for h in browse(lab, server, 3))
+    for host in (lab.servers[0], lab.clients[0]):
+        links = {name: link["ifindex"] for name, link in sptun_links(host).items()}
+        peers, (table, counters) = wg_peers(host), nft_table(host)
+        assert links and peers and all(handshake > 0 for handshake, _, _ in peers.values())
+
+        out = host.run(sptun("up", "-c", config_path(host)))
+        assert "[#]" not in out, out  # no change to report
+
+        assert {name: link["ifindex"] for name, link in sptun_links(host).items()} == links
+        after = wg_peers(host)
+        assert after.keys() == peers.keys()
+        for key, (handshake, rx, tx) in peers.items():  # a peer made again starts from 0
+            assert after[key][0] >= handshake and after[key][1] >= rx and after[key][2] >= tx, (host, key)
+        new_table, new_counters = nft_table(host)
+        assert new_table == table and new_counters.keys() == counters.keys()
+        assert all(new_counters[k] >= n for k, n in counters.items())
+        if host in lab.servers:
+            assert max(counters.values()) > 0  # so a reload would have shown
+
+
 REGISTER = textwrap.dedent("""
     import json, sys
     from sptun import proto
