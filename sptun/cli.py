@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _ask_daemon(cfg: Config, cmd: str, timeout: float = 120) -> dict[str, Any] | None:
     """The running daemon's answer to cmd, or None if no daemon runs for this config."""
-    from sptun.daemon import control_request
+    from sptun.control import control_request
 
     reply = control_request(cfg.state_dir, cmd, timeout)
     if reply is not None and not reply["ok"]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from sptun.control import CONTROL_MAX
 from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir
 from sptun.links import Links
@@ -24,8 +25,6 @@ from sptun.wg import WireGuard, backend
 
 log = logging.getLogger("sptun")
 
-CONTROL_MAX = 65536
-CONTROL_TIMEOUT = 120.0
 
 
 class Role:
@@ -278,28 +277,3 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:
-    """Ask the running daemon of this state dir; None if no daemon is listening."""
-    path = state_dir / "control.sock"
-    if not path.exists():
-        return None
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(CONTROL_MAX)
-                if not chunk:
-                    break
-                buf += chunk
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None  # a stale socket of a daemon that died
-    except OSError as e:
-        raise SptunError(f"the daemon did not answer on {path}: {e}") from None
-    try:
-        reply: dict[str, Any] = json.loads(buf)
-    except ValueError:
-        raise SptunError(f"the daemon gave a garbled answer on {path}") from None
-    return reply

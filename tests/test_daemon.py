@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from sptun.daemon import Role, control_request, sd_notify
+from sptun.control import control_request
+from sptun.daemon import Role, sd_notify
 from sptun.errors import SptunError
 
 
