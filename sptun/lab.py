@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sptun.errors import SptunError
-from sptun.labnet import DNS_ADDRESS, DOMAIN, Host, Lab, destroy
+from sptun.labnet import DNS_ADDRESS, DOMAIN, SLOW, Host, Lab, destroy
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 REQUESTS_PER_SERVER = 12
@@ -101,12 +101,12 @@ def start_daemons(lab: Lab, hosts: list[Host] | None = None) -> None:
 
 
 def status(host: Host) -> dict[str, Any]:
-    out = host.run(sptun("status", "--json", "-c", config_path(host)), timeout=30)
+    out = host.run(sptun("status", "--json", "-c", config_path(host)), timeout=30 * SLOW)
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def wait_served(lab: Lab, timeout: float = 120) -> None:
+def wait_served(lab: Lab, timeout: float = 120 * SLOW) -> None:
     """Until every server forwards the domain to every client (healthy backends)."""
     deadline = time.monotonic() + timeout
     want = len(lab.clients)

@@ -33,8 +33,24 @@ LAB_ROOT = Path("/run/sptun-lab")
 DOMAIN = "app.example.test"
 ZONE = "example.test"
 DNS_ADDRESS = "192.0.2.53"
-READY_TIMEOUT = 15.0  # seconds up() waits for knot and nginx
-STOP_TIMEOUT = 5.0  # seconds a lab process gets after SIGTERM, then again after SIGKILL
+
+
+def _slow_factor() -> float:
+    """SPTUN_LAB_SLOW: how many times slower than a plain host this machine runs the lab
+    (scripts/test-vm sets it for its VM under software emulation). Every lab wait scales by it."""
+    text = os.environ.get("SPTUN_LAB_SLOW", "").strip() or "1"
+    try:
+        factor = float(text)
+    except ValueError:
+        raise SptunError(f"SPTUN_LAB_SLOW={text!r} is not a number", hint="e.g. SPTUN_LAB_SLOW=4") from None
+    if not 1 <= factor <= 100:
+        raise SptunError(f"SPTUN_LAB_SLOW={text!r} is out of range", hint="a factor from 1 to 100")
+    return factor
+
+
+SLOW = _slow_factor()
+READY_TIMEOUT = 15.0 * SLOW  # seconds up() waits for knot and nginx
+STOP_TIMEOUT = 5.0 * SLOW  # seconds a lab process gets after SIGTERM, then again after SIGKILL
 
 Arg = str | os.PathLike[str]
 
@@ -126,7 +142,7 @@ class Host:
         # Absolute paths only: entering a mount namespace moves cwd to its root.
         return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount={self.mnt}", "--", *map(str, argv)]
 
-    def run(self, argv: Sequence[Arg], input: str | None = None, check: bool = True, timeout: float = 30) -> str:
+    def run(self, argv: Sequence[Arg], input: str | None = None, check: bool = True, timeout: float = 30 * SLOW) -> str:
         return run(self.cmd(argv), input=input, check=check, timeout=timeout)
 
     def spawn(self, argv: Sequence[Arg], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -364,7 +380,7 @@ umount -l {shlex.quote(str(self.dir))}
 
     # use
 
-    def curl(self, server_ip: str, path: str = "/", timeout: float = 5, source: Host | None = None) -> CurlResult:
+    def curl(self, server_ip: str, path: str = "/", timeout: float = 5 * SLOW, source: Host | None = None) -> CurlResult:
         """Fetch https://DOMAIN/path from the browser (or source), DOMAIN resolved to server_ip."""
         host = source or self.browser
         body = host.dir / f"curl-{uuid.uuid4().hex}.body"
@@ -434,9 +450,11 @@ def _stop_processes(namespaces: list[str]) -> None:
     namespace alive unseen.
     """
     pids: set[int] = set()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # A killed process can take seconds to leave a busy machine (a wireguard-go closing its tun):
+    # SIGKILL gets twice SIGTERM's time before anything is called a survivor.
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 2 * STOP_TIMEOUT)):
         signalled: set[int] = set()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + wait
         while (pids := _pids_in(namespaces)) and time.monotonic() < deadline:
             for pid in pids - signalled:
                 try:

@@ -22,7 +22,7 @@ from sptun.agent import RULE_PRIORITY, interface_name
 from sptun.errors import CommandError
 from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
 from sptun.lab import LAB_OVERLAY, browse, config_path, sptun, start_daemons, status, wait_served, write_configs
-from sptun.labnet import DOMAIN, Host, Lab
+from sptun.labnet import DOMAIN, SLOW, Host, Lab
 from sptun.leases import Lease, Leases, LeaseStore
 from sptun.nft import MARK_BASE, MARK_MASK
 
@@ -121,7 +121,7 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
     assert server["daemon"] is True and server["process"]["rss_bytes"] > 0
     table = lab.servers[0].run(sptun("status", "-c", config_path(lab.servers[0])))
     assert DOMAIN in table and "10.99.0.2" in table and "healthy" in table and "daemon pid" in table
-    watched = lab.servers[0].run(["timeout", "--preserve-status", "-s", "INT", "2", *sptun(
+    watched = lab.servers[0].run(["timeout", "--preserve-status", "-s", "INT", f"{2 * SLOW:g}", *sptun(
         "status", "--watch", "--interval", "0.3", "-c", config_path(lab.servers[0]))])
     assert DOMAIN in watched and "healthy" in watched  # refreshed in place until Ctrl-C, then exit 0
     (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
@@ -146,12 +146,15 @@ def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
         return sum(b["active_connections"] for b in domain["backends"])
 
     before = active()
-    hold = "import socket, sys, time; s = socket.create_connection((sys.argv[1], 443)); time.sleep(6)"
+    hold = "import socket, sys, time; s = socket.create_connection((sys.argv[1], 443)); time.sleep(600)"
     holder = lab.browser.spawn([sys.executable, "-c", hold, s1.address], log=lab.browser.dir / "hold.log")
     try:
-        time.sleep(2)
-        assert active() == before + 1 == 1
+        deadline = time.monotonic() + 10 * SLOW
+        while (now := active()) != before + 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert now == before + 1 == 1
     finally:
+        holder.terminate()
         holder.wait(timeout=20)
 
 
@@ -359,7 +362,7 @@ def test_malformed_txt_records_beside_good_ones(lab: Lab) -> None:
     c1 = lab.clients[0]
     lab.set_txt([" r = superprotocol ; ip = 198.51.100.10 ; future=1 ", good[1], *bad, *other])
     try:
-        deadline = time.monotonic() + lab.ttl + 10
+        deadline = time.monotonic() + lab.ttl + 10 * SLOW
         log = c1.dir / "sptun.log"
         while time.monotonic() < deadline and "not-an-ip" not in log.read_text():
             time.sleep(0.5)
