@@ -81,8 +81,18 @@ def render(status: dict[str, Any], console: Console | None = None) -> None:
 
 
 def watch(read: Callable[[], dict[str, Any]], interval: float, rounds: int | None = None) -> None:
-    """Refresh the status in place until Ctrl-C (or `rounds` refreshes, for tests)."""
+    """Refresh the status in place until Ctrl-C (or `rounds` refreshes, for tests). Into a
+    pipe or a file, where nothing can be redrawn, each refresh is printed after the last."""
     console = _console()
+    if not console.is_terminal:
+        n = 0
+        while True:
+            console.print(view(read()))
+            console.file.flush()
+            n += 1
+            if rounds is not None and n > rounds:
+                return
+            time.sleep(interval)
     with Live(view(read()), console=console, auto_refresh=False) as live:
         n = 0
         while rounds is None or n < rounds:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -121,9 +122,18 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
     assert server["daemon"] is True and server["process"]["rss_bytes"] > 0
     table = lab.servers[0].run(sptun("status", "-c", config_path(lab.servers[0])))
     assert DOMAIN in table and "10.99.0.2" in table and "healthy" in table and "daemon pid" in table
-    watched = lab.servers[0].run(["timeout", "--preserve-status", "-s", "INT", f"{2 * SLOW:g}", *sptun(
-        "status", "--watch", "--interval", "0.3", "-c", config_path(lab.servers[0]))])
-    assert DOMAIN in watched and "healthy" in watched  # refreshed in place until Ctrl-C, then exit 0
+    # --watch refreshes until Ctrl-C, then exits 0 (into a file: a frame per refresh)
+    log = lab.servers[0].dir / "watch.log"
+    watch = lab.servers[0].spawn(sptun("status", "--watch", "--interval", "0.3", "-c", config_path(lab.servers[0])), log=log)
+    try:
+        deadline = time.monotonic() + 10 * SLOW
+        while not ("healthy" in log.read_text() and watch.poll() is None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        watched = log.read_text()
+        assert DOMAIN in watched and "healthy" in watched, watched
+    finally:
+        watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=10 * SLOW) == 0
     (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
     assert len(domain["backends"]) == 3
     for b in domain["backends"]:
