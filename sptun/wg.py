@@ -149,15 +149,15 @@ class Userspace:
                 s.settimeout(10)
                 s.connect(str(self.sock(ifname)))
                 s.sendall(request.encode() + b"\n")
-                buf = b""
-                while not buf.endswith(b"\n\n"):
+                chunks: list[bytes] = []  # joined once: a device of 10k peers is megabytes
+                while not (chunks and chunks[-1].endswith(b"\n\n")):
                     chunk = s.recv(65536)
                     if not chunk:
                         break
-                    buf += chunk
+                    chunks.append(chunk)
         except OSError as e:
             raise SptunError(f"wireguard-go UAPI of {ifname}: {e}") from None
-        lines = buf.decode().splitlines()
+        lines = b"".join(chunks).decode().splitlines()
         errno_ = next((line for line in lines if line.startswith("errno=")), "errno=?")
         if errno_ != "errno=0":
             raise SptunError(f"wireguard-go refused the configuration of {ifname} ({errno_})")
