@@ -48,10 +48,12 @@ def endpoint(server: ServerRecord) -> str:
     return f"[{server.ip}]:{server.port}" if ":" in server.ip else f"{server.ip}:{server.port}"
 
 
-def sockets(proc: Path = Path("/proc/net")) -> Iterator[tuple[str, str, int, str]]:
-    """(protocol, local address, local port, state) of every socket in this network namespace.
-    IPv6 local addresses come as hex; only IPv4 ones are compared."""
+def sockets(proc: Path = Path("/proc/net"), protocols: set[str] | None = None) -> Iterator[tuple[str, str, int, str]]:
+    """(protocol, local address, local port, state) of every socket in this network namespace
+    (of these protocols only, if given). IPv6 local addresses come as hex; only IPv4 ones are compared."""
     for proto_name, files in (("tcp", ("tcp", "tcp6")), ("udp", ("udp", "udp6"))):
+        if protocols is not None and proto_name not in protocols:
+            continue
         for name in files:
             try:
                 lines = (proc / name).read_text().splitlines()[1:]
@@ -70,10 +72,15 @@ TCP_LISTEN, TCP_ESTABLISHED, UDP_UNCONNECTED = "0A", "01", "07"
 
 
 def listening(ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> bool:
-    """Whether a local service listens on every port (this network namespace)."""
-    found = {Port(p, port) for p, _, port, state in sockets(proc)
-             if state == (TCP_LISTEN if p == "tcp" else UDP_UNCONNECTED)}
-    return all(port in found for port in ports)
+    """Whether a local service listens on every port (this network namespace). Stops reading
+    as soon as all are found: the kernel walks its whole TCP hash table for each /proc file."""
+    missing = set(ports)
+    for p, _, port, state in sockets(proc, protocols={port.proto for port in ports}):
+        if state == (TCP_LISTEN if p == "tcp" else UDP_UNCONNECTED):
+            missing.discard(Port(p, port))
+            if not missing:
+                return True
+    return not missing
 
 
 def in_flight(addresses: set[str], ports: tuple[Port, ...], proc: Path = Path("/proc/net")) -> int:

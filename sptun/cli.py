@@ -4,7 +4,6 @@ runtime failure, 2 for bad usage or configuration."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -63,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     role = make_role(cfg)
     if isinstance(cfg, ServerConfig):
         role.check_overlay()
+    import asyncio  # here: `status` and `up` need no event loop, and asyncio is slow to import
+
     asyncio.run(role.serve())
     return 0
 

@@ -39,16 +39,26 @@ class Links:
         except NetlinkError as e:
             raise _netlink_error(what, e) from None
 
+    def _get(self, name: str) -> Any | None:
+        """The link called name, or None. One RTM_GETLINK by name: pyroute2's link_lookup
+        dumps every link, which was most of an idle daemon's netlink time."""
+        try:
+            (link,) = self.ipr.link("get", ifname=name)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return None
+            raise _netlink_error(f"ip link show {name}", e) from None
+        return link
+
     def index(self, name: str) -> int | None:
-        found = self.ipr.link_lookup(ifname=name)
-        return found[0] if found else None
+        link = self._get(name)
+        return int(link["index"]) if link is not None else None
 
     def kind(self, name: str) -> str | None:
         """The link kind ("wireguard", "tun", ...), or None if there is no such link."""
-        index = self.index(name)
-        if index is None:
+        link = self._get(name)
+        if link is None:
             return None
-        (link,) = self.ipr.get_links(index)
         info = link.get_attr("IFLA_LINKINFO")
         return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or "unknown"
 
