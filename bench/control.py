@@ -41,11 +41,6 @@ def nft_bench(prefix: str, sizes: list[int], repeats: int) -> list[dict[str, Any
         argv: list[Arg] = [PY, BENCH_DIR / "nftbench.py", ",".join(map(str, sizes)), str(repeats)]
         note_command("nft changes (in a scratch namespace)", argv)
         result: list[dict[str, Any]] = json.loads(host.run(argv, timeout=600))
-        argv = [PY, BENCH_DIR / "nftproposed.py", ",".join(map(str, sizes)), str(repeats)]
-        note_command("nft changes (in a scratch namespace)", argv)
-        proposed = json.loads(host.run(argv, timeout=600))
-    for row, alt in zip(result, proposed, strict=True):
-        row["proposed"] = alt
     return result
 
 

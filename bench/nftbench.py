@@ -4,7 +4,7 @@ rotation updates (a join, a leave, a health flip) for domains of N backends.
     python bench/nftbench.py SIZE[,SIZE...] REPEATS   -> one JSON object on stdout
 
 Each timing is what the server daemon does for that change: the Python (render_server, or
-next_rotation + rotation_update) and the `nft -f -` transaction, together.
+next_rotation + rotation_update) and the transaction (libnftables), together.
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ def full_reload(backends: list[str]) -> float:
 
 def change(table: nft.ServerTable, wanted: set[str]) -> float:
     """One in-place change, as Server.sync_table makes it; updates table."""
-    handle = table.handles[FORWARD.key]
-
     def apply() -> None:
         current = table.rotations[0]
         new = nft.next_rotation(current, wanted)
-        lines = nft.rotation_update(IFACE, 0, FORWARD, handle, current, new)
+        lines = nft.rotation_update(0, current, new)
         nft.transaction(lines)
         table.rotations[0] = new
 

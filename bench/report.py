@@ -304,21 +304,17 @@ def _nft_md(results: dict[str, Any]) -> str:
         return "_not measured_"
     body = []
     for r in nft:
-        p = r["proposed"]
         body.append([f"{r['backends']:,}", _fmt(r["render"]["median_ms"]), _fmt(r["full_reload"]["median_ms"]),
                      _fmt(r["join"]["median_ms"]), _fmt(r["leave"]["median_ms"]), _fmt(r["flip_down"]["median_ms"]),
-                     _fmt(r["flip_up"]["median_ms"]), _fmt(p["chain_process"]["median_ms"]),
-                     _fmt(p["chain_library"]["median_ms"]), _fmt(p["full_reload_library"]["median_ms"])])
+                     _fmt(r["flip_up"]["median_ms"])])
     return "\n".join([
         "Medians in ms, in a scratch namespace. sptun's own code (sptun.nft): render_server, full reload "
-        "(render_server + `nft -f`), and the in-place changes the daemon makes (next_rotation + rotation_update + "
-        "`nft -f`): a join, a leave (a backend from the middle: the last one takes its slot), a health flip down and "
-        "back up. The last three columns are the proposed fix, prototyped in bench/nftproposed.py: the DNAT rule in a "
-        "chain of its own, remade with `flush chain` + `add rule` instead of `replace rule ... handle`, through `nft -f` "
-        "and through libnftables in-process.",
+        "(render_server + the transaction), and the in-place changes the daemon makes (next_rotation + rotation_update + "
+        "the transaction through libnftables in-process): a join, a leave (a backend from the middle: the last one "
+        "takes its slot), a health flip down and back up. A change of the rotation's size remakes only the forward's "
+        "own chain (`flush chain` + `add rule`), so it needs no cache of the map's elements.",
         "",
-        _table(["backends", "render", "full reload", "join", "leave", "flip down", "flip up",
-                "proposed: own chain, nft -f", "proposed: own chain, libnftables", "full reload, libnftables"], body),
+        _table(["backends", "render", "full reload", "join", "leave", "flip down", "flip up"], body),
         "",
         "![nft](nft_change.png)",
     ])
@@ -554,8 +550,6 @@ def plots(results: dict[str, Any], out: Path, table: list[Row]) -> list[str]:
         ax.plot(sizes, [max(r[k]["median_ms"] for k in ("join", "leave", "flip_down", "flip_up")) for r in nft], "o-",
                 label="sptun: one change (worst kind)")
         ax.plot(sizes, [r["full_reload"]["median_ms"] for r in nft], "s-", label="sptun: full reload")
-        ax.plot(sizes, [r["proposed"]["chain_process"]["median_ms"] for r in nft], "^--", label="proposed: own chain, nft -f")
-        ax.plot(sizes, [r["proposed"]["chain_library"]["median_ms"] for r in nft], "v--", label="proposed: own chain, libnftables")
         ax.axhline(10, color="grey", ls=":", label="targets: change 10 ms, reload 100 ms")
         ax.axhline(100, color="grey", ls=":")
         ax.set_xscale("log")
