@@ -53,6 +53,9 @@ class Role:
     def warn_fallback(self) -> None:
         if self.fallback:
             log.warning("no wireguard kernel module here; using userspace wireguard-go (slower)")
+        if self.wg.kind == "userspace" and (rmem := rmem_default()) is not None and rmem < RMEM_WANTED:
+            log.warning("net.core.rmem_default is %d bytes: wireguard-go's UDP sockets drop packets under load "
+                        "(scripts/install sets %d in /etc/sysctl.d/60-sptun.conf)", rmem, RMEM_WANTED)
 
     # --- what a role implements --------------------------------------------------------
 
@@ -249,6 +252,17 @@ def config_changes(old: Any, new: Any, needs_restart: tuple[str, ...]) -> list[s
         if key in changed:
             raise SptunError(f"{key} changed in {old.path}", hint=f"that takes a restart of the {old.role}")
     return changed
+
+
+RMEM_WANTED = 4 * 2**20  # bytes: systemd/60-sptun.conf
+
+
+def rmem_default(path: Path = Path("/proc/sys/net/core/rmem_default")) -> int | None:
+    """The receive buffer a new socket gets, which Debian 12's wireguard-go keeps."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def process_info() -> dict[str, Any]:

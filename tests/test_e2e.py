@@ -20,6 +20,7 @@ import pytest
 from support import LAB_TOOLS, netns_marks
 
 from sptun.agent import RULE_PRIORITY, interface_name
+from sptun.daemon import RMEM_WANTED, rmem_default
 from sptun.errors import CommandError
 from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
 from sptun.lab import LAB_OVERLAY, browse, config_path, sptun, start_daemons, status, wait_served, write_configs
@@ -193,6 +194,8 @@ def test_the_backend_is_the_one_asked_for(lab: Lab) -> None:
         else:
             assert BACKEND == "auto" and not os.path.exists("/sys/module/wireguard"), "run the kernel backend in the VM tier"
             assert kinds == {"tun"} and fallback in log, (host, kinds)
+            if (rmem_default() or 0) < RMEM_WANTED:  # and warns that its receive buffer is small
+                assert "net.core.rmem_default is" in log and "60-sptun.conf" in log
 
 
 def test_replies_leave_by_the_tunnel_they_came_in_on(lab: Lab) -> None:

@@ -84,6 +84,8 @@ def test_layout_and_modes(installed: Path) -> None:
     for unit in UNITS:
         assert (r / "etc/systemd/system" / unit).read_text() == (ROOT / "systemd" / unit).read_text()
     assert (r / "opt/sptun/README.md").exists()  # the units' Documentation=
+    sysctl = (r / "etc/sysctl.d/60-sptun.conf").read_text()  # wireguard-go's receive buffer
+    assert "net.core.rmem_default = 4194304" in sysctl and mode(r / "etc/sysctl.d/60-sptun.conf") == 0o644
     # --server writes the server config, from the example; --agent was not asked for.
     assert (r / "etc/sptun/server.toml").read_text() == (ROOT / "examples/server.toml").read_text()
     assert not (r / "etc/sptun/agent.toml").exists()
@@ -143,6 +145,7 @@ def test_uninstall_keeps_configs_and_keys_unless_purge(tmp_path: Path, wheelhous
         assert not (r / "usr/local/bin/sptun").exists() and not (r / "usr/local/bin/sptun").is_symlink()
         for unit in UNITS:
             assert not (r / "etc/systemd/system" / unit).exists()
+        assert not (r / "etc/sysctl.d/60-sptun.conf").exists()
         assert (r / "etc/sptun/agent.toml").exists() and (r / "etc/sptun/tokens").is_dir()
         assert (r / "var/lib/sptun/private.key").read_text() == "key\n"
     for _ in range(2):
