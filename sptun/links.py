@@ -82,11 +82,12 @@ class Links:
         return True
 
     def up(self, name: str, mtu: int) -> None:
-        index = self._index_or_fail(name)
-        (link,) = self.ipr.get_links(index)
+        link = self._get(name)
+        if link is None:
+            raise SptunError(f"interface {name} disappeared")
         if link["flags"] & IFF_UP and link.get_attr("IFLA_MTU") == mtu:
             return
-        self._call(f"ip link set {name} mtu {mtu} up", self.ipr.link, "set", index=index, mtu=mtu, state="up")
+        self._call(f"ip link set {name} mtu {mtu} up", self.ipr.link, "set", index=link["index"], mtu=mtu, state="up")
 
     def _index_or_fail(self, name: str) -> int:
         index = self.index(name)
@@ -94,15 +95,11 @@ class Links:
             raise SptunError(f"interface {name} disappeared")
         return index
 
-    def addresses(self, name: str) -> list[str]:
-        index = self._index_or_fail(name)
-        return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
-
     def set_addresses(self, name: str, wanted: list[str]) -> list[str]:
         """Make the interface's IPv4 addresses exactly `wanted` (CIDRs); return what changed."""
         index = self._index_or_fail(name)
-        have = self.addresses(name)
+        have = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
         changes = []
         for cidr in have:
             if cidr not in wanted:
