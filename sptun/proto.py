@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
 import socket
@@ -103,9 +104,12 @@ def _private(private_key: str) -> PrivateKey:
     return PrivateKey(raw)
 
 
-def _box(private: PrivateKey, public: PublicKey, what: str) -> Box:
+@functools.lru_cache(maxsize=1024)
+def _box(private_key: str, public_key: str, what: str) -> Box:
+    """The Box of a key pair. Cached: making one is a Curve25519 multiplication, and a
+    registration opens and seals with the same pair (an agent re-registers every 10 s)."""
     try:
-        return Box(private, public)
+        return Box(_private(private_key), _public(public_key, what))
     except nacl.exceptions.CryptoError:  # a low-order point (all zeros, ...): no shared key
         raise ProtocolError(f"{what} is not a usable WireGuard key") from None
 
@@ -140,8 +144,10 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
     """Check a request's form, its proof of key and its challenge. The token is checked by
     the caller, which knows the domains."""
     obj = _parse(line)
-    client = _public(obj.get("key"), "key")
-    inner = _open(_box(_private(server_private), client, "key"), obj, reason="unproven-key")
+    key = obj.get("key")
+    if not isinstance(key, str):  # (a list or a dict would not be a cache key)
+        raise ProtocolError("key is not a base64 WireGuard key")
+    inner = _open(_box(server_private, key, "key"), obj, reason="unproven-key")
     got = _unb64(inner.get("challenge"), "challenge")
     if not hmac.compare_digest(got, challenge):
         raise ProtocolError("the challenge does not match (a replayed registration?)", reason="replay")
@@ -157,7 +163,7 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
 
 def accept(assignment: Assignment | None, server_private: str, client_key: str) -> bytes:
     """A sealed answer: the assignment for a registration, nothing for a deregistration."""
-    box = _box(_private(server_private), _public(client_key, "key"), "key")
+    box = _box(server_private, client_key, "key")
     body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
             "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen} if assignment else {}
     return _line({"ok": True, **_seal(box, body)})
@@ -171,7 +177,7 @@ def reject(reason: str, error: str) -> bytes:
 
 
 def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
-    box = _box(_private(client_private), _public(server_key, "server key"), "server key")
+    box = _box(client_private, server_key, "server key")
     inner = {"op": request.op, "domain": request.domain, "token": request.token, "challenge": _b64(challenge)}
     return _line({"key": request.client_key, **_seal(box, inner)})
 
@@ -192,8 +198,7 @@ def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment 
     if obj.get("ok") is not True:
         reason, error = str(obj.get("reason", "refused"))[:64], str(obj.get("error", "refused"))[:200]
         raise ProtocolError(f"server refused: {error}", reason=reason)
-    inner = _open(_box(_private(client_private), _public(server_key, "server key"), "server key"), obj,
-                  reason="unproven-key")
+    inner = _open(_box(client_private, server_key, "server key"), obj, reason="unproven-key")
     if not inner:
         return None
     try:
