@@ -119,7 +119,8 @@ def status_cli(host: Host) -> dict[str, Any]:
 
 
 def wait_served(lab: Lab, timeout: float = 120 * SLOW) -> None:
-    """Until every server forwards the domain to every client (healthy backends)."""
+    """Until every server forwards the domain to every client: healthy, and in the rotation
+    the kernel holds."""
     deadline = time.monotonic() + timeout
     want = len(lab.clients)
     while True:
@@ -127,14 +128,15 @@ def wait_served(lab: Lab, timeout: float = 120 * SLOW) -> None:
         for server in lab.servers:
             try:
                 domains = status(server)["domains"]
-                counts[server.name] = sum(b["healthy"] for d in domains for b in d["backends"])
+                counts[server.name] = sum(b["healthy"] and b["in_rotation"]
+                                          for d in domains if d["name"] == DOMAIN for b in d["backends"])
             except (SptunError, ValueError, KeyError):
                 counts[server.name] = 0
         if all(n == want for n in counts.values()):
             return
         if time.monotonic() > deadline:
             shown = ", ".join(f"{name}: {n}/{want}" for name, n in counts.items())
-            raise SptunError(f"the domain was not served in {timeout:g} s ({shown} healthy backends)",
+            raise SptunError(f"the domain was not served in {timeout:g} s ({shown} backends healthy and in rotation)",
                              hint=f"see the logs in {lab.dir}/*/sptun.log")
         time.sleep(0.5)
 

@@ -147,9 +147,12 @@ class Server(Role):
         self.last_resync = 0.0
         self.table: nft.ServerTable | None = None  # what we loaded, to change it in place
         self.health_task: asyncio.Task[None] | None = None
-        self.lease_version = 0  # bumped by each registration that changes a lease ...
-        self.saved_version = 0  # ... and what the leases file on disk holds
-        self.save_lock = asyncio.Lock()
+        # Registrations change leases and peers in memory; commit() puts them into the kernel
+        # and the leases file, many registrations at a time.
+        self.pending_peers: dict[str, PeerChange] = {}
+        self.change_version = 0  # bumped by each registration that changes a lease or a peer ...
+        self.committed_version = 0  # ... and how far the kernel and the leases file have it
+        self.commit_lock = asyncio.Lock()
 
     # --- kernel state ------------------------------------------------------------------
 
@@ -367,46 +370,54 @@ class Server(Role):
         if not hmac.compare_digest(request.token.encode(), token.encode()):
             raise ProtocolError(f"wrong token for {domain.name}", reason="bad-token")
 
-    def register(self, request: proto.Request) -> proto.Assignment | None:
-        """Runs under the lock: lease, peer, leases file. The table follows once the client's
-        handshake proves it is live."""
-        if request.op == "deregister":
-            lease = self.leases.by_key.get(request.client_key)
-            if lease is not None:
-                # Out of the rotation now; its peer stays while its connections finish.
-                self.draining[lease.public_key] = time.monotonic() + DRAIN_KEEP
-                if self.wg.is_ours(self.cfg.interface):
-                    self.sync_table()
-                log.info("deregistered %s (%s) from %s; draining", lease.public_key, lease.overlay_ip, lease.domain)
-            return None
+    def register(self, request: proto.Request) -> proto.Assignment:
+        """Runs under the lock, in memory only: the lease, and the peer queued for commit().
+        The table follows once the client's handshake proves it is live."""
         self.draining.pop(request.client_key, None)
         lease, changed = self.leases.acquire(request.client_key, request.domain)
-        if changed:  # written by persist() before the answer goes out: one write for many registrations
-            self.lease_version += 1
+        if changed:
+            self.change_version += 1
             log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
-        # A refresh of a known client costs no kernel call: the last pass saw its peer.
+        # A refresh of a known client changes nothing: the last pass saw its peer.
         state = self.device.peers.get(lease.public_key)
         peer = peer_of(lease)
         # The last pass found the interface (is_ours costs a netlink dump of every link).
         if (state is None or state.peer.allowed_ips != peer.allowed_ips) and self.device.public_key is not None:
-            self.wg.apply(self.cfg.interface, [PeerChange("add" if state is None else "update", peer)])
+            self.pending_peers[lease.public_key] = PeerChange("add" if state is None else "update", peer)
+            self.change_version += 1
         seen = state is not None and healthy(state.last_handshake, time.time())
         return proto.Assignment(lease.overlay_ip, str(self.cfg.server_ip), self.public_key,
                                 self.cfg.overlay.prefixlen, seen)
 
-    async def persist(self) -> None:
-        """Write the leases file if it lacks a registration made so far. Registrations that
-        arrive while a write runs share the next one (group commit): one fsync for many. The
-        write holds the daemon's lock, as the passes' writes do: one writer of the file at a time,
-        and never an older picture over a newer one."""
-        wanted = self.lease_version
-        async with self.save_lock:
-            if self.saved_version >= wanted:
+    def deregister(self, request: proto.Request) -> None:
+        """Runs under the lock: out of the rotation now; the peer stays while its connections finish."""
+        lease = self.leases.by_key.get(request.client_key)
+        if lease is not None:
+            self.draining[lease.public_key] = time.monotonic() + DRAIN_KEEP
+            if self.wg.is_ours(self.cfg.interface):
+                self.sync_table()
+            log.info("deregistered %s (%s) from %s; draining", lease.public_key, lease.overlay_ip, lease.domain)
+
+    async def commit(self) -> None:
+        """Put what registrations changed so far into the kernel (the queued peers, in one
+        call) and into the leases file (one write, one fsync), unless a commit since has.
+        Registrations that arrive while a commit runs share the next one (group commit). It
+        holds the daemon's lock, as the passes do: one writer at a time, and never an older
+        picture over a newer one. A peer lost to a failed commit is added by the next pass."""
+        wanted = self.change_version
+        async with self.commit_lock:
+            if self.committed_version >= wanted:
                 return
             async with self.lock:
-                version = self.lease_version
-                await asyncio.to_thread(self.store.save, self.leases)
-            self.saved_version = version
+                version, peers = self.change_version, list(self.pending_peers.values())
+                self.pending_peers.clear()
+                await asyncio.to_thread(self._commit, peers)
+            self.committed_version = version
+
+    def _commit(self, peers: list[PeerChange]) -> None:
+        if peers:
+            self.wg.apply(self.cfg.interface, peers)
+        self.store.save(self.leases)
 
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = str((writer.get_extra_info("peername") or ("?",))[0])
@@ -431,9 +442,13 @@ class Server(Role):
                 raise ProtocolError("truncated message", reason="truncated")
             request = proto.open_request(line, self.private_key, challenge)
             self.authorize(request)
+            assignment = None
             async with self.lock:
-                assignment = await asyncio.to_thread(self.register, request)
-            await self.persist()  # the lease is on disk before the client hears of it
+                if request.op == "deregister":
+                    await asyncio.to_thread(self.deregister, request)  # an nft change
+                else:
+                    assignment = self.register(request)
+            await self.commit()  # the peer is in the kernel and the lease on disk before the client hears of it
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, request.client_key))
         except ProtocolError as e:
@@ -477,6 +492,12 @@ class Server(Role):
         now = time.time()
         counters = nft.forward_counters()
         active = active_connections()
+        # In rotation: in the kernel's maps now, as loaded (not as the health checks would have it).
+        fwds = forwards(self.cfg)
+        table = self.table
+        if table is None or len(table.rotations) != len(fwds):  # no pass yet, or one since a reload
+            table = nft.read_server_table(fwds)
+        rotating = [(f.domain, set(rotation)) for f, rotation in zip(fwds, table.rotations, strict=True)]
         domains = []
         for domain in self.cfg.domains:
             backends = []
@@ -495,7 +516,7 @@ class Server(Role):
                     reason = "draining (deregistered)"
                 backends.append({
                     "overlay_ip": lease.overlay_ip, "public_key": lease.public_key, "healthy": is_healthy,
-                    "reason": reason, "in_rotation": self.in_rotation(lease),
+                    "reason": reason, "in_rotation": all(lease.overlay_ip in ips for name, ips in rotating if name == lease.domain),
                     "handshake_age": round(now - handshake, 1) if handshake else None,
                     "endpoint": state.peer.endpoint if state else None,
                     "rx_bytes": state.rx_bytes if state else 0, "tx_bytes": state.tx_bytes if state else 0,
