@@ -297,6 +297,15 @@ umount -l {shlex.quote(str(self.dir))}
         ext.write_text(f"subjectAltName=DNS:{DOMAIN}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
         for client in self.clients:
             self._make_cert(client.name, key, ext)
+        # One session-ticket key for every client's nginx, as a pool behind any L4 balancer
+        # has: a browser sent to another client resumes its TLS session instead of a full
+        # handshake (without it, round-robin pays a full handshake per new connection).
+        self.ticket_key.write_bytes(os.urandom(80))
+        self.ticket_key.chmod(0o600)
+
+    @property
+    def ticket_key(self) -> Path:
+        return self.dir / "ca" / "tickets.key"
 
     def _make_cert(self, name: str, ca_key: Path, ext: Path) -> None:
         """A certificate for DOMAIN whose subject names the client (OU=name)."""
@@ -360,7 +369,8 @@ umount -l {shlex.quote(str(self.dir))}
         (home / "tmp").mkdir()
         key, cert = self.cert_paths(client.name)
         conf = home / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=home, name=client.name, key=key, cert=cert, domain=DOMAIN))
+        conf.write_text(NGINX_CONF.format(dir=home, name=client.name, key=key, cert=cert, tickets=self.ticket_key,
+                                           domain=DOMAIN))
         # -e: nginx opens its error log before reading the config; keep it out of /var/log.
         client.spawn(["nginx", "-p", home, "-e", home / "error.log", "-c", conf, "-g", "daemon off;"],
                      log=home / "nginx.log")  # fmt: skip
@@ -643,6 +653,7 @@ http {{
         server_name {domain};
         ssl_certificate {cert};
         ssl_certificate_key {key};
+        ssl_session_ticket_key {tickets};
         location / {{
             return 200 "client={name} remote=$remote_addr\\n";
         }}
