@@ -114,6 +114,16 @@ def test_server_defaults(tmp_path: Path) -> None:
         "sptun0", 51820, 51821, "10.99.0.0/16", Path("/var/lib/sptun"), "auto", ())
 
 
+def test_the_examples_health_block_is_the_defaults(tmp_path: Path) -> None:
+    """examples/server.toml documents [health] commented out: uncommented, it changes nothing."""
+    example = (Path(__file__).parent.parent / "examples" / "server.toml").read_text()
+    block = example[example.index("#[health]"):]
+    text = "\n".join(line.removeprefix("#") for line in block.splitlines())
+    health = load_server(write(tmp_path, text)).health
+    assert health == config.HealthConfig() == load_server(write(tmp_path, "")).health
+    assert health.interval + health.fall * health.timeout <= 2.5  # what the README promises for a dead client
+
+
 def test_domain_defaults(tmp_path: Path) -> None:
     cfg = load_server(write(tmp_path, DOMAIN))
     assert cfg.domains == (Domain("app.example.test", (), (Port("tcp", 443),), Path("/etc/sptun/tokens/app.example.test")),)
@@ -263,6 +273,12 @@ SERVER_ERRORS = [
     ("token-file-relative", DOMAIN + 'token_file = "tokens/app"\n', "domains[0].token_file"),
     ("token-file-tilde", DOMAIN + 'token_file = "~/token"\n', "domains[0].token_file"),
     ("token-file-type", DOMAIN + "token_file = true\n", "domains[0].token_file"),
+    ("health-not-table", "health = 1\n", "health"),
+    ("health-interval-zero", "[health]\ninterval = 0\n", "health.interval"),
+    ("health-timeout-type", '[health]\ntimeout = "1s"\n', "health.timeout"),
+    ("health-fall-zero", "[health]\nfall = 0\n", "health.fall"),
+    ("health-rise-float", "[health]\nrise = 1.5\n", "health.rise"),
+    ("health-unknown", "[health]\nintervall = 1\n", "health.intervall"),
 ]
 
 
