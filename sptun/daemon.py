@@ -195,6 +195,9 @@ class Role:
                 return {"ok": True, "changes": changes}
         except SptunError as e:
             return {"ok": False, "error": str(e)}
+        except Exception as e:  # a bug: answer it plainly rather than drop the connection
+            log.exception("control command %r failed", cmd)
+            return {"ok": False, "error": f"the daemon failed on {cmd!r}: {e!r} (see its log)"}
         return {"ok": False, "error": f"unknown control command {cmd!r}"}
 
     async def drain_and_teardown(self) -> list[str]:

@@ -9,16 +9,13 @@ Links, addresses and routes around the device are the same for both (see links.p
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,8 +216,6 @@ class Kernel:
 
     def __init__(self, links: Links) -> None:
         self.links = links
-        self._genl: Any = None
-        self._genl_lock = threading.Lock()  # the pass and `status` read from different threads
 
     def create(self, ifname: str) -> None:
         self.links.add(ifname, "wireguard")
@@ -228,21 +223,10 @@ class Kernel:
     def is_ours(self, ifname: str) -> bool:
         return self.links.kind(ifname) == "wireguard"
 
-    @contextlib.contextmanager
-    def _wg(self) -> Iterator[Any]:
-        """One generic netlink socket, kept: opening one (and resolving the wireguard family)
-        for each read was a good part of an idle daemon's CPU."""
-        with self._genl_lock:
-            if self._genl is None:
-                from pyroute2 import WireGuard as GenlWireGuard
+    def _wg(self) -> Any:
+        from pyroute2 import WireGuard as GenlWireGuard
 
-                self._genl = GenlWireGuard()
-            try:
-                yield self._genl
-            except BaseException:  # it may hold the rest of a dump: never reuse it
-                self._genl.close()
-                self._genl = None
-                raise
+        return GenlWireGuard()
 
     def configure(self, ifname: str, private_key: str, listen_port: int | None) -> None:
         with self._wg() as wg:
