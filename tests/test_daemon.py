@@ -27,6 +27,7 @@ class FakeRole(Role):
         self.reconciles = 0
         self.teardowns = 0
         self.fail = False
+        self.status_bug = False
 
     def reconcile(self) -> list[str]:
         if self.fail:
@@ -39,6 +40,8 @@ class FakeRole(Role):
         return ["removed everything"]
 
     def status(self) -> dict[str, Any]:
+        if self.status_bug:  # as pyroute2's NetlinkError once came out of a device read
+            raise OSError(104, "Connection reset by peer")
         return {"role": "fake", "reconciles": self.reconciles, "down": self.is_down()}
 
 
@@ -113,6 +116,24 @@ def test_a_failing_pass_is_reported_and_the_daemon_goes_on(tmp_path: Path) -> No
         role.fail = False
         await asyncio.sleep(0.2)
         assert role.reconciles >= 1 and role.last_error == ""
+
+    run_daemon(role, scenario)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket answers root only")
+def test_a_bug_in_status_is_answered_in_one_line_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    role = FakeRole(state)
+    role.status_bug = True
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.2)
+        reply = await ask(state, "status")
+        assert reply is not None and reply["ok"] is False
+        assert "'status'" in reply["error"] and "Connection reset by peer" in reply["error"]
+        role.status_bug = False
+        reply = await ask(state, "status")
+        assert reply and reply["ok"] and reply["status"]["role"] == "fake"
 
     run_daemon(role, scenario)
 
