@@ -161,8 +161,7 @@ def browse(lab: Lab, server: Host, n: int) -> list[Hit]:
     for _ in range(n):
         r = lab.curl(server.address)
         page = parse_body(r.body)
-        error = "" if r.ok else (r.log.strip().splitlines() or ["?"])[-2 if len(r.log.strip().splitlines()) > 1 else -1]
-        hits.append(Hit(server.address, r.ok, page.get("client", "-"), page.get("remote", "-"), r.subject or "-", error))
+        hits.append(Hit(server.address, r.ok, page.get("client", "-"), page.get("remote", "-"), r.subject or "-", r.error))
     return hits
 
 

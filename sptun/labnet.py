@@ -181,6 +181,14 @@ class CurlResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
+    @property
+    def error(self) -> str:
+        """curl's own error line (`curl: (28) ...`), or its exit code; empty on success."""
+        if self.ok:
+            return ""
+        lines = [line for line in self.log.splitlines() if line.startswith("curl: (")]
+        return lines[-1] if lines else f"curl exited {self.exit_code}"
+
 
 class Lab:
     def __init__(

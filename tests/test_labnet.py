@@ -110,6 +110,7 @@ def test_browser_cannot_connect_to_a_client(lab: Lab) -> None:
     assert err.value.returncode == 28  # dropped by the NAT router, not refused or unroutable
     result = lab.curl("10.99.100.11", timeout=2)
     assert not result.ok and result.subject is None
+    assert result.error.startswith("curl: (28) "), result.error  # what a failed hit reports
 
 
 def test_client_reaches_browser_masqueraded(lab: Lab) -> None:
