@@ -213,7 +213,7 @@ class Server(Role):
             self.table = nft.read_server_table(fwds)
             summary = ", ".join(f"{f.domain} {f.port}: {len(r)}" for f, r in zip(fwds, rotations, strict=True))
             return [f"load table inet sptun ({summary or 'no domains'})"]
-        lines, changes = [], []
+        lines, changes, updated = [], [], {}
         for i, f in enumerate(fwds):
             current = self.table.rotations[i]
             new = nft.next_rotation(current, wanted[i])
@@ -223,13 +223,17 @@ class Server(Role):
             came, gone = sorted(set(new) - set(current)), sorted(set(current) - set(new))
             changes.append(f"rotation {f.key}: {len(new)} backends" + "".join(f" +{ip}" for ip in came)
                            + "".join(f" -{ip}" for ip in gone))
-            self.table.rotations[i] = new
+            updated[i] = new
         if lines:
             try:
                 nft.transaction(lines)
             except SptunError:
                 self.table = None  # our picture of the kernel was wrong: read it again next pass
                 raise
+        # Only now: status (another thread) reports in_rotation from this picture, and must
+        # never say a backend serves before the kernel sends it connections.
+        for i, new in updated.items():
+            self.table.rotations[i] = new
         return changes
 
     def adopt_orphans(self, device: Device) -> list[str]:
