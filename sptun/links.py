@@ -82,18 +82,19 @@ class Links:
         return True
 
     def up(self, name: str, mtu: int) -> None:
-        link = self._get(name)
-        if link is None:
-            raise SptunError(f"interface {name} disappeared")
+        link = self._link_or_fail(name)
         if link["flags"] & IFF_UP and link.get_attr("IFLA_MTU") == mtu:
             return
         self._call(f"ip link set {name} mtu {mtu} up", self.ipr.link, "set", index=link["index"], mtu=mtu, state="up")
 
-    def _index_or_fail(self, name: str) -> int:
-        index = self.index(name)
-        if index is None:
+    def _link_or_fail(self, name: str) -> Any:
+        link = self._get(name)
+        if link is None:
             raise SptunError(f"interface {name} disappeared")
-        return index
+        return link
+
+    def _index_or_fail(self, name: str) -> int:
+        return int(self._link_or_fail(name)["index"])
 
     def set_addresses(self, name: str, wanted: list[str]) -> list[str]:
         """Make the interface's IPv4 addresses exactly `wanted` (CIDRs); return what changed."""
