@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bench.common import log, note_command
-from sptun.lab import config_path, sptun, start_daemons, status, wait_served, write_configs
-from sptun.labnet import Host, Lab
+from sptun.lab import Host, Lab, config_path, sptun, start_daemons, status, wait_served, write_configs
 
 PORTS = ("tcp/443", "tcp/80")
 WIREGUARD = "auto"  # wireguard-go on this host: the kernel has no module

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sptun.labnet import LAB_ROOT, Host, HostSpec, destroy
+from sptun.lab import LAB_ROOT, Host, HostSpec, destroy
 from sptun.run import run
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -171,7 +171,7 @@ def daemon_pid(host: Host) -> int:
 @contextmanager
 def scratch(prefix: str) -> Iterator[Host]:
     """One empty host (network and mount namespace, private /run/wireguard) named like a lab
-    host, so that labnet.destroy(prefix) removes it: on exit, and after a crash."""
+    host, so that sptun.lab.destroy(prefix) removes it: on exit, and after a crash."""
     lab_dir = LAB_ROOT / prefix
     host = Host(HostSpec("x", "server", "127.0.0.1"), prefix, lab_dir)
     try:

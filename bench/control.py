@@ -29,8 +29,7 @@ from bench.common import (
 )
 from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir, write_file_atomic
-from sptun.lab import config_path, sptun
-from sptun.labnet import DOMAIN, Arg, Host, Lab
+from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun
 from sptun.leases import Lease, Leases, dumps
 
 # --- nft: one change against a full reload, by number of backends ---------------------------------

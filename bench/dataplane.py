@@ -35,7 +35,7 @@ from bench.common import (
     wait_for,
     wrk_argv,
 )
-from sptun.labnet import DOMAIN, Arg, Host, Lab
+from sptun.lab import DOMAIN, Arg, Host, Lab
 
 MODES = [("keep-alive", "http"), ("keep-alive", "https"), ("close", "http"), ("close", "https")]
 PATHS = {

@@ -13,8 +13,7 @@ from typing import Any
 
 from bench.benchlab import client_overlay, rotation
 from bench.common import BENCH_DIR, PY, daemon_pid, log, note_command, wait_for
-from sptun.lab import config_path, sptun
-from sptun.labnet import DOMAIN, Arg, Host, Lab
+from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun
 
 
 class Load:

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 
 from bench.common import ns_pids, proc_stat
-from sptun.labnet import Host
+from sptun.lab import Host
 
 SYS_PIDFD_GETFD = 438  # x86_64 and most others (asm-generic)
 SO_RCVBUFFORCE = 33

@@ -23,8 +23,21 @@ from sptun.agent import RULE_PRIORITY, interface_name
 from sptun.daemon import RMEM_WANTED, rmem_default
 from sptun.errors import CommandError
 from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
-from sptun.lab import LAB_OVERLAY, browse, config_path, sptun, start_daemons, status, status_cli, wait_served, write_configs
-from sptun.labnet import DOMAIN, SLOW, Host, Lab
+from sptun.lab import (
+    DOMAIN,
+    LAB_OVERLAY,
+    Host,
+    Lab,
+    browse,
+    config_path,
+    slow,
+    sptun,
+    start_daemons,
+    status,
+    status_cli,
+    wait_served,
+    write_configs,
+)
 from sptun.leases import Lease, Leases, LeaseStore
 from sptun.nft import MARK_BASE, MARK_MASK
 
@@ -127,14 +140,14 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
     log = lab.servers[0].dir / "watch.log"
     watch = lab.servers[0].spawn(sptun("status", "--watch", "--interval", "0.3", "-c", config_path(lab.servers[0])), log=log)
     try:
-        deadline = time.monotonic() + 10 * SLOW
+        deadline = time.monotonic() + 10 * slow()
         while not ("healthy" in log.read_text() and watch.poll() is None) and time.monotonic() < deadline:
             time.sleep(0.2)
         watched = log.read_text()
         assert DOMAIN in watched and "healthy" in watched, watched
     finally:
         watch.send_signal(signal.SIGINT)
-    assert watch.wait(timeout=10 * SLOW) == 0
+    assert watch.wait(timeout=10 * slow()) == 0
     (domain,) = [d for d in server["domains"] if d["name"] == DOMAIN]
     assert len(domain["backends"]) == 3
     for b in domain["backends"]:
@@ -160,7 +173,7 @@ def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
     hold = "import socket, sys, time; s = socket.create_connection((sys.argv[1], 443)); time.sleep(600)"
     holder = lab.browser.spawn([sys.executable, "-c", hold, s1.address], log=lab.browser.dir / "hold.log")
     try:
-        deadline = time.monotonic() + 10 * SLOW
+        deadline = time.monotonic() + 10 * slow()
         while (now := active()) != before + 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert now == before + 1 == 1
@@ -380,7 +393,7 @@ def test_malformed_txt_records_beside_good_ones(lab: Lab) -> None:
     c1 = lab.clients[0]
     lab.set_txt([" r = superprotocol ; ip = 198.51.100.10 ; future=1 ", good[1], *bad, *other])
     try:
-        deadline = time.monotonic() + lab.ttl + 10 * SLOW
+        deadline = time.monotonic() + lab.ttl + 10 * slow()
         log = c1.dir / "sptun.log"
         while time.monotonic() < deadline and "not-an-ip" not in log.read_text():
             time.sleep(0.5)

@@ -22,8 +22,7 @@ import pytest
 from support import LAB_TOOLS, netns_marks
 
 from sptun.agent import interface_name
-from sptun.lab import config_path, sptun, start_daemons, status, wait_served, write_configs
-from sptun.labnet import DOMAIN, Host, Lab
+from sptun.lab import DOMAIN, Host, Lab, config_path, sptun, start_daemons, status, wait_served, write_configs
 
 pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from support import LAB_TOOLS, netns_marks
 
-from sptun import labnet
 from sptun.errors import CommandError, SptunError
-from sptun.labnet import DOMAIN, LAB_ROOT, Lab, _alive, _lab_namespaces, _mounts_below, destroy, topology
+from sptun.lab import DOMAIN, LAB_ROOT, Lab, alive, destroy, lab_namespaces, mounts_below, ready_timeout, topology
 
 pytestmark = netns_marks(*LAB_TOOLS)
 
@@ -37,9 +36,9 @@ def lab() -> Iterator[Lab]:
 
 def assert_gone(prefix: str, pids: list[int]) -> None:
     """Nothing of the lab is left: namespaces, mounts, processes, directory."""
-    assert _lab_namespaces(prefix) == []
-    assert _mounts_below(LAB_ROOT / prefix) == []
-    assert [p for p in pids if _alive(p)] == []
+    assert lab_namespaces(prefix) == []
+    assert mounts_below(LAB_ROOT / prefix) == []
+    assert [p for p in pids if alive(p)] == []
     assert not (LAB_ROOT / prefix).exists()
 
 
@@ -147,7 +146,7 @@ def test_destroy_running_lab() -> None:
     try:
         lab.up()
         pids = lab_pids(prefix)
-        assert pids and all(_alive(p) for p in pids)
+        assert pids and all(alive(p) for p in pids)
         destroy(prefix)
         assert_gone(prefix, pids)
         destroy(prefix)  # idempotent
@@ -158,7 +157,7 @@ def test_destroy_running_lab() -> None:
 def test_down_after_builder_was_killed() -> None:
     """kill -9 the Python that ran up(); a fresh Lab object still cleans up by prefix."""
     prefix = f"{PREFIX}k"
-    script = f"from sptun.labnet import Lab; Lab({prefix!r}, servers=1, clients=1).up(); print('up', flush=True)"
+    script = f"from sptun.lab import Lab; Lab({prefix!r}, servers=1, clients=1).up(); print('up', flush=True)"
     # Become the orphans' reaper, so the killed builder's children do not linger as zombies.
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_CHILD_SUBREAPER = 36
@@ -173,7 +172,7 @@ def test_down_after_builder_was_killed() -> None:
         builder.kill()
         builder.wait()
         pids = lab_pids(prefix)
-        assert pids and all(_alive(p) for p in pids)
+        assert pids and all(alive(p) for p in pids)
         Lab(prefix).down()
         assert_gone(prefix, pids)
         Lab(prefix).down()  # idempotent
@@ -187,13 +186,14 @@ def test_down_after_builder_was_killed() -> None:
 def test_failed_up_removes_what_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
     """knotd refuses a broken config: up() says so quickly and leaves nothing behind."""
     prefix = f"{PREFIX}f"
-    monkeypatch.setattr(labnet, "KNOT_CONF", "server:\n    no-such-option: 1\n")
+    # Patched where Lab reads it: the re-export in sptun.lab is a copy of the name.
+    monkeypatch.setattr("sptun.lab.net.KNOT_CONF", "server:\n    no-such-option: 1\n")
     lab = Lab(prefix, servers=1, clients=1)
     try:
         started = time.monotonic()
         with pytest.raises(SptunError, match="knot .* process exited"):
             lab.up()
-        assert time.monotonic() - started < labnet.READY_TIMEOUT
+        assert time.monotonic() - started < ready_timeout()
         assert_gone(prefix, [])
     finally:
         destroy(prefix)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sptun.labnet import DNS_ADDRESS, DOMAIN, topology
+from sptun.lab import DNS_ADDRESS, DOMAIN, topology
 
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
@@ -32,7 +32,7 @@ def lab() -> dict[str, Any]:
 
 
 def test_topology_json_is_what_the_generator_writes() -> None:
-    """vagrant/topology.json is generated from sptun.labnet and sptun.lab: never edited by hand,
+    """vagrant/topology.json is generated from sptun.lab (net and demo): never edited by hand,
     never stale. After changing the namespace lab, run scripts/gen-vagrant-data."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-vagrant-data"), "--stdout"],
                           capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""`sptun lab up|demo|down`: sptun servers and agents on top of the namespace lab (labnet)."""
+"""`sptun lab up|demo|down`: sptun servers and agents on top of the namespace lab (sptun.lab.net)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.table import Table
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
-from sptun.labnet import DNS_ADDRESS, DOMAIN, SLOW, Host, Lab, destroy
+from sptun.lab.net import DNS_ADDRESS, DOMAIN, Host, Lab, destroy, slow
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 REQUESTS_PER_SERVER = 12
@@ -105,7 +105,7 @@ def status(host: Host) -> dict[str, Any]:
     """The host's status, as `sptun status --json` prints it. Asked of the running daemon
     in this process when one answers: what the CLI would print, without the cost of a
     Python start in the lab host (seconds in the VM tier, and the lab polls it)."""
-    reply = control_request(host.dir / "state", "status", timeout=30 * SLOW)
+    reply = control_request(host.dir / "state", "status", timeout=30 * slow())
     if reply is not None and reply["ok"]:
         return {**reply["status"], "daemon": True}
     return status_cli(host)
@@ -113,14 +113,16 @@ def status(host: Host) -> dict[str, Any]:
 
 def status_cli(host: Host) -> dict[str, Any]:
     """`sptun status --json` itself, run on the lab host."""
-    out = host.run(sptun("status", "--json", "-c", config_path(host)), timeout=30 * SLOW)
+    out = host.run(sptun("status", "--json", "-c", config_path(host)), timeout=30 * slow())
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def wait_served(lab: Lab, timeout: float = 120 * SLOW) -> None:
+def wait_served(lab: Lab, timeout: float | None = None) -> None:
     """Until every server forwards the domain to every client: healthy, and in the rotation
-    the kernel holds."""
+    the kernel holds. timeout defaults to 120 s (times slow())."""
+    if timeout is None:
+        timeout = 120 * slow()
     deadline = time.monotonic() + timeout
     want = len(lab.clients)
     while True:

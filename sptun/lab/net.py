@@ -35,9 +35,10 @@ ZONE = "example.test"
 DNS_ADDRESS = "192.0.2.53"
 
 
-def _slow_factor() -> float:
+def slow() -> float:
     """SPTUN_LAB_SLOW: how many times slower than a plain host this machine runs the lab
-    (scripts/test-vm sets it for its VM under software emulation). Every lab wait scales by it."""
+    (scripts/test-vm sets it for its VM under software emulation). Every lab wait scales by it.
+    Read on every call, never at import."""
     text = os.environ.get("SPTUN_LAB_SLOW", "").strip() or "1"
     try:
         factor = float(text)
@@ -48,9 +49,15 @@ def _slow_factor() -> float:
     return factor
 
 
-SLOW = _slow_factor()
-READY_TIMEOUT = 15.0 * SLOW  # seconds up() waits for knot and nginx
-STOP_TIMEOUT = 5.0 * SLOW  # seconds a lab process gets after SIGTERM, then again after SIGKILL
+def ready_timeout() -> float:
+    """Seconds up() waits for knot and nginx."""
+    return 15.0 * slow()
+
+
+def _stop_timeout() -> float:
+    """Seconds a lab process gets after SIGTERM, then again after SIGKILL."""
+    return 5.0 * slow()
+
 
 Arg = str | os.PathLike[str]
 
@@ -142,8 +149,9 @@ class Host:
         # Absolute paths only: entering a mount namespace moves cwd to its root.
         return ["nsenter", f"--net=/run/netns/{self.netns}", f"--mount={self.mnt}", "--", *map(str, argv)]
 
-    def run(self, argv: Sequence[Arg], input: str | None = None, check: bool = True, timeout: float = 30 * SLOW) -> str:
-        return run(self.cmd(argv), input=input, check=check, timeout=timeout)
+    def run(self, argv: Sequence[Arg], input: str | None = None, check: bool = True, timeout: float | None = None) -> str:
+        """Run argv on this host; timeout defaults to 30 s (times slow())."""
+        return run(self.cmd(argv), input=input, check=check, timeout=30 * slow() if timeout is None else timeout)
 
     def spawn(self, argv: Sequence[Arg], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start argv in the background; stdout and stderr go to log.
@@ -216,7 +224,7 @@ class Lab:
 
     def up(self) -> None:
         """Build the whole lab; on any failure remove what was built and re-raise."""
-        if _lab_namespaces(self.prefix) or self.dir.exists():
+        if lab_namespaces(self.prefix) or self.dir.exists():
             raise SptunError(f"lab {self.prefix!r} already exists", hint="run `sptun lab down` first")
         try:
             self._make_dir()
@@ -335,7 +343,7 @@ umount -l {shlex.quote(str(self.dir))}
         (dns / "run").mkdir()
         (dns / "db").mkdir()
         self.knot_conf.write_text(KNOT_CONF.format(dir=dns, listen=f"{DNS_ADDRESS}@53", zone=ZONE))
-        self._write_zone([_server_txt(s.address) for s in self.servers], self._a, serial=1)
+        self.write_zone([server_txt(s.address) for s in self.servers], self._a, serial=1)
         self.dns.spawn(["knotd", "-c", self.knot_conf], log=dns / "knotd.log")
 
     def set_txt(self, txt: Sequence[str | Sequence[str]], a: list[str] | None = None) -> None:
@@ -346,7 +354,7 @@ umount -l {shlex.quote(str(self.dir))}
         """
         if a is not None:
             self._a = list(a)
-        self._write_zone(txt, self._a, serial=self._serial() + 1)
+        self.write_zone(txt, self._a, serial=self._serial() + 1)
         # -b: return once the new zone is served, so the caller can query right away.
         self.dns.run(["knotc", "-b", "-c", self.knot_conf, "zone-reload", ZONE])
 
@@ -356,7 +364,9 @@ umount -l {shlex.quote(str(self.dir))}
             raise SptunError(f"no SOA serial in {self.zone_file}")
         return int(match.group(1))
 
-    def _write_zone(self, txt: Sequence[str | Sequence[str]], a: list[str], serial: int) -> None:
+    def write_zone(self, txt: Sequence[str | Sequence[str]], a: list[str], serial: int) -> None:
+        """Write the zone file for ZONE, with DOMAIN's A and TXT records (txt as in set_txt).
+        Knot is not told: set_txt() reloads it."""
         lines = [
             f"$ORIGIN {ZONE}.",
             f"$TTL {self.ttl}",
@@ -398,8 +408,11 @@ umount -l {shlex.quote(str(self.dir))}
 
     # use
 
-    def curl(self, server_ip: str, path: str = "/", timeout: float = 5 * SLOW, source: Host | None = None) -> CurlResult:
-        """Fetch https://DOMAIN/path from the browser (or source), DOMAIN resolved to server_ip."""
+    def curl(self, server_ip: str, path: str = "/", timeout: float | None = None, source: Host | None = None) -> CurlResult:
+        """Fetch https://DOMAIN/path from the browser (or source), DOMAIN resolved to server_ip;
+        timeout defaults to 5 s (times slow())."""
+        if timeout is None:
+            timeout = 5 * slow()
         host = source or self.browser
         body = host.dir / f"curl-{uuid.uuid4().hex}.body"
         # run() returns stdout only, so curl sends its -v log and exit code there and the body to a file.
@@ -430,7 +443,7 @@ def destroy(prefix: str, root: Path = LAB_ROOT) -> None:
     _check_prefix(prefix)
     lab_dir = root / prefix
     errors: list[str] = []
-    namespaces = _lab_namespaces(prefix)
+    namespaces = lab_namespaces(prefix)
     steps: list[Callable[[], None]] = [
         lambda: _stop_processes(namespaces),
         lambda: _delete_namespaces(namespaces),
@@ -456,7 +469,8 @@ def _netns_names() -> list[str]:
     return [line.split()[0] for line in run(["ip", "netns", "list"]).splitlines() if line.strip()]
 
 
-def _lab_namespaces(prefix: str) -> list[str]:
+def lab_namespaces(prefix: str) -> list[str]:
+    """The network namespaces of the lab named prefix (PREFIX-NAME)."""
     return [n for n in _netns_names() if re.fullmatch(rf"{re.escape(prefix)}-[A-Za-z0-9]+", n)]
 
 
@@ -470,7 +484,8 @@ def _stop_processes(namespaces: list[str]) -> None:
     pids: set[int] = set()
     # A killed process can take seconds to leave a busy machine (a wireguard-go closing its tun):
     # SIGKILL gets twice SIGTERM's time before anything is called a survivor.
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 2 * STOP_TIMEOUT)):
+    stop = _stop_timeout()
+    for sig, wait in ((signal.SIGTERM, stop), (signal.SIGKILL, 2 * stop)):
         signalled: set[int] = set()
         deadline = time.monotonic() + wait
         while (pids := _pids_in(namespaces)) and time.monotonic() < deadline:
@@ -501,7 +516,7 @@ def _reap(pids: set[int]) -> None:
             pass  # not our child, or already collected
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True unless pid has exited; a zombie counts as exited."""
     _reap({pid})
     try:
@@ -518,7 +533,8 @@ def _delete_namespaces(namespaces: list[str]) -> None:
         raise SptunError(f"could not delete network namespaces {sorted(left)}")
 
 
-def _mounts_below(path: Path) -> list[str]:
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below path, as this process's mount namespace sees them."""
     base = os.path.realpath(path)
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -532,16 +548,16 @@ def _mounts_below(path: Path) -> list[str]:
 def _unmount_below(path: Path) -> None:
     # Deepest first; loop because a mount point may be stacked more than once.
     for _ in range(5):
-        points = _mounts_below(path)
+        points = mounts_below(path)
         if not points:
             return
         for point in sorted(points, key=len, reverse=True):
             run(["umount", point], check=False)
-    raise SptunError(f"could not unmount {_mounts_below(path)}")
+    raise SptunError(f"could not unmount {mounts_below(path)}")
 
 
 def _remove_dir(path: Path) -> None:
-    if _mounts_below(path):
+    if mounts_below(path):
         raise SptunError(f"not removing {path}: still mounted")  # never delete through a mount
     shutil.rmtree(path, ignore_errors=True)
     if path.exists():
@@ -552,14 +568,15 @@ def _remove_dir(path: Path) -> None:
 
 
 def _wait_until(what: str, host: Host, ready: Callable[[], bool]) -> None:
-    """Poll ready() for up to READY_TIMEOUT; fail at once if one of host's processes died."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    """Poll ready() for up to ready_timeout(); fail at once if one of host's processes died."""
+    timeout = ready_timeout()
+    deadline = time.monotonic() + timeout
     hint = f"see the logs in {host.dir}"
     while not ready():
         if dead := [p for p in host.procs if p.poll() is not None]:
             raise SptunError(f"lab: {what}: process exited with {dead[0].returncode}", hint=hint)
         if time.monotonic() > deadline:
-            raise SptunError(f"lab: timed out after {READY_TIMEOUT:g} s waiting for {what}", hint=hint)
+            raise SptunError(f"lab: timed out after {timeout:g} s waiting for {what}", hint=hint)
         time.sleep(0.1)
 
 
@@ -569,7 +586,8 @@ def _listening(host: Host, ports: list[int]) -> bool:
     return all(str(p) in local for p in ports)
 
 
-def _server_txt(ip: str) -> str:
+def server_txt(ip: str) -> str:
+    """The TXT record that announces a tunnel server at ip."""
     return f"r=superprotocol;ip={ip}"
 
 
