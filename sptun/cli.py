@@ -33,9 +33,9 @@ def setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-def _need_root(what: str) -> None:
+def _need_root(what: str, hint: str = "run it with sudo (it changes interfaces, routes and nftables)") -> None:
     if os.geteuid() != 0:
-        raise SptunError(f"{what} needs root", hint="run it with sudo (it changes interfaces, routes and nftables)")
+        raise SptunError(f"{what} needs root", hint=hint)
 
 
 def make_role(cfg: Config) -> Any:
@@ -155,6 +155,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    _need_root("sptun export", hint="run it with sudo (it reads the WireGuard device, and with --private the key)")
+    cfg = load(Path(args.config) if args.config else None)
+    from sptun.export import export
+
+    sys.stdout.write(export(cfg, args.interface, private=args.private))
+    return 0
+
+
 def cmd_token_new(args: argparse.Namespace) -> int:
     from sptun.keys import ensure_private_dir, new_token, write_file_atomic
 
@@ -223,6 +232,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing token")
     config_arg(t)
     t.set_defaults(func=cmd_token_new)
+
+    q = sub.add_parser("export", help="print a live interface as a wg-quick config")
+    q.add_argument("interface", nargs="?", help="the interface (an agent with several tunnels needs it)")
+    config_arg(q)
+    q.add_argument("--private", action="store_true", help="include the private key (left out by default)")
+    q.set_defaults(func=cmd_export)
 
     q = sub.add_parser("keygen", help="print a new WireGuard private key (base64)")
     q.set_defaults(func=cmd_keygen)

@@ -89,7 +89,6 @@ class AgentConfig:
     keepalive: int = 15
     drain_timeout: float = 10.0  # seconds `down` waits for in-flight connections
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
-    interface_prefix: str = "sptun-"
 
     role = "agent"
 

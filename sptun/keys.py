@@ -73,18 +73,38 @@ def write_file_atomic(path: Path, data: str, mode: int = 0o600) -> None:
         raise SptunError(f"cannot write {path}: {e.strerror or e}", hint="check the path, its directory and free space") from None
 
 
-def load_or_create_private_key(state_dir: Path, name: str = "private.key") -> str:
-    """This host's WireGuard private key, created at 0600 on first use."""
-    ensure_private_dir(state_dir)
+PRIVATE_KEY_FILE = "private.key"  # in the state dir
+
+
+def load_private_key(state_dir: Path, name: str = PRIVATE_KEY_FILE) -> str | None:
+    """This host's WireGuard private key, or None if there is none yet. Only reads: creates
+    and changes nothing (not even the state dir)."""
     path = state_dir / name
+    not_a_key = SptunError(f"{path} does not hold a WireGuard private key", hint="move it away; a new one is made on the next start")
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
+        return None
+    except PermissionError:
+        raise SptunError(f"{path} is not readable", hint="run as root") from None
+    except UnicodeDecodeError:
+        raise not_a_key from None
+    except OSError as e:  # a directory in the way, ...: one line, not a traceback
+        raise SptunError(f"cannot read {path}: {e.strerror or e}", hint="check state_dir and its parents") from None
+    if decode_key(text) is None:
+        raise not_a_key
+    return text
+
+
+def load_or_create_private_key(state_dir: Path, name: str = PRIVATE_KEY_FILE) -> str:
+    """This host's WireGuard private key, created at 0600 on first use."""
+    ensure_private_dir(state_dir)
+    path = state_dir / name
+    text = load_private_key(state_dir, name)
+    if text is None:
         text = generate_private_key()
         write_file_atomic(path, text + "\n")
         return text
-    if decode_key(text) is None:
-        raise SptunError(f"{path} does not hold a WireGuard private key", hint="move it away; a new one is made on the next start")
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
     return text

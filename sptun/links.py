@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,14 @@ from sptun.errors import SptunError
 
 log = logging.getLogger("sptun")
 IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    kind: str  # "wireguard", "tun", ...; "unknown" when the kernel does not say
+    up: bool
+    mtu: int
 
 
 def _netlink_error(what: str, e: NetlinkError) -> SptunError:
@@ -50,17 +59,27 @@ class Links:
             raise _netlink_error(f"ip link show {name}", e) from None
         return link
 
+    def info(self, name: str) -> LinkInfo | None:
+        link = self._get(name)
+        if link is None:
+            return None
+        linkinfo = link.get_attr("IFLA_LINKINFO")
+        kind = (linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None) or "unknown"
+        return LinkInfo(int(link["index"]), kind, bool(link["flags"] & IFF_UP), int(link.get_attr("IFLA_MTU") or 0))
+
+    def addresses(self, index: int) -> list[str]:
+        """The interface's IPv4 addresses as CIDRs, sorted."""
+        return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
+
     def index(self, name: str) -> int | None:
         link = self._get(name)
         return int(link["index"]) if link is not None else None
 
     def kind(self, name: str) -> str | None:
         """The link kind ("wireguard", "tun", ...), or None if there is no such link."""
-        link = self._get(name)
-        if link is None:
-            return None
-        info = link.get_attr("IFLA_LINKINFO")
-        return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or "unknown"
+        info = self.info(name)
+        return info.kind if info is not None else None
 
     def names(self, prefix: str) -> list[str]:
         return sorted(name for link in self.ipr.get_links()
@@ -99,8 +118,7 @@ class Links:
     def set_addresses(self, name: str, wanted: list[str]) -> list[str]:
         """Make the interface's IPv4 addresses exactly `wanted` (CIDRs); return what changed."""
         index = self._index_or_fail(name)
-        have = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
+        have = self.addresses(index)
         changes = []
         for cidr in have:
             if cidr not in wanted:
@@ -184,6 +202,14 @@ class Links:
         except SptunError:
             if any(r["table"] == table and r["fwmark"] == fwmark for r in self.rules(priority)):
                 raise
+
+
+def read_sysctl(path: str) -> str:
+    """A sysctl of this network namespace, "" if there is none (an interface that went)."""
+    try:
+        return (Path("/proc/sys") / path).read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def sysctl(path: str, value: str) -> bool:

@@ -304,6 +304,7 @@ AGENT_ERRORS = [
     ("domain-invalid", 'domain = "app.example.test/x"\n', "domain"),
     ("unknown-key", AGENT + "domains = []\n", "domains"),
     ("unknown-key-typo", AGENT + 'nameserver = ["192.0.2.53"]\n', "nameserver"),
+    ("unknown-key-interface-prefix", AGENT + 'interface_prefix = "wg-"\n', "interface_prefix"),  # an old, dead option
     ("nameservers-string", AGENT + 'nameservers = "192.0.2.53"\n', "nameservers"),
     ("nameservers-hostname", AGENT + 'nameservers = ["ns1.example.test"]\n', "nameservers"),
     ("nameservers-with-port", AGENT + 'nameservers = ["192.0.2.53:53"]\n', "nameservers"),
