@@ -19,6 +19,7 @@ from sptun import nft
 from sptun.config import Port
 
 IFACE = "sptun0"
+FIREWALL = nft.Nft()  # the daemon's own edge: libnftables writes, one JSON listing per read
 FORWARD = nft.Forward("app.example.test", "198.51.100.10", Port("tcp", 443))
 
 
@@ -34,17 +35,15 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 def full_reload(backends: list[str]) -> float:
-    return timed(lambda: nft.transaction([nft.render_server(IFACE, [FORWARD], [backends])]))
+    return timed(lambda: FIREWALL.write(nft.render_server(IFACE, [FORWARD], [backends])))
 
 
-def change(table: nft.ServerTable, wanted: set[str]) -> float:
-    """One in-place change, as Server.sync_table makes it; updates table."""
+def change(rotation: list[str], wanted: set[str]) -> float:
+    """One in-place change, as the server's planner and applier make it; updates rotation."""
     def apply() -> None:
-        current = table.rotations[0]
-        new = nft.next_rotation(current, wanted)
-        lines = nft.rotation_update(0, current, new)
-        nft.transaction(lines)
-        table.rotations[0] = new
+        new = nft.next_rotation(rotation, wanted)
+        FIREWALL.write("\n".join(nft.rotation_update(0, rotation, new)))
+        rotation[:] = new
 
     return timed(apply)
 
@@ -54,29 +53,29 @@ def bench(size: int, repeats: int) -> dict[str, object]:
     spare = addresses(repeats + 1, start=size + 2)  # newcomers
     render_ms = [timed(lambda: nft.render_server(IFACE, [FORWARD], [backends])) for _ in range(repeats)]
     reload_ms = [full_reload(backends) for _ in range(repeats)]
-    table = nft.read_server_table([FORWARD])
-    assert len(table.rotations[0]) == size, (size, len(table.rotations[0]))
+    rotation = FIREWALL.read().rotations([FORWARD])[0]
+    assert len(rotation) == size, (size, len(rotation))
     members = set(backends)
     join, leave, flip_down, flip_up = [], [], [], []
     for i in range(repeats):
         newcomer = spare[i]
         members.add(newcomer)
-        join.append(change(table, set(members)))
+        join.append(change(rotation, set(members)))
         middle = backends[(size // 2 + i) % size]  # one from the middle: its slot takes the last one
         if middle in members:
             members.discard(middle)
-            leave.append(change(table, set(members)))
+            leave.append(change(rotation, set(members)))
         flipper = backends[(size // 3 + 7 * i) % size]
         if flipper in members:
             members.discard(flipper)
-            flip_down.append(change(table, set(members)))  # its health check failed twice
+            flip_down.append(change(rotation, set(members)))  # its health check failed twice
             members.add(flipper)
-            flip_up.append(change(table, set(members)))  # and passed twice again
+            flip_up.append(change(rotation, set(members)))  # and passed twice again
     # The kernel holds what the daemon thinks it holds.
-    final = nft.read_server_table([FORWARD])
-    assert final.rotations[0] == table.rotations[0], "the in-place updates drifted from the kernel"
-    assert set(final.rotations[0]) == members
-    nft.delete()
+    final = FIREWALL.read().rotations([FORWARD])[0]
+    assert final == rotation, "the in-place updates drifted from the kernel"
+    assert set(final) == members
+    FIREWALL.write(nft.delete_table())
 
     def stats(values: list[float]) -> dict[str, float]:
         return {"median_ms": round(statistics.median(values), 2), "max_ms": round(max(values), 2), "n": len(values)}

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from sptun import __version__
 from sptun.config import AGENT_CONFIG, SERVER_CONFIG, Config, ServerConfig, load, load_agent, load_server
 from sptun.errors import SptunError, UsageError
+from sptun.snapshot import to_json
 
 log = logging.getLogger("sptun")
 
@@ -38,14 +39,21 @@ def _need_root(what: str, hint: str = "run it with sudo (it changes interfaces, 
         raise SptunError(f"{what} needs root", hint=hint)
 
 
-def make_role(cfg: Config) -> Any:
+def make_role(cfg: Config, read_only: bool = False) -> Any:
+    """The role of this config. read_only: for `status`, which writes nothing."""
     if isinstance(cfg, ServerConfig):
         from sptun.server import Server
 
-        return Server(cfg)
+        return Server(cfg, read_only=read_only)
     from sptun.agent import Agent
 
-    return Agent(cfg)
+    return Agent(cfg, read_only=read_only)
+
+
+def _one_shot(coroutine: Any) -> Any:
+    import asyncio  # here: asyncio is slow to import, and only the one-shot commands need it
+
+    return asyncio.run(coroutine)
 
 
 def _print_changes(changes: list[str]) -> None:
@@ -90,9 +98,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if isinstance(cfg, ServerConfig):
         role.check_overlay()
     role.warn_fallback()
-    role.set_down(False)
-    _print_changes(role.reconcile())
-    _check_serving(role.status())
+
+    async def up() -> dict[str, Any]:
+        _print_changes(await role.up_once())
+        return to_json(await role.status())
+
+    _check_serving(_one_shot(up()))
     if isinstance(cfg, ServerConfig):
         log.warning("no sptun server daemon runs here: forwarding is up, but new clients can register "
                     "only while `sptun server run` (or its service) runs")
@@ -124,8 +135,13 @@ def cmd_down(args: argparse.Namespace) -> int:
         return 0
     role = make_role(cfg)
     role.set_down(True)
-    _print_changes(role.teardown())
+    _print_changes(_one_shot(role.go_down()))
     return 0
+
+
+def _status_without_daemon(cfg: Config) -> dict[str, Any]:
+    """Read from the kernel and the state files only: creates nothing, not even a key."""
+    return to_json(_one_shot(make_role(cfg, read_only=True).status()))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -136,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         def read() -> dict[str, Any]:
             reply = _ask_daemon(cfg, "status", timeout=30)
-            return reply["status"] if reply is not None else make_role(cfg).status()  # type: ignore[no-any-return]
+            return reply["status"] if reply is not None else _status_without_daemon(cfg)
 
         try:
             watch(read, args.interval)
@@ -144,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             pass
         return 0
     reply = _ask_daemon(cfg, "status", timeout=30)
-    status = reply["status"] if reply is not None else make_role(cfg).status()
+    status = reply["status"] if reply is not None else _status_without_daemon(cfg)
     status["daemon"] = reply is not None
     if args.json:
         print(json.dumps(status, indent=2))

@@ -17,34 +17,44 @@ from typing import Any
 
 import psutil
 
+from sptun import nft
+from sptun.changes import Edges, ProcSysctls
 from sptun.control import CONTROL_MAX
 from sptun.errors import SptunError
-from sptun.keys import ensure_private_dir
+from sptun.keys import ensure_private_dir, load_or_create_private_key, load_private_key, public_key
 from sptun.links import Links
-from sptun.wg import WireGuard, backend
+from sptun.snapshot import DaemonStatus, Status, to_json
+from sptun.wg import backend
 
 log = logging.getLogger("sptun")
 
 
 
 class Role:
-    """One role (server or agent) on this host. Subclasses do the work; this drives it."""
+    """One role (server or agent) on this host. Subclasses observe, plan and apply; this
+    drives the passes, the control socket and the signals."""
 
     interval = 1.0  # seconds between passes
     resync_every = 30.0  # a full re-read of the kernel, to repair drift
 
-    def __init__(self, state_dir: Path, wireguard: str, links: Links | None, wg: WireGuard | None) -> None:
+    def __init__(self, state_dir: Path, wireguard: str, edges: Edges | None, read_only: bool = False) -> None:
+        """read_only: for `status` with no daemon, which must write nothing (not even a key)."""
         self.state_dir = state_dir
-        self.links = links or Links()
-        self.wg = wg or backend(wireguard, self.links)
-        self.fallback = wireguard == "auto" and self.wg.kind == "userspace"
+        self.private_key = load_private_key(state_dir) if read_only else load_or_create_private_key(state_dir)
+        self.public_key = public_key(self.private_key) if self.private_key else None
+        if edges is None:
+            links = Links()
+            edges = Edges(links, backend(wireguard, links), nft.Nft(), ProcSysctls())
+        self.edges = edges
+        self.fallback = wireguard == "auto" and edges.wg.kind == "userspace"
         self.daemon = False  # True under `run`: then the loop keeps checking health
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one writer to the kernel at a time; held by no network I/O
         self.wake = asyncio.Event()
         self.passes = 0
         self.failed_passes = 0
         self.pass_seconds = 0.0  # total time spent reconciling, for the metrics
         self.last_error = ""
+        self.loop_: asyncio.AbstractEventLoop | None = None
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -53,27 +63,62 @@ class Role:
     def warn_fallback(self) -> None:
         if self.fallback:
             log.warning("no wireguard kernel module here; using userspace wireguard-go (slower)")
-        if self.wg.kind == "userspace" and (rmem := rmem_default()) is not None and rmem < RMEM_WANTED:
+        if self.edges.wg.kind == "userspace" and (rmem := rmem_default()) is not None and rmem < RMEM_WANTED:
             log.warning("net.core.rmem_default is %d bytes: wireguard-go's UDP sockets drop packets under load "
                         "(scripts/install sets %d in /etc/sysctl.d/60-sptun.conf)", rmem, RMEM_WANTED)
 
     # --- what a role implements --------------------------------------------------------
 
-    def reconcile(self) -> list[str]:
-        """Make the kernel match the wanted state; return the changes, as readable lines."""
+    async def prepare(self, wait: bool = False) -> None:
+        """The network I/O a pass needs (DNS, registrations), outside the lock. wait: until
+        it is all done (a one-shot `sptun up`), not only started."""
+
+    def reconcile(self, undo: list[str] | None = None) -> list[str]:
+        """Observe the kernel, plan, apply; return the changes, as readable lines. Runs in a
+        thread under the lock. undo: roll back what this pass created if it fails, and put
+        what was undone there."""
         raise NotImplementedError
 
     def teardown(self) -> list[str]:
         """Remove everything this role made here; idempotent."""
         raise NotImplementedError
 
-    def status(self) -> dict[str, Any]:
+    def read_status(self) -> Status:
+        """The status from this role's state and a read of the kernel (under the lock)."""
         raise NotImplementedError
 
     def reload_config(self) -> str:
         """Re-read the config file and take it; raise SptunError (keeping the old one) if it
         is bad or changes what needs a restart. Returns what changed, for the log."""
         raise NotImplementedError
+
+    async def status(self) -> Status:
+        async with self.lock:
+            return await asyncio.to_thread(self.read_status)
+
+    def status_from_thread(self, timeout: float = 30) -> Status:
+        """The status for another thread (the metrics endpoint), made on the daemon's loop."""
+        if self.loop_ is None:
+            raise SptunError("the daemon is not running")
+        return asyncio.run_coroutine_threadsafe(self.status(), self.loop_).result(timeout)
+
+    async def go_down(self) -> list[str]:
+        """`sptun down`: drain, then remove everything. The flag is already set."""
+        async with self.lock:
+            return await asyncio.to_thread(self.teardown)
+
+    async def up_once(self) -> list[str]:
+        """A one-shot `sptun up` with no daemon: one pass, undone if it fails halfway."""
+        self.set_down(False)
+        await self.prepare(wait=True)
+        undone: list[str] = []
+        try:
+            async with self.lock:
+                return await asyncio.to_thread(self.reconcile, undone)
+        except SptunError as e:
+            if undone:
+                raise SptunError(f"{e.message}; undid: {'; '.join(undone)}", hint=e.hint) from None
+            raise
 
     async def reload(self) -> None:
         """SIGHUP (systemctl reload): a new config, reconciled, with no teardown."""
@@ -110,7 +155,11 @@ class Role:
 
     # --- one pass, as the loop and the control socket run it ---------------------------
 
-    async def run_pass(self) -> list[str]:
+    async def run_pass(self, wait: bool = False) -> list[str]:
+        """One pass. wait: for its network I/O to finish (registrations), as `up` does."""
+        if self.is_down():
+            return []
+        await self.prepare(wait=wait)
         async with self.lock:
             if self.is_down():
                 return []
@@ -181,18 +230,14 @@ class Role:
     async def control(self, cmd: str) -> dict[str, Any]:
         try:
             if cmd == "status":
-                status = await asyncio.to_thread(self.status)
-                return {"ok": True, "status": {**status, "process": process_info(), "passes": self.passes,
-                                               "failed_passes": self.failed_passes, "last_error": self.last_error or None}}
+                return {"ok": True, "status": to_json(await self.status(), self.daemon_status())}
             if cmd == "up":
                 self.set_down(False)
-                changes = await self.run_pass()
-                return {"ok": True, "changes": changes, "status": await asyncio.to_thread(self.status)}
+                changes = await self.run_pass(wait=True)
+                return {"ok": True, "changes": changes, "status": to_json(await self.status())}
             if cmd == "down":
-                async with self.lock:
-                    self.set_down(True)
-                    changes = await self.drain_and_teardown()
-                return {"ok": True, "changes": changes}
+                self.set_down(True)
+                return {"ok": True, "changes": await self.go_down()}
         except SptunError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug: answer it plainly rather than drop the connection
@@ -200,13 +245,14 @@ class Role:
             return {"ok": False, "error": f"the daemon failed on {cmd!r}: {e!r} (see its log)"}
         return {"ok": False, "error": f"unknown control command {cmd!r}"}
 
-    async def drain_and_teardown(self) -> list[str]:
-        return await asyncio.to_thread(self.teardown)
+    def daemon_status(self) -> DaemonStatus:
+        return DaemonStatus(process_info(), self.passes, self.failed_passes, self.last_error or None)
 
     # --- the daemon --------------------------------------------------------------------
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         self.daemon = True
+        self.loop_ = asyncio.get_running_loop()
         self.warn_fallback()
         ensure_private_dir(self.state_dir)
         self.control_path.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """A Prometheus endpoint on each daemon (`metrics = "127.0.0.1:9586"`; off by default).
 
-Every scrape reads the role's status afresh: the numbers are the kernel's (WireGuard
-counters, nft rule counters) and the daemon's own, never a copy that can go stale.
+Every scrape asks the daemon's loop for a status snapshot, made as `sptun status` makes
+it: the numbers are the kernel's (WireGuard counters, nft rule counters) and the daemon's
+own, never a copy that can go stale, and never read while a pass changes them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sptun.errors import SptunError
+from sptun.snapshot import to_json
 
 log = logging.getLogger("sptun")
 
@@ -26,8 +28,8 @@ class RoleCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         role = self.role
         try:
-            status = role.status()
-        except SptunError as e:  # a scrape must not take the daemon down
+            status = to_json(role.status_from_thread())
+        except (SptunError, TimeoutError) as e:  # a scrape must not take the daemon down
             log.warning("metrics: cannot read the status: %s", e)
             return
         passes = SummaryMetricFamily("sptun_reconcile_duration_seconds", "Time spent in reconcile passes")
@@ -87,11 +89,10 @@ class RoleCollector(Collector):
                 age.add_metric([t["server"]], t["handshake_age"])
             rx.add_metric([t["server"]], t["rx_bytes"])
             tx.add_metric([t["server"]], t["tx_bytes"])
-        discovery = self.role.discovery
         refreshes = CounterMetricFamily("sptun_dns_refreshes", "DNS TXT lookups")
-        refreshes.add_metric([], discovery.refreshes)
+        refreshes.add_metric([], status["dns"]["refreshes"])
         failures = CounterMetricFamily("sptun_dns_failures", "DNS TXT lookups that failed or had no usable record")
-        failures.add_metric([], discovery.failures)
+        failures.add_metric([], status["dns"]["failures"])
         yield from (up, healthy, age, rx, tx, refreshes, failures)
 
 

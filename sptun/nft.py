@@ -14,7 +14,8 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from sptun.config import MTU, Port
 from sptun.errors import CommandError, SptunError
@@ -83,8 +84,11 @@ def dnat_rule(index: int, size: int) -> list[str]:
 def _wrap(kind: str, body: str, digest_of: str) -> str:
     """The whole load transaction: (re)create the table, with a hash of `digest_of` as comment."""
     digest = hashlib.sha256(digest_of.encode()).hexdigest()[:16]
+    # Also as the comment of a rule that never runs: nft's JSON output (the one way sptun
+    # reads the table) omits a table's comment, but not a rule's.
+    marker = f'\tchain digest {{\n\t\treturn comment "sptun {kind} {digest}"\n\t}}'
     return (f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"
-            f"table {FAMILY} {TABLE} {{\n\tcomment \"sptun {kind} {digest}\"\n{body}\n}}\n")
+            f"table {FAMILY} {TABLE} {{\n\tcomment \"sptun {kind} {digest}\"\n{marker}\n{body}\n}}\n")
 
 
 def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
@@ -132,7 +136,7 @@ def render_server(interface: str, forwards: list[Forward], rotations: list[list[
 
 
 def server_comment(interface: str, forwards: list[Forward]) -> str | None:
-    return _comment(render_server(interface, forwards, [[] for _ in forwards]))
+    return comment_of(render_server(interface, forwards, [[] for _ in forwards]))
 
 
 def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
@@ -166,51 +170,6 @@ def rotation_update(index: int, current: list[str], new: list[str]) -> list[str]
     return lines
 
 
-@dataclass
-class ServerTable:
-    """What the kernel holds: rule handles and the rotation in each map, by forward index."""
-
-    comment: str | None
-    handles: dict[str, int]
-    rotations: list[list[str]]
-
-
-def read_server_table(forwards: list[Forward]) -> ServerTable:
-    """The loaded table, read back (to adopt it after a restart, and to learn rule handles)."""
-    try:
-        listing = json.loads(run(["nft", "-a", "-j", "list", "table", FAMILY, TABLE]))
-    except CommandError:
-        return ServerTable(None, {}, [[] for _ in forwards])
-    handles: dict[str, int] = {}
-    maps: dict[str, list[str]] = {}
-    for item in listing.get("nftables", []):
-        rule = item.get("rule")
-        if rule and rule.get("chain") == "prerouting" and "comment" in rule:
-            handles[rule["comment"]] = int(rule["handle"])
-        nftmap = item.get("map")
-        if nftmap:
-            slots = {int(k): str(v) for k, v in nftmap.get("elem", [])}
-            maps[nftmap["name"]] = [slots[i] for i in sorted(slots)]
-    return ServerTable(loaded_comment(), handles, [maps.get(f"rr{i}", []) for i in range(len(forwards))])
-
-
-def forward_counters() -> dict[str, tuple[int, int]]:
-    """Packets and bytes counted by each forward's rule, by its key. A nat chain sees only the
-    first packet of a connection, so the packets are the connections forwarded."""
-    try:
-        listing = json.loads(run(["nft", "-j", "list", "chain", FAMILY, TABLE, "prerouting"]))
-    except CommandError:
-        return {}
-    counters = {}
-    for item in listing.get("nftables", []):
-        rule = item.get("rule")
-        if rule and "comment" in rule:
-            for expr in rule.get("expr", []):
-                if "counter" in expr:
-                    counters[rule["comment"]] = (int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
-    return counters
-
-
 class _Library:
     """libnftables (the library behind `nft`, package libnftables1) in this process: a change
     costs no fork and exec of `nft`, which at one change per health flip is most of its cost."""
@@ -238,29 +197,88 @@ class _Library:
                 raise CommandError(["nft", "-f", "-"], 1, self.lib.nft_ctx_get_error_buffer(self.ctx).decode(errors="replace"))
 
 
-_library: _Library | None = None
-_library_failed = False
+@dataclass(frozen=True)
+class TableState:
+    """The `inet sptun` table as one read found it. Pure data."""
+
+    exists: bool = False
+    comment: str | None = None  # "sptun server DIGEST", from the digest chain
+    handles: dict[str, int] = field(default_factory=dict)  # prerouting rules by comment
+    maps: dict[str, list[str]] = field(default_factory=dict)  # map name -> backend of each slot
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # prerouting rules: packets, bytes
+
+    def rotations(self, forwards: list[Forward]) -> list[list[str]]:
+        return [list(self.maps.get(f"rr{i}", [])) for i in range(len(forwards))]
 
 
-def _nft_library() -> _Library | None:
-    global _library, _library_failed
-    if _library is None and not _library_failed:
+def parse_table(listing: dict[str, object]) -> TableState:
+    """`nft -a -j list table inet sptun`, parsed. Pure."""
+    handles: dict[str, int] = {}
+    maps: dict[str, list[str]] = {}
+    counters: dict[str, tuple[int, int]] = {}
+    comment = None
+    items = listing.get("nftables", [])
+    for item in items if isinstance(items, list) else []:
+        rule = item.get("rule")
+        if rule and rule.get("chain") == "digest":
+            comment = rule.get("comment")
+        elif rule and rule.get("chain") == "prerouting" and "comment" in rule:
+            handles[rule["comment"]] = int(rule["handle"])
+            for expr in rule.get("expr", []):
+                if "counter" in expr:
+                    counters[rule["comment"]] = (int(expr["counter"]["packets"]), int(expr["counter"]["bytes"]))
+        nftmap = item.get("map")
+        if nftmap:
+            slots = {int(k): str(v) for k, v in nftmap.get("elem", [])}
+            maps[nftmap["name"]] = [slots[i] for i in sorted(slots)]
+    return TableState(True, comment, handles, maps, counters)
+
+
+class Firewall(Protocol):
+    """sptun's own nftables table: one way to read it, one way to write it."""
+
+    def read(self) -> TableState:
+        """The whole table in one listing; TableState() if there is none."""
+        ...
+
+    def write(self, text: str) -> None:
+        """One nft transaction (a ruleset or commands): all of it, or nothing."""
+        ...
+
+
+class Nft:
+    """The real table: reads with `nft -j` (one process per read), writes through
+    libnftables in this process (no fork per change, which at one change per health flip is
+    most of its cost), or `nft -f -` where the library is missing."""
+
+    def __init__(self) -> None:
+        self._library: _Library | None = None
+        self._library_failed = False
+
+    def read(self) -> TableState:
         try:
-            _library = _Library()
-        except (OSError, AttributeError):  # no libnftables.so.1: use the nft command
-            _library_failed = True
-    return _library
+            return parse_table(json.loads(run(["nft", "-a", "-j", "list", "table", FAMILY, TABLE])))
+        except CommandError:
+            return TableState()
+
+    def write(self, text: str) -> None:
+        if not text.endswith("\n"):
+            text += "\n"
+        if self._library is None and not self._library_failed:
+            try:
+                self._library = _Library()
+            except (OSError, AttributeError):  # no libnftables.so.1: use the nft command
+                self._library_failed = True
+        if self._library is None:
+            run(["nft", "-f", "-"], input=text)
+            return
+        log.debug("[#] nft -f - (libnftables): %s", text.strip().splitlines()[0][:200] if text.strip() else "")
+        self._library.run(text)
 
 
-def transaction(lines: list[str]) -> None:
-    """Several changes to the table, all or none."""
-    text = "\n".join(lines) + "\n"
-    lib = _nft_library()
-    if lib is None:
-        run(["nft", "-f", "-"], input=text)
-        return
-    log.debug("[#] nft -f - (libnftables): %s", text.strip().splitlines()[0][:200] if text.strip() else "")
-    lib.run(text)
+def delete_table() -> str:
+    """The transaction that removes the table, whether or not it exists."""
+    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"
 
 
 def client_mark(ifindex: int) -> int:
@@ -293,38 +311,7 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
     return _wrap("agent", body, body)
 
 
-def _comment(ruleset: str) -> str | None:
+def comment_of(ruleset: str) -> str | None:
+    """The digest comment a rendered ruleset carries. Pure."""
     m = re.search(r'^\s*comment "(sptun [^"]*)"', ruleset, re.M)
     return m.group(1) if m else None
-
-
-def loaded_comment() -> str | None:
-    """The comment of the loaded table, or None if there is none."""
-    try:
-        return _comment(run(["nft", "list", "table", FAMILY, TABLE]))
-    except CommandError:
-        return None
-
-
-def apply(ruleset: str) -> bool:
-    """Load the table atomically unless it is already exactly this. True if it was loaded."""
-    if loaded_comment() == _comment(ruleset):
-        return False
-    run(["nft", "-f", "-"], input=ruleset)
-    return True
-
-
-def delete() -> bool:
-    """Remove the table; True if there was one. Touches nothing else."""
-    if not table_exists():
-        return False
-    run(["nft", "delete", "table", FAMILY, TABLE])
-    return True
-
-
-def table_exists() -> bool:
-    try:
-        run(["nft", "list", "table", FAMILY, TABLE])
-        return True
-    except CommandError:
-        return False

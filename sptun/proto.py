@@ -20,6 +20,7 @@ import functools
 import hmac
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,9 +209,13 @@ def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment 
         raise ProtocolError("assignment is incomplete") from None
 
 
-def _read_line(sock: socket.socket) -> bytes:
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
     buf = b""
     while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
         chunk = sock.recv(MAX_MESSAGE + 1 - len(buf))
         if not chunk:
             raise ProtocolError("connection closed mid-message")
@@ -222,13 +227,17 @@ def _read_line(sock: socket.socket) -> bytes:
 
 def exchange(host: str, port: int, request: Request, client_private: str, pinned_key: str | None = None,
              timeout: float = 5.0) -> tuple[str, Assignment | None]:
-    """One registration round trip. Returns the server's key and its assignment."""
+    """One registration round trip, all of it within `timeout` seconds (a server that
+    accepts and then trickles or never answers costs no more). Returns the server's key and
+    its assignment."""
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            server_key, challenge = parse_hello(_read_line(sock))
+            server_key, challenge = parse_hello(_read_line(sock, deadline))
             if pinned_key is not None and not hmac.compare_digest(server_key, pinned_key):
                 raise ProtocolError(f"server {host} presents key {server_key}, but DNS pins pk={pinned_key}", reason="wrong-server-key")
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(seal_request(request, client_private, server_key, challenge))
-            return server_key, open_reply(_read_line(sock), client_private, server_key)
+            return server_key, open_reply(_read_line(sock, deadline), client_private, server_key)
     except OSError as e:
         raise SptunError(f"cannot reach {host}:{port}: {e.strerror or e}", hint="is `sptun server run` up there, and the api port open?") from None

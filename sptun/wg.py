@@ -304,3 +304,11 @@ def backend(mode: str, links: Links) -> WireGuard:
         return Userspace(links)
     raise WireGuardUnavailable("no WireGuard: neither the kernel module nor wireguard-go is available",
                                hint="apt-get install wireguard-go, or load the wireguard module")
+
+
+FRESH_HANDSHAKE = 180.0  # s; with keepalives, WireGuard re-handshakes every 2 minutes
+
+
+def handshake_fresh(last_handshake: float, now: float) -> bool:
+    """Whether a peer's last handshake (unix time, 0 = never) is recent enough to count."""
+    return last_handshake > 0 and now - last_handshake < FRESH_HANDSHAKE

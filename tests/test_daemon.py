@@ -5,31 +5,36 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fakes import FakeKernel
 from sptun.control import control_request
 from sptun.daemon import Role, sd_notify
 from sptun.errors import SptunError
 
 
-class FakeWireGuard:
-    kind = "fake"
+@dataclass(frozen=True)
+class FakeStatus:
+    role: str
+    reconciles: int
+    down: bool
 
 
 class FakeRole(Role):
     interval = 0.05
 
     def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir, "userspace", links=object(), wg=FakeWireGuard())  # type: ignore[arg-type]
+        super().__init__(state_dir, "userspace", FakeKernel().edges("userspace"))
         self.reconciles = 0
         self.teardowns = 0
         self.fail = False
         self.status_bug = False
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self, undo: list[str] | None = None) -> list[str]:
         if self.fail:
             raise SptunError("broken on purpose")
         self.reconciles += 1
@@ -39,10 +44,10 @@ class FakeRole(Role):
         self.teardowns += 1
         return ["removed everything"]
 
-    def status(self) -> dict[str, Any]:
+    def read_status(self) -> FakeStatus:  # type: ignore[override]
         if self.status_bug:  # as pyroute2's NetlinkError once came out of a device read
             raise OSError(104, "Connection reset by peer")
-        return {"role": "fake", "reconciles": self.reconciles, "down": self.is_down()}
+        return FakeStatus("fake", self.reconciles, self.is_down())
 
 
 async def ask(state_dir: Path, cmd: str) -> dict[str, Any] | None:

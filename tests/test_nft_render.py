@@ -24,10 +24,11 @@ from sptun.nft import (
     MARK_BASE,
     MARK_MASK,
     Forward,
-    _comment,
+    comment_of,
     _q,
     client_mark,
     next_rotation,
+    parse_table,
     render_client,
     render_server,
     rotation_update,
@@ -197,16 +198,18 @@ def test_client_mark() -> None:
 
 
 def body_and_digest(ruleset: str) -> tuple[str, str]:
-    m = re.search(r'\tcomment "sptun (?:server|agent) ([0-9a-f]{16})"\n(.*)\n}\n\Z', ruleset, re.S)
+    m = re.search(r'\tcomment "sptun (server|agent) ([0-9a-f]{16})"\n'
+                  r'\tchain digest {\n\t\treturn comment "sptun (server|agent) ([0-9a-f]{16})"\n\t}\n(.*)\n}\n\Z', ruleset, re.S)
     assert m
-    return m.group(2), m.group(1)
+    assert m.group(1, 2) == m.group(3, 4)  # the table's comment, and the one a JSON listing shows
+    return m.group(5), m.group(2)
 
 
 @pytest.mark.parametrize("ruleset", [render_client(m, p) for m, p in CLIENT_CASES.values()])
 def test_client_digest_is_the_hash_of_the_body(ruleset: str) -> None:
     body, digest = body_and_digest(ruleset)
     assert hashlib.sha256(body.encode()).hexdigest()[:16] == digest
-    assert _comment(ruleset) == f"sptun agent {digest}"
+    assert comment_of(ruleset) == f"sptun agent {digest}"
 
 
 @pytest.mark.parametrize("name", SERVER_CASES)
@@ -303,12 +306,37 @@ def test_client_digest_changes_with_the_body() -> None:
     assert body_and_digest(render_client({}, (TCP443,)))[1] != base
 
 
-def test_comment_read_back_from_nft_list_output() -> None:
-    """`nft list table inet sptun` prints the comment indented inside the table."""
-    listed = 'table inet sptun {\n\tcomment "sptun server 0123456789abcdef"\n\n\tchain prerouting {\n\t}\n}\n'
-    assert _comment(listed) == "sptun server 0123456789abcdef"
-    assert _comment("table inet sptun {\n}\n") is None
-    assert _comment('table inet sptun {\n\tchain x {\n\t\tcounter comment "sptun server x"\n\t}\n}\n') is None
+# `nft -a -j list table inet sptun` of a loaded server table, as nft 1.0.6 prints it (trimmed):
+# no comment on the table object, so the digest comes from the digest chain's rule.
+LISTING = {"nftables": [
+    {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+    {"table": {"family": "inet", "name": "sptun", "handle": 1}},
+    {"map": {"family": "inet", "name": "rr0", "table": "sptun", "type": "integer", "handle": 2, "map": "ipv4_addr",
+             "elem": [[1, "10.99.0.3"], [0, "10.99.0.2"]]}},
+    {"map": {"family": "inet", "name": "rr1", "table": "sptun", "type": "integer", "handle": 3, "map": "ipv4_addr"}},
+    {"chain": {"family": "inet", "table": "sptun", "name": "digest", "handle": 1}},
+    {"rule": {"family": "inet", "table": "sptun", "chain": "digest", "handle": 4, "comment": "sptun server 0123456789abcdef",
+              "expr": [{"return": None}]}},
+    {"rule": {"family": "inet", "table": "sptun", "chain": "prerouting", "handle": 9, "comment": "app 198.51.100.10 tcp/443",
+              "expr": [{"counter": {"packets": 7, "bytes": 420}}, {"jump": {"target": "fwd0"}}]}},
+    {"rule": {"family": "inet", "table": "sptun", "chain": "forward", "handle": 11, "expr": [{"accept": None}]}},
+]}
+
+
+def test_one_json_listing_gives_digest_handles_rotations_and_counters() -> None:
+    table = parse_table(LISTING)
+    assert table.exists and table.comment == "sptun server 0123456789abcdef"
+    assert table.handles == {"app 198.51.100.10 tcp/443": 9}
+    assert table.counters == {"app 198.51.100.10 tcp/443": (7, 420)}
+    fwds = [Forward("app", "198.51.100.10", TCP443), Forward("app", "198.51.100.10", TCP80), Forward("b", None, TCP80)]
+    assert table.rotations(fwds) == [["10.99.0.2", "10.99.0.3"], [], []]  # by slot; a map not there is empty
+
+
+def test_a_table_without_the_digest_chain_is_not_recognised() -> None:
+    """An older sptun's table, or someone else's: reloaded, never trusted."""
+    listing = {"nftables": [item for item in LISTING["nftables"] if item.get("rule", {}).get("chain") != "digest"]}
+    assert parse_table(listing).comment is None
+    assert comment_of("table inet sptun {\n}\n") is None
 
 
 # --- injection --------------------------------------------------------------------------------------

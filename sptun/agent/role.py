@@ -1,0 +1,250 @@
+"""The tunnel client: one WireGuard interface per server listed in DNS, registered with
+each, and policy routing so that replies leave by the tunnel their connection came in on.
+
+A pass: outside the lock, DNS and the registrations (each server on its own task); under
+it, observe the kernel, plan (agent/plan.py, pure), apply (changes.Applier)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+from sptun.agent.plan import (
+    PREFIX,
+    RULE_PRIORITY,
+    AgentKernel,
+    AgentWanted,
+    Rule,
+    TunnelWanted,
+    interface_name,
+    plan,
+    plan_teardown,
+)
+from sptun.agent.registration import Registrar, Registration, StateFile
+from sptun.agent.sockets import SockDiag, Sockets
+from sptun.changes import Applier, Edges, UpdatePeer, observe_link
+from sptun.config import AgentConfig, load_agent
+from sptun.daemon import Role, config_changes
+from sptun.discovery import Discovery, DnsTxtSource, TxtSource
+from sptun.errors import SptunError
+from sptun.snapshot import AgentStatus, DnsStatus, TunnelStatus
+from sptun.wg import handshake_fresh
+
+log = logging.getLogger("sptun")
+
+KERNEL_CHECK_EVERY = 10.0  # s between full reads of the kernel when nothing changed
+MAX_ROUNDS = 4  # observe-plan-apply rounds in one pass: link, then rules and table, then peer
+
+
+class Agent(Role):
+    def __init__(self, cfg: AgentConfig, edges: Edges | None = None, source: TxtSource | None = None,
+                 sockets: Sockets | None = None, discovery: Discovery | None = None,
+                 clock: Callable[[], float] = time.monotonic, read_only: bool = False) -> None:
+        super().__init__(cfg.state_dir, cfg.wireguard, edges, read_only)
+        self.cfg = cfg
+        self.clock = clock
+        self.discovery = discovery or Discovery(cfg.domain, source or DnsTxtSource(cfg.nameservers), cfg.realm)
+        self.sockets = sockets or SockDiag()
+        self.state = StateFile(cfg.state_dir / "agent.json")
+        self.registrations: dict[str, Registration] = self.state.load()
+        self.registrar = Registrar(cfg.domain, cfg.token_file, self.private_key, self.public_key, self.wake.set, clock) \
+            if self.private_key and self.public_key else None
+        self.draining: dict[str, asyncio.Task[None]] = {}  # server ip -> its drain, while it runs
+        self.listening = False
+        self.last_wanted: AgentWanted | None = None
+        self.configured: set[str] = set()  # interfaces whose peer a pass (re)configured, for note_configured
+        self.kernel_checked = -KERNEL_CHECK_EVERY
+
+    # --- outside the lock: DNS, registrations, drains ----------------------------------
+
+    async def prepare(self, wait: bool = False) -> None:
+        assert self.registrar is not None
+        servers = {s.ip: s for s in await asyncio.to_thread(self.discovery.current)}
+        self.listening = await asyncio.to_thread(self.sockets.listening, self.cfg.ports)
+        for ip, reg in list(self.registrations.items()):
+            if ip in self.draining:
+                continue
+            if ip not in servers:
+                self.start_drain(reg, f"{ip} left DNS")
+            elif not self.listening and reg.assignment is not None:
+                self.start_drain(reg, f"nothing listens on {', '.join(map(str, self.cfg.ports))}")
+        for ip, server in servers.items():
+            if ip in self.draining:
+                continue
+            reg = self.registrations.setdefault(ip, Registration(server))
+            if reg.server != server:
+                reg.server, reg.next_at = server, 0.0
+        if self.listening:
+            self.registrar.start_due({ip: r for ip, r in self.registrations.items() if ip not in self.draining})
+        if wait:
+            await asyncio.gather(*self.registrar.tasks.values(), *self.draining.values(), return_exceptions=True)
+
+    def start_drain(self, reg: Registration, why: str) -> None:
+        log.info("tunnel to %s goes: %s", reg.server.ip, why)
+        self.draining[reg.server.ip] = asyncio.create_task(self.drain_one(reg))
+
+    async def drain_one(self, reg: Registration) -> None:
+        try:
+            await self.drain([reg])
+        finally:
+            self.draining.pop(reg.server.ip, None)
+            if self.registrations.get(reg.server.ip) is reg:
+                del self.registrations[reg.server.ip]
+            self.wake.set()  # the next pass removes its interface
+
+    async def drain(self, regs: list[Registration]) -> None:
+        """Deregister first, so the servers take us out of their rotation at once; then wait,
+        at most drain_timeout, for the connections in flight through these tunnels."""
+        assert self.registrar is not None
+        await self.registrar.deregister(regs)
+        addresses = {r.assignment.overlay_ip for r in regs if r.assignment}
+        deadline = self.clock() + self.cfg.drain_timeout
+        left = 0
+        while addresses:
+            left = await asyncio.to_thread(self.sockets.in_flight, addresses, self.cfg.ports)
+            if not left or self.clock() >= deadline:
+                break
+            await asyncio.sleep(0.2)
+        if left:
+            log.warning("drain: %d connections still open after %g s; closing them", left, self.cfg.drain_timeout)
+
+    # --- under the lock: observe, plan, apply ------------------------------------------
+
+    def wanted(self) -> AgentWanted:
+        """The tunnels to have now: registered ones while the service listens, and the ones
+        draining (their connections finish through them)."""
+        assert self.public_key is not None
+        tunnels = tuple(TunnelWanted(r.server, r.assignment.overlay_ip, r.assignment.server_key, r.kick)
+                        for ip, r in sorted(self.registrations.items())
+                        if r.assignment is not None and (self.listening or ip in self.draining))
+        return AgentWanted(self.public_key, self.cfg.ports, self.cfg.keepalive, tunnels)
+
+    def observe(self) -> AgentKernel:
+        e = self.edges
+        links = {}
+        for name in e.links.names(PREFIX):
+            link = observe_link(e, name, table_of=True)
+            if link is not None:
+                links[name] = link
+        rules = tuple(Rule(r["fwmark"], r["src"], r["table"]) for r in e.links.rules(RULE_PRIORITY))
+        nft_table = e.firewall.read()
+        return AgentKernel(links, rules, nft_table.comment, nft_table.exists)
+
+    async def run_pass(self, wait: bool = False) -> list[str]:
+        changes = await super().run_pass(wait)
+        self.note_configured()
+        self.state.save(self.registrations)  # assignments as the registrations left them
+        return changes
+
+    def reconcile(self, undo: list[str] | None = None) -> list[str]:
+        wanted = self.wanted()
+        now = self.clock()
+        # An idle agent reads the kernel every KERNEL_CHECK_EVERY, or at once when anything
+        # changed: reading it each second (netlink dumps, UAPI, nft) costs ~5% CPU.
+        if wanted == self.last_wanted and now - self.kernel_checked < KERNEL_CHECK_EVERY:
+            return []
+        applier = Applier(self.edges, self.private_key)
+        done: list[str] = []
+        try:
+            for _ in range(MAX_ROUNDS):
+                changes = plan(wanted, self.observe())
+                if not changes:
+                    break
+                done += applier.apply(changes)
+                peers_set = {c.name for c in changes if isinstance(c, UpdatePeer)}
+                self.configured |= peers_set
+                wanted = dataclasses.replace(wanted, tunnels=tuple(
+                    dataclasses.replace(t, kick=False) if t.ifname in peers_set else t for t in wanted.tunnels))
+            else:
+                raise SptunError(f"the kernel did not converge in {MAX_ROUNDS} rounds; still to do: "
+                                 f"{'; '.join(map(str, plan(wanted, self.observe())))}")
+        except SptunError:
+            self.last_wanted = None
+            if undo is not None:
+                undo += applier.rollback()
+            raise
+        # What was converged, not wanted() again: a registration that finished meanwhile (on
+        # the event loop) must still count as a change for the next pass.
+        self.last_wanted, self.kernel_checked = wanted, now
+        return done
+
+    def note_configured(self) -> None:
+        """On the event loop, after a pass: the peers it (re)configured start their kick
+        grace now and are kicked no more; one found configured (by an earlier run) too."""
+        now = self.clock()
+        for reg in self.registrations.values():
+            if interface_name(reg.server.ip) in self.configured:
+                reg.configured_at, reg.kick = now, False
+            elif reg.assignment is not None and not reg.configured_at:
+                reg.configured_at = now
+        self.configured.clear()
+
+    def teardown(self) -> list[str]:
+        changes = Applier(self.edges, self.private_key).apply(plan_teardown(self.observe()))
+        self.last_wanted = None
+        return changes
+
+    async def go_down(self) -> list[str]:
+        """Drain every tunnel (outside the lock: the servers may be slow), then remove all."""
+        if self.registrar is not None:
+            self.registrar.cancel_all()
+            for task in list(self.draining.values()):
+                task.cancel()
+            await self.drain(list(self.registrations.values()))
+        self.registrations.clear()
+        async with self.lock:
+            changes = await asyncio.to_thread(self.teardown)
+        self.state.save(self.registrations)
+        return changes
+
+    async def on_stop(self) -> None:
+        """Stopping the agent drains: the servers take it out of rotation before its tunnels go."""
+        for change in await self.go_down():
+            log.info("%s", change)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self.cfg.metrics
+
+    def reload_config(self) -> str:
+        new = load_agent(self.cfg.path)
+        changed = config_changes(self.cfg, new, needs_restart=("state_dir", "wireguard", "metrics"))
+        if (new.domain, new.nameservers, new.realm) != (self.cfg.domain, self.cfg.nameservers, self.cfg.realm):
+            self.discovery = Discovery(new.domain, DnsTxtSource(new.nameservers), new.realm)
+        self.cfg = new
+        if self.registrar is not None:
+            self.registrar.domain, self.registrar.token_file = new.domain, new.token_file
+        for reg in self.registrations.values():  # register again now, with the new token or domain
+            reg.next_at = 0.0
+        return ", ".join(changed) or "nothing changed"
+
+    # --- status ------------------------------------------------------------------------
+
+    def read_status(self) -> AgentStatus:
+        now = time.time()
+        tunnels = []
+        for ip, reg in sorted(self.registrations.items()):
+            name = interface_name(ip)
+            link = observe_link(self.edges, name)
+            device = link.device if link is not None else None
+            state = next(iter(device.peers.values()), None) if device else None
+            handshake = state.last_handshake if state else 0.0
+            a = reg.assignment
+            tunnels.append(TunnelStatus(
+                server=ip, interface=name, port=reg.server.port,
+                overlay_ip=a.overlay_ip if a else None, server_overlay_ip=a.server_ip if a else None,
+                server_key=a.server_key if a else None, registered=a is not None,
+                up=device is not None and device.public_key is not None,
+                healthy=a is not None and handshake_fresh(handshake, now),
+                handshake_age=round(now - handshake, 1) if handshake else None,
+                rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
+                error=reg.error or None))
+        d = self.discovery
+        return AgentStatus(
+            domain=self.cfg.domain, public_key=self.public_key, wireguard=self.edges.wg.kind, down=self.is_down(),
+            listening=self.listening, ports=[str(p) for p in self.cfg.ports],
+            dns=DnsStatus([s.ip for s in d.servers or []], d.last_error or None, d.refreshes, d.failures),
+            tunnels=tunnels)

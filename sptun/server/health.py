@@ -1,0 +1,101 @@
+"""Active health checks of the backends: a fresh WireGuard handshake, then a TCP connect to
+the domain's first TCP port through the tunnel. `healthy` on the server means exactly this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from sptun.config import ServerConfig
+from sptun.leases import Lease
+from sptun.wg import Device, handshake_fresh
+
+log = logging.getLogger("sptun")
+
+
+@dataclass
+class Health:
+    """One backend's health, with fall/rise hysteresis. A new backend starts out of rotation."""
+
+    up: bool = False
+    streak: int = 0  # checks in a row that disagree with `up`
+    reason: str = "not checked yet"
+    checked: float = 0.0
+
+    def record(self, ok: bool, reason: str, fall: int, rise: int) -> bool:
+        """Take one check's result; True if the backend changed state."""
+        self.reason, self.checked = reason, time.time()
+        self.streak = self.streak + 1 if ok != self.up else 0
+        if self.streak >= (rise if ok else fall):
+            self.up, self.streak = ok, 0
+            return True
+        return False
+
+
+def check_port(cfg: ServerConfig, domain: str) -> int | None:
+    """The port a health check connects to: the domain's first TCP port (None: UDP only)."""
+    d = cfg.domain(domain)
+    return next((p.number for p in d.ports if p.proto == "tcp"), None) if d else None
+
+
+NO_HANDSHAKE = "no recent WireGuard handshake"
+
+
+async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
+    port = check_port(cfg, lease.domain)
+    if port is None:
+        return True, "handshake fresh (UDP only: no connect check)"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(lease.overlay_ip, port), cfg.health.timeout)
+    except TimeoutError:
+        return False, f"tcp/{port} timed out"
+    except OSError as e:
+        return False, f"tcp/{port}: {e.strerror or e}"
+    writer.close()
+    return True, f"tcp/{port} answers"
+
+
+class HealthChecks:
+    """The health of every backend, by public key; changed only by check rounds (on the
+    event loop) and by the passes' adoption of a running rotation."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, Health] = {}
+
+    def is_up(self, key: str) -> bool:
+        health = self.by_key.get(key)
+        return health is not None and health.up
+
+    def adopt(self, leases: list[Lease], serving: set[str]) -> None:
+        """A restarted daemon trusts the rotation it finds until its own checks say otherwise:
+        emptying it while the first checks run would refuse every request."""
+        for lease in leases:
+            if lease.overlay_ip in serving and lease.public_key not in self.by_key:
+                self.by_key[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
+
+    async def check(self, cfg: ServerConfig, leases: list[Lease], device: Device) -> bool:
+        """One round of checks of the given backends, concurrently; True if any flipped."""
+        h = cfg.health
+        now = time.time()
+        # A backend with no fresh handshake fails without a connect: no task for it (10k a second add up).
+        fresh = [lease for lease in leases
+                 if (state := device.peers.get(lease.public_key)) is not None and handshake_fresh(state.last_handshake, now)]
+        probed = dict(zip((lease.public_key for lease in fresh),
+                          await asyncio.gather(*(probe(cfg, lease) for lease in fresh)), strict=True))
+        flipped = False
+        for lease in leases:
+            ok, reason = probed.get(lease.public_key, (False, NO_HANDSHAKE))
+            health = self.by_key.setdefault(lease.public_key, Health())
+            if health.record(ok, reason, h.fall, h.rise):
+                flipped = True
+                log.info("backend %s of %s is %s: %s", lease.overlay_ip, lease.domain, "up" if health.up else "down", reason)
+        return flipped
+
+    def forget_all_but(self, keys: set[str]) -> None:
+        for key in set(self.by_key) - keys:
+            del self.by_key[key]
+
+    def clear(self) -> None:
+        self.by_key.clear()

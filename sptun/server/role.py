@@ -1,0 +1,269 @@
+"""The tunnel server: one WireGuard interface, a peer per registered client, and the
+`inet sptun` table that spreads each domain's public ports over its healthy clients.
+
+A pass observes the kernel (the interface and its device; the table as sptun last knew it
+loaded, re-read every resync), plans (server/plan.py, pure) and applies (changes.Applier).
+Registrations (api.py) and health checks (health.py) run beside it on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from sptun import nft, proto
+from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
+from sptun.config import ServerConfig, load_server
+from sptun.daemon import Role, config_changes
+from sptun.errors import ConfigError, SptunError
+from sptun.leases import Lease, Leases, LeaseStore
+from sptun.server.api import RegistrationApi
+from sptun.server.conntrack import active_connections
+from sptun.server.health import NO_HANDSHAKE, HealthChecks
+from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table
+from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, RegistrationCounts, ServerStatus
+from sptun.wg import Device, handshake_fresh
+
+log = logging.getLogger("sptun")
+
+MAX_ROUNDS = 3  # observe-plan-apply rounds in one pass: the interface, then the rest
+
+
+class Server(Role):
+    def __init__(self, cfg: ServerConfig, edges: Edges | None = None, read_only: bool = False,
+                 conntrack: Callable[[], Counter[str] | None] = active_connections) -> None:
+        """conntrack: the edge that counts each backend's open connections, for status."""
+        super().__init__(cfg.state_dir, cfg.wireguard, edges, read_only)
+        self.cfg = cfg
+        self.conntrack = conntrack
+        self.store = LeaseStore(cfg.state_dir)
+        self.leases = Leases(cfg.overlay, self.store.load())
+        self.health = HealthChecks()
+        self.draining: dict[str, float] = {}  # deregistered keys -> when their peer may go
+        self.device = Device()  # the interface as the last pass read it
+        self.nft_table: nft.TableState | None = None  # the table as sptun last loaded or read it
+        self.last_resync = 0.0
+        self.api = RegistrationApi(self)
+        self.health_task: asyncio.Task[None] | None = None
+
+    def check_overlay(self) -> None:
+        """The overlay must not cover a network this host already routes elsewhere."""
+        clash = self.edges.links.overlapping_routes(self.cfg.overlay, self.cfg.interface)
+        if clash:
+            raise ConfigError(f"{self.cfg.path}: overlay: {self.cfg.overlay} overlaps {clash[0]} on this host",
+                              hint="choose an overlay that no local network uses")
+
+    # --- observe, plan, apply ----------------------------------------------------------
+
+    def in_rotation(self, lease: Lease) -> bool:
+        if lease.public_key in self.draining:
+            return False
+        if not self.daemon:  # a one-shot `sptun up` has no health checks to bring anyone back later
+            return True
+        return self.health.is_up(lease.public_key)
+
+    def wanted(self) -> ServerWanted:
+        assert self.public_key is not None
+        fwds = forwards(self.cfg)
+        return ServerWanted(
+            self.cfg.interface, self.public_key, self.cfg.listen_port,
+            f"{self.cfg.server_ip}/{self.cfg.overlay.prefixlen}",
+            tuple(peer_of(lease) for lease in self.leases.all()), tuple(fwds),
+            tuple(frozenset(lease.overlay_ip for lease in self.leases.for_domain(f.domain) if self.in_rotation(lease))
+                  for f in fwds))
+
+    def read_nft_table(self) -> nft.TableState:
+        """The table as sptun believes it is: read from the kernel on the first pass and at
+        each resync, and otherwise kept in step by the applier."""
+        if self.nft_table is None:
+            self.nft_table = self.edges.firewall.read()
+            fwds = forwards(self.cfg)
+            self.health.adopt(self.leases.all(), {ip for r in self.nft_table.rotations(fwds) for ip in r})
+        return self.nft_table
+
+    def observe(self) -> ServerKernel:
+        link = observe_link(self.edges, self.cfg.interface)
+        self.device = link.device if link is not None else Device()
+        return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), self.read_nft_table())
+
+    def apply(self, applier: Applier, changes: list[Change]) -> list[str]:
+        """Apply, then believe the table's new state, only once the kernel has it: status
+        must never say a backend serves before the kernel sends it connections."""
+        try:
+            done = applier.apply(changes)
+        except SptunError:
+            self.nft_table = None  # our picture of the kernel may be wrong: read it again next pass
+            raise
+        for change in changes:
+            if isinstance(change, LoadTable):
+                self.nft_table = None
+            elif isinstance(change, UpdateRotation) and self.nft_table is not None:
+                self.nft_table.maps[f"rr{change.index}"] = list(change.new)
+        return done
+
+    def reconcile(self, undo: list[str] | None = None) -> list[str]:
+        now = time.monotonic()
+        if now - self.last_resync > self.resync_every:
+            self.nft_table = None  # re-read the kernel now and then: someone may have changed it
+            self.last_resync = now
+        done = self.expire_drains()
+        if self.passes <= 1:
+            done += self.adopt_orphans()
+        if self.store.damaged:  # loaded from the backup: write a good file now
+            self.store.save(self.leases)
+            done.append(f"rewrote the damaged {self.store.path} ({len(self.leases.by_key)} leases)")
+        applier = Applier(self.edges, self.private_key)
+        try:
+            for _ in range(MAX_ROUNDS):
+                kernel = self.observe()  # first: it adopts a running rotation's health, which wanted() uses
+                changes = plan(self.wanted(), kernel)
+                if not changes:
+                    return done
+                done += self.apply(applier, changes)
+            kernel = self.observe()
+            raise SptunError(f"the kernel did not converge in {MAX_ROUNDS} rounds; still to do: "
+                             f"{'; '.join(map(str, plan(self.wanted(), kernel)))}")
+        except SptunError:
+            if undo is not None:
+                undo += applier.rollback()
+            raise
+
+    def apply_rotation(self) -> list[str]:
+        """Only the rotation, now (a deregistration takes a client out at once). Under the lock."""
+        if self.nft_table is None or self.device.public_key is None:
+            return []  # no pass has run yet: the next one plans it all
+        return self.apply(Applier(self.edges, self.private_key), plan_table(self.wanted(), self.nft_table))
+
+    def adopt_orphans(self) -> list[str]:
+        """Peers on the interface with no lease (the leases file was lost or is behind): keep
+        their addresses for them, so they come back where they were when they register."""
+        link = observe_link(self.edges, self.cfg.interface)
+        changes = []
+        for key, state in (link.device.peers.items() if link is not None else []):
+            ips = state.peer.allowed_ips
+            if key in self.leases.by_key or len(ips) != 1 or not ips[0].endswith("/32"):
+                continue
+            address = ips[0].removesuffix("/32")
+            if ipaddress.IPv4Address(address) in self.cfg.overlay and self.leases.adopt(Lease(key, "", address, time.time())):
+                changes.append(f"keep {address} for {key}: a peer with no lease, until it registers again")
+        if changes:
+            self.store.save(self.leases)
+        return changes
+
+    def expire_drains(self) -> list[str]:
+        changes = []
+        now = time.monotonic()
+        for key, until in list(self.draining.items()):
+            if now >= until:
+                del self.draining[key]
+                lease = self.leases.release(key)
+                if lease is not None:
+                    self.store.save(self.leases)
+                    changes.append(f"release {lease.overlay_ip} of {key} ({lease.domain}): drained")
+        return changes
+
+    def teardown(self) -> list[str]:
+        changes = []
+        if self.edges.firewall.read().exists:
+            self.edges.firewall.write(nft.delete_table())
+            changes.append("delete table inet sptun")
+        if self.edges.links.delete(self.cfg.interface):
+            changes.append(f"delete interface {self.cfg.interface}")
+        self.nft_table = None
+        self.health.clear()
+        return changes
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return self.cfg.metrics
+
+    def reload_config(self) -> str:
+        new = load_server(self.cfg.path)
+        changed = config_changes(self.cfg, new, needs_restart=("interface", "overlay", "state_dir", "api_port",
+                                                               "wireguard", "metrics"))
+        self.cfg = new
+        return ", ".join(changed) or "nothing changed"
+
+    # --- health ------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """One round of checks of every backend; a flip wakes the loop."""
+        leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
+        if await self.health.check(self.cfg, leases, self.device):
+            self.wake.set()
+        self.health.forget_all_but(set(self.leases.by_key))
+
+    async def health_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            # Not before the first pass has read the device and adopted the running rotation.
+            if not self.is_down() and self.nft_table is not None:
+                try:
+                    await self.check_health()
+                except Exception:  # a bug here must not stop the checks for good
+                    log.exception("health check round failed")
+            await asyncio.sleep(max(0.0, self.cfg.health.interval - (time.monotonic() - started)))
+
+    async def start_services(self) -> list[asyncio.AbstractServer]:
+        try:
+            api = await asyncio.start_server(self.api.handle_api, port=self.cfg.api_port, reuse_address=True,
+                                             limit=proto.MAX_MESSAGE)
+        except OSError as e:
+            raise SptunError(f"cannot listen on the api port {self.cfg.api_port}: {e.strerror}",
+                             hint="is another sptun server running, or the port in use?") from None
+        log.info("registration api on port %d, WireGuard on %d (%s), key %s", self.cfg.api_port,
+                 self.cfg.listen_port, self.edges.wg.kind, self.public_key)
+        self.health_task = asyncio.create_task(self.health_loop())
+        return [api]
+
+    # --- status ------------------------------------------------------------------------
+
+    async def status(self) -> ServerStatus:
+        # The connection counts outside the lock: a big conntrack table takes up to its 2 s.
+        active = await asyncio.to_thread(self.conntrack)
+        async with self.lock:
+            return await asyncio.to_thread(self.read_status, active)
+
+    def read_status(self, active: Counter[str] | None = None) -> ServerStatus:
+        link = observe_link(self.edges, self.cfg.interface)
+        device = link.device if link is not None and link.ours else Device()
+        table = self.edges.firewall.read()  # one listing: the rotations as loaded, and the counters
+        now = time.time()
+        fwds = forwards(self.cfg)
+        rotating = [(f.domain, set(rotation)) for f, rotation in zip(fwds, table.rotations(fwds), strict=True)]
+        domains = []
+        for domain in self.cfg.domains:
+            backends = []
+            for lease in self.leases.for_domain(domain.name):
+                state = device.peers.get(lease.public_key)
+                handshake = state.last_handshake if state else 0.0
+                health = self.health.by_key.get(lease.public_key)
+                if self.daemon:  # the active checks speak
+                    is_healthy = health is not None and health.up
+                    reason = health.reason if health else "not checked yet"
+                else:  # no daemon: the handshake is all there is to go by
+                    is_healthy = handshake_fresh(handshake, now)
+                    reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
+                              else "no handshake yet" if not handshake else NO_HANDSHAKE)
+                if lease.public_key in self.draining:
+                    reason = "draining (deregistered)"
+                backends.append(BackendStatus(
+                    overlay_ip=lease.overlay_ip, public_key=lease.public_key, healthy=is_healthy, reason=reason,
+                    in_rotation=all(lease.overlay_ip in ips for name, ips in rotating if name == lease.domain),
+                    handshake_age=round(now - handshake, 1) if handshake else None,
+                    endpoint=state.peer.endpoint if state else None,
+                    rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
+                    active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since))
+            forwarded = [ForwardStatus(f.listen or "*", str(f.port), *table.counters.get(f.key, (0, 0)))
+                         for f in fwds if f.domain == domain.name]
+            domains.append(DomainStatus(domain.name, [str(a) for a in domain.listen] or ["*"],
+                                        [str(p) for p in domain.ports], backends, forwarded))
+        return ServerStatus(
+            interface=self.cfg.interface, public_key=self.public_key, listen_port=self.cfg.listen_port,
+            api_port=self.cfg.api_port, overlay=str(self.cfg.overlay), overlay_ip=str(self.cfg.server_ip),
+            wireguard=self.edges.wg.kind, down=self.is_down(), up=device.public_key is not None,
+            table_loaded=table.exists,
+            registrations=RegistrationCounts(self.api.accepted, dict(self.api.rejected)), domains=domains)

@@ -1,0 +1,122 @@
+"""`status` as typed, immutable values. A role builds one from its own state and a read of
+the kernel; the control socket, the metrics and the CLI only ever read these. The
+`status --json` object of ../shared/CONTRACT.md is `to_json()` of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TunnelStatus:
+    server: str
+    interface: str
+    port: int
+    overlay_ip: str | None
+    server_overlay_ip: str | None
+    server_key: str | None
+    registered: bool
+    up: bool  # the interface exists, with our key
+    healthy: bool  # registered, with a fresh WireGuard handshake
+    handshake_age: float | None
+    rx_bytes: int
+    tx_bytes: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DnsStatus:
+    servers: list[str]
+    error: str | None
+    refreshes: int = 0
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    domain: str
+    public_key: str | None
+    wireguard: str
+    down: bool
+    listening: bool
+    ports: list[str]
+    dns: DnsStatus
+    tunnels: list[TunnelStatus]
+    role: str = "agent"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    overlay_ip: str
+    public_key: str
+    healthy: bool  # passes the server's active checks (or, with no daemon, a fresh handshake)
+    reason: str
+    in_rotation: bool  # in the kernel's maps now
+    handshake_age: float | None
+    endpoint: str | None
+    rx_bytes: int
+    tx_bytes: int
+    active_connections: int | None
+    since: float
+
+
+@dataclass(frozen=True)
+class ForwardStatus:
+    listen: str
+    port: str
+    connections: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    name: str
+    listen: list[str]
+    ports: list[str]
+    backends: list[BackendStatus]
+    forwards: list[ForwardStatus]
+
+
+@dataclass(frozen=True)
+class RegistrationCounts:
+    accepted: int
+    rejected: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    interface: str
+    public_key: str | None
+    listen_port: int
+    api_port: int
+    overlay: str
+    overlay_ip: str
+    wireguard: str
+    down: bool
+    up: bool
+    table_loaded: bool
+    registrations: RegistrationCounts
+    domains: list[DomainStatus]
+    role: str = "server"
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """The daemon's own side, added when the status comes through its control socket."""
+
+    process: dict[str, Any]
+    passes: int
+    failed_passes: int
+    last_error: str | None
+
+
+Status = AgentStatus | ServerStatus
+
+
+def to_json(status: Status, daemon: DaemonStatus | None = None) -> dict[str, Any]:
+    data = dataclasses.asdict(status)
+    if daemon is not None:
+        data.update(dataclasses.asdict(daemon))
+    return data

@@ -1,0 +1,247 @@
+"""Both planners as pure functions, table-driven: (wanted, kernel) -> changes, and [] once
+converged. No root, no kernel: each case is plain values."""
+
+from __future__ import annotations
+
+import pytest
+
+from sptun import nft
+from sptun.agent.plan import (
+    RULE_PRIORITY,
+    AgentKernel,
+    AgentWanted,
+    Rule,
+    TunnelWanted,
+    interface_name,
+    plan_teardown,
+)
+from sptun.agent.plan import plan as plan_agent
+from sptun.changes import (
+    AddRule,
+    CreateLink,
+    DeleteLink,
+    DeleteRule,
+    DeleteTable,
+    LinkState,
+    LinkUp,
+    LoadTable,
+    SetAddresses,
+    SetDefaultRoute,
+    SetKey,
+    SetSysctl,
+    UpdatePeer,
+    UpdateRotation,
+)
+from sptun.config import MTU, Port
+from sptun.discovery import ServerRecord
+from sptun.keys import generate_private_key, public_key
+from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted
+from sptun.server.plan import plan as plan_server
+from sptun.wg import Device, Peer, PeerState
+
+ME = public_key(generate_private_key())
+S1_KEY, S2_KEY = public_key(generate_private_key()), public_key(generate_private_key())
+S1, S2 = ServerRecord("198.51.100.10"), ServerRecord("198.51.100.20")
+PORTS = (Port("tcp", 443),)
+T1 = TunnelWanted(S1, "10.99.0.2", S1_KEY)
+T2 = TunnelWanted(S2, "10.99.0.2", S2_KEY)  # overlays of two servers may overlap
+N1, N2 = interface_name(S1.ip), interface_name(S2.ip)
+
+
+def wanted(*tunnels: TunnelWanted) -> AgentWanted:
+    return AgentWanted(ME, PORTS, 15, tuple(tunnels))
+
+
+def peer(t: TunnelWanted) -> Peer:
+    return Peer(t.server_key, ("0.0.0.0/0",), f"{t.server.ip}:{t.server.port}", 15)
+
+
+def link(t: TunnelWanted, index: int, with_peer: bool = True, **kw: object) -> LinkState:
+    """A tunnel's link as a converged kernel has it."""
+    peers = {t.server_key: PeerState(peer(t), 1.0)} if with_peer else {}
+    base: dict[str, object] = dict(name=t.ifname, index=index, ours=True, up=True, mtu=MTU,
+                                   addresses=(f"{t.overlay_ip}/32",), device=Device(ME, 40000, peers), rp_filter="2",
+                                   default_route=index)
+    base.update(kw)
+    return LinkState(**base)  # type: ignore[arg-type]
+
+
+def rule(t: TunnelWanted, index: int) -> Rule:
+    mark = nft.client_mark(index)
+    return Rule(mark, f"{t.overlay_ip}/32", mark)
+
+
+def converged(*tunnels_with_index: tuple[TunnelWanted, int]) -> AgentKernel:
+    marks = {t.ifname: nft.client_mark(i) for t, i in tunnels_with_index}
+    return AgentKernel({t.ifname: link(t, i) for t, i in tunnels_with_index},
+                       tuple(rule(t, i) for t, i in tunnels_with_index),
+                       nft.comment_of(nft.render_client(marks, PORTS)), True)
+
+
+def kinds(changes: list[object]) -> list[str]:
+    return [type(c).__name__ for c in changes]
+
+
+# --- agent -------------------------------------------------------------------------------------
+
+
+def test_agent_converged_means_nothing_to_do() -> None:
+    assert plan_agent(wanted(T1, T2), converged((T1, 11), (T2, 12))) == []
+    assert plan_agent(wanted(), converged()) == []  # the table (its input filter) stays loaded
+
+
+def test_agent_join_from_nothing_goes_in_rounds_link_then_rules_then_peer() -> None:
+    """The peer starts the handshake (and so the traffic): it comes only once replies can leave."""
+    first = plan_agent(wanted(T1), AgentKernel())
+    assert first == [CreateLink(N1, f"to {S1.ip}"), LoadTable(nft.render_client({}, PORTS), "0 tunnels", fresh=True)]
+    fresh_link = link(T1, 11, with_peer=False, up=False, mtu=1500, addresses=(), rp_filter="1", default_route=None,
+                      device=Device())
+    empty_table = nft.comment_of(nft.render_client({}, PORTS))
+    second = plan_agent(wanted(T1), AgentKernel({N1: fresh_link}, (), empty_table, True))
+    mark = nft.client_mark(11)
+    assert kinds(second) == ["SetKey", "SetAddresses", "LinkUp", "SetSysctl", "SetDefaultRoute", "AddRule", "LoadTable"]
+    assert second[:6] == [SetKey(N1, ME), SetAddresses(N1, ("10.99.0.2/32",)), LinkUp(N1, MTU),
+                          SetSysctl(f"net/ipv4/conf/{N1}/rp_filter", "2"), SetDefaultRoute(mark, N1),
+                          AddRule(RULE_PRIORITY, mark, "10.99.0.2/32", N1)]
+    assert not any(isinstance(c, UpdatePeer) for c in second)  # no rule in the kernel yet: no peer
+    ready = converged((T1, 11))
+    ready.links[N1] = link(T1, 11, with_peer=False)
+    third = plan_agent(wanted(T1), ready)
+    assert [str(c) for c in third] == [f"{N1}: add peer {S1_KEY} allowed-ips 0.0.0.0/0 at {S1.ip}:51820"]
+
+
+def test_agent_a_server_gone_from_dns_loses_its_link_and_rule() -> None:
+    kernel = converged((T1, 11), (T2, 12))
+    changes = plan_agent(wanted(T1), kernel)
+    mark = nft.client_mark(12)
+    assert changes[:2] == [DeleteLink(N2, "no tunnel wants it"), DeleteRule(RULE_PRIORITY, mark, "10.99.0.2/32", mark)]
+    assert kinds(changes) == ["DeleteLink", "DeleteRule", "LoadTable"]
+
+
+def test_agent_overlapping_overlays_get_a_rule_each_told_apart_by_mark() -> None:
+    changes = plan_agent(wanted(T1, T2), AgentKernel({N1: link(T1, 11), N2: link(T2, 12)}, (), None, False))
+    rules = [c for c in changes if isinstance(c, AddRule)]
+    assert [(r.mark, r.src) for r in rules] == [(nft.client_mark(11), "10.99.0.2/32"), (nft.client_mark(12), "10.99.0.2/32")]
+
+
+@pytest.mark.parametrize("drift, expected", [
+    (dict(addresses=("10.99.0.9/32",)), [SetAddresses(N1, ("10.99.0.2/32",))]),
+    (dict(up=False), [LinkUp(N1, MTU)]),
+    (dict(mtu=1500), [LinkUp(N1, MTU)]),
+    (dict(rp_filter="1"), [SetSysctl(f"net/ipv4/conf/{N1}/rp_filter", "2")]),
+    (dict(default_route=None), [SetDefaultRoute(nft.client_mark(11), N1)]),
+    (dict(device=Device(public_key(generate_private_key()), 40000, {S1_KEY: PeerState(peer(T1))})), [SetKey(N1, ME)]),
+], ids=["address", "down", "mtu", "rp_filter", "route", "key"])
+def test_agent_repairs_each_kind_of_drift_and_only_that(drift: dict[str, object], expected: list[object]) -> None:
+    kernel = converged((T1, 11))
+    kernel.links[N1] = link(T1, 11, **drift)
+    assert plan_agent(wanted(T1), kernel) == expected
+
+
+def test_agent_a_stale_link_in_our_name_is_replaced() -> None:
+    stale = LinkState(N1, 11, False, True, 1500)
+    assert plan_agent(wanted(T1), AgentKernel({N1: stale}, (), None, False))[:2] == [
+        DeleteLink(N1, "stale, not a WireGuard device of ours"), CreateLink(N1, f"to {S1.ip}")]
+
+
+def test_agent_kick_re_adds_a_converged_peer() -> None:
+    kicked = TunnelWanted(S1, "10.99.0.2", S1_KEY, kick=True)
+    assert [str(c) for c in plan_agent(wanted(kicked), converged((T1, 11)))] == [
+        f"{N1}: remove peer {S1_KEY}", f"{N1}: add peer {S1_KEY} allowed-ips 0.0.0.0/0 at {S1.ip}:51820"]
+
+
+def test_agent_a_foreign_rule_at_our_priority_goes() -> None:
+    kernel = converged((T1, 11))
+    foreign = Rule(0, "192.0.2.1/32", 100)
+    kernel = AgentKernel(kernel.links, kernel.rules + (foreign,), kernel.nft_digest, True)
+    assert plan_agent(wanted(T1), kernel) == [DeleteRule(RULE_PRIORITY, 0, "192.0.2.1/32", 100)]
+
+
+def test_agent_teardown_removes_everything_of_ours() -> None:
+    kernel = converged((T1, 11), (T2, 12))
+    changes = plan_teardown(kernel)
+    assert kinds(changes) == ["DeleteLink", "DeleteLink", "DeleteRule", "DeleteRule", "DeleteTable"]
+    assert plan_teardown(AgentKernel()) == []
+
+
+def test_every_change_is_one_line() -> None:
+    changes = plan_agent(wanted(T1, T2), AgentKernel()) + plan_teardown(converged((T1, 11)))
+    assert changes and all("\n" not in str(c) and str(c) for c in changes)
+
+
+# --- server ------------------------------------------------------------------------------------
+
+FWD = nft.Forward("app.example.test", "198.51.100.10", Port("tcp", 443))
+K1, K2 = public_key(generate_private_key()), public_key(generate_private_key())
+B1, B2 = "10.99.0.2", "10.99.0.3"
+
+
+def server_wanted(rotation: frozenset[str] = frozenset({B1, B2}), peers: tuple[str, ...] = (K1, K2)) -> ServerWanted:
+    ips = {K1: B1, K2: B2}
+    return ServerWanted("sptun0", ME, 51820, "10.99.0.1/16", tuple(Peer(k, (f"{ips[k]}/32",)) for k in peers),
+                        (FWD,), (rotation,))
+
+
+def server_kernel(rotation: list[str] | None = None, peers: tuple[str, ...] = (K1, K2), **kw: object) -> ServerKernel:
+    ips = {K1: B1, K2: B2}
+    device = Device(ME, 51820, {k: PeerState(Peer(k, (f"{ips[k]}/32",))) for k in peers})
+    base: dict[str, object] = dict(name="sptun0", index=5, ours=True, up=True, mtu=MTU, addresses=("10.99.0.1/16",),
+                                   device=device)
+    base.update(kw)
+    table = nft.TableState(True, nft.server_comment("sptun0", [FWD]), {FWD.key: 3},
+                           {"rr0": rotation if rotation is not None else [B1, B2]})
+    return ServerKernel(LinkState(**base), "1", table)  # type: ignore[arg-type]
+
+
+def test_server_converged_means_nothing_to_do() -> None:
+    assert plan_server(server_wanted(), server_kernel()) == []
+
+
+def test_server_from_nothing_creates_the_interface_first() -> None:
+    assert plan_server(server_wanted(), ServerKernel(None, "0", nft.TableState())) == [CreateLink("sptun0", "")]
+
+
+def test_server_a_fresh_interface_gets_key_address_forwarding_peers_and_table() -> None:
+    fresh = ServerKernel(LinkState("sptun0", 5, True, False, 1500), "0", nft.TableState())
+    changes = plan_server(server_wanted(), fresh)
+    assert kinds(changes) == ["SetKey", "SetAddresses", "LinkUp", "SetSysctl", "UpdatePeer", "UpdatePeer", "LoadTable"]
+    assert changes[3] == SetSysctl(IP_FORWARD, "1")
+    load = changes[-1]
+    assert isinstance(load, LoadTable) and load.fresh and "numgen inc mod 2" in load.ruleset
+
+
+@pytest.mark.parametrize("rotation, expected", [
+    (frozenset({B1}), [UpdateRotation(0, FWD.key, (B1, B2), (B1,))]),  # a health flip
+    (frozenset(), [UpdateRotation(0, FWD.key, (B1, B2), ())]),
+    (frozenset({B2}), [UpdateRotation(0, FWD.key, (B1, B2), (B2,))]),
+], ids=["one-down", "all-down", "first-down"])
+def test_server_health_flips_change_the_rotation_in_place(rotation: frozenset[str], expected: list[object]) -> None:
+    assert plan_server(server_wanted(rotation), server_kernel()) == expected
+
+
+def test_server_a_restart_adopts_the_kernel_as_it_is() -> None:
+    """The same wanted state over the kernel a previous process left: nothing to do."""
+    assert plan_server(server_wanted(), server_kernel()) == []
+
+
+def test_server_a_join_adds_the_peer_and_the_rotation_follows_health() -> None:
+    joined = plan_server(server_wanted(frozenset({B1})), server_kernel([B1], peers=(K1,)))
+    assert [str(c) for c in joined] == [f"sptun0: add peer {K2} allowed-ips {B2}/32"]
+    healthy = plan_server(server_wanted(), server_kernel([B1]))
+    assert healthy == [UpdateRotation(0, FWD.key, (B1,), (B1, B2))]
+
+
+def test_server_a_leave_removes_the_peer() -> None:
+    assert [str(c) for c in plan_server(server_wanted(frozenset({B1}), peers=(K1,)), server_kernel([B1]))] == [
+        f"sptun0: remove peer {K2}"]
+
+
+def test_server_a_new_structure_reloads_the_table() -> None:
+    kernel = server_kernel()
+    other = nft.TableState(True, "sptun server 0000000000000000", kernel.nft_table.handles, kernel.nft_table.maps)
+    changes = plan_server(server_wanted(), ServerKernel(kernel.link, "1", other))
+    assert kinds(changes) == ["LoadTable"] and not changes[0].fresh  # type: ignore[union-attr]
+
+
+def test_server_teardown_kinds_render_one_line() -> None:
+    assert str(DeleteTable()) == "delete table inet sptun"

@@ -1,0 +1,313 @@
+"""The agent and the server as whole roles, against the fake edges of tests/fakes.py: their
+passes, the registration protocol between them over loopback, drains, restarts, rollback
+of a half-done `up`, and a black-holed server. No kernel is touched; only the tests that go
+through the control socket (root's only) need root."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import FakeDiscovery, FakeKernel, FakeSockets
+from sptun import nft
+from sptun.agent import Agent, interface_name
+from sptun.agent.registration import Registration
+from sptun.config import load_agent, load_server
+from sptun.control import control_request
+from sptun.discovery import ServerRecord
+from sptun.proto import Assignment
+from sptun.errors import SptunError
+from sptun.keys import ensure_private_dir, new_token, write_file_atomic
+from sptun.server import Server
+from sptun.server.health import Health
+
+DOMAIN = "app.example.test"
+
+
+def token(tmp_path: Path) -> Path:
+    path = tmp_path / "secrets" / "token"
+    if not path.exists():
+        ensure_private_dir(path.parent)
+        write_file_atomic(path, new_token() + "\n")
+    return path
+
+
+def make_server(tmp_path: Path, kernel: FakeKernel, name: str = "s1") -> Server:
+    conf = tmp_path / f"{name}.toml"
+    conf.write_text(f'state_dir = "{tmp_path}/{name}"\n[[domains]]\nname = "{DOMAIN}"\n'
+                    f'listen = ["198.51.100.10"]\ntoken_file = "{token(tmp_path)}"\n')
+    server = Server(load_server(conf), edges=kernel.edges(), conntrack=lambda: kernel.connections)
+    server.daemon = True
+    return server
+
+
+def make_agent(tmp_path: Path, kernel: FakeKernel, servers: list[ServerRecord], sockets: FakeSockets | None = None,
+               read_only: bool = False, state: str = "agent") -> Agent:
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'domain = "{DOMAIN}"\ntoken_file = "{token(tmp_path)}"\nstate_dir = "{tmp_path}/{state}"\n'
+                    f'drain_timeout = 1\n')
+    agent = Agent(load_agent(conf), edges=kernel.edges(), sockets=sockets or FakeSockets(),
+                  discovery=FakeDiscovery(servers), read_only=read_only)
+    agent.interval = 0.1
+    return agent
+
+
+@asynccontextmanager
+async def serving(server: Server, host: str = "127.0.0.1") -> AsyncIterator[ServerRecord]:
+    """The server's registration API on loopback, after its first pass made the interface."""
+    await server.run_pass()
+    api = await asyncio.start_server(server.api.handle_api, host, 0)
+    port = api.sockets[0].getsockname()[1]
+    try:
+        yield ServerRecord(host, api=port)
+    finally:
+        api.close()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))  # type: ignore[arg-type]
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+def test_server_first_pass_builds_everything_and_the_next_finds_nothing_to_do(tmp_path: Path) -> None:
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    changes = server.reconcile()
+    assert changes[0] == "create interface sptun0 "
+    assert "sysctl net/ipv4/ip_forward=1" in changes and changes[-1].startswith("load table inet sptun")
+    assert k.sysctls["net/ipv4/ip_forward"] == "1" and k.links["sptun0"].addresses == ["10.99.0.1/16"]
+    writes = len(k.writes)
+    assert server.reconcile() == [] and len(k.writes) == writes  # converged: not even an nft call
+
+
+def add_healthy_backend(server: Server, key: str) -> str:
+    lease, _ = server.leases.acquire(key, DOMAIN)
+    server.health.by_key[key] = Health(up=True)
+    return lease.overlay_ip
+
+
+def test_the_rotation_is_believed_only_once_the_kernel_has_it(tmp_path: Path) -> None:
+    """status (another thread) reports in_rotation from this belief: it must never run ahead."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    seen_during: list[list[str]] = []
+    firewall = server.edges.firewall
+    real_write = firewall.write
+
+    def write(text: str) -> None:
+        assert server.nft_table is not None
+        seen_during.append(list(server.nft_table.maps.get("rr0", [])))
+        real_write(text)
+
+    firewall.write = write  # type: ignore[method-assign]
+    changes = server.reconcile()
+    assert changes == [f"sptun0: add peer {'A' * 43}= allowed-ips {ip}/32",
+                       f"rotation {DOMAIN} 198.51.100.10 tcp/443: 1 backends +{ip}"]
+    assert seen_during == [[]]  # not in rotation while the transaction runs
+    assert server.nft_table is not None and server.nft_table.maps["rr0"] == [ip] and k.maps["rr0"] == [ip]
+
+
+def test_a_failed_transaction_leaves_no_false_picture(tmp_path: Path) -> None:
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    add_healthy_backend(server, "A" * 43 + "=")
+    k.fail_nft = "refused"
+    with pytest.raises(SptunError, match="refused"):
+        server.reconcile()
+    assert server.nft_table is None  # read back from the kernel on the next pass
+    assert server.reconcile()[-1].startswith("rotation ")
+
+
+def test_a_restarted_server_adopts_the_kernel_and_its_rotation(tmp_path: Path) -> None:
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    server.store.save(server.leases)
+    server.reconcile()
+    again = make_server(tmp_path, k)
+    assert again.reconcile() == []  # nothing to redo, and nobody taken out of rotation
+    assert again.health.is_up("A" * 43 + "=") and k.maps["rr0"] == [ip]
+
+
+# --- agent and server together -----------------------------------------------------------------
+
+
+def test_an_agent_joins_converges_and_leaves_when_the_server_leaves_dns(tmp_path: Path) -> None:
+    sk, ak = FakeKernel(), FakeKernel()
+    server = make_server(tmp_path, sk)
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            agent = make_agent(tmp_path, ak, [record])
+            changes = await agent.up_once()
+            name = interface_name("127.0.0.1")
+            assert changes[0] == f"create interface {name} to 127.0.0.1"
+            assert changes[-1] == f"{name}: add peer {server.public_key} allowed-ips 0.0.0.0/0 at 127.0.0.1:51820"
+            assert ak.links[name].addresses == ["10.99.0.2/32"]
+            mark = nft.client_mark(ak.links[name].index)
+            assert ak.rules == [{"priority": 5170, "fwmark": mark, "src": "10.99.0.2/32", "table": mark}]
+            assert ak.routes == {mark: ak.links[name].index}
+            assert agent.public_key in sk.devices["sptun0"].peers  # committed before the agent heard back
+            agent.last_wanted = None  # force a full read of the kernel
+            assert agent.reconcile() == []  # converged
+
+            status = await agent.status()
+            (tunnel,) = status.tunnels
+            assert (tunnel.server, tunnel.overlay_ip, tunnel.registered, tunnel.up) == ("127.0.0.1", "10.99.0.2", True, True)
+
+            assert isinstance(agent.discovery, FakeDiscovery)
+            agent.discovery.servers = []  # the server left DNS
+            await agent.prepare()
+            await asyncio.gather(*agent.draining.values())
+            assert agent.public_key in server.draining  # it deregistered: out of rotation at once
+            changes = await agent.run_pass()
+            assert changes[0] == f"delete interface {name} (no tunnel wants it)"
+            assert not ak.links and not ak.rules
+            assert '"tunnels": []' in (tmp_path / "agent" / "agent.json").read_text()
+
+    run(scenario)
+
+
+def test_a_half_done_up_is_undone(tmp_path: Path) -> None:
+    sk, ak = FakeKernel(), FakeKernel()
+    server = make_server(tmp_path, sk)
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            agent = make_agent(tmp_path, ak, [record])
+            ak.fail_nft = "Could not process rule: No such file or directory"
+            with pytest.raises(SptunError, match="undid: delete interface sptun-7f000001"):
+                await agent.up_once()
+            assert not ak.links and not ak.rules and ak.table is None
+
+    run(scenario)
+
+
+def test_status_without_a_daemon_writes_nothing(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, FakeKernel(), [], read_only=True, state="nothing-here")
+    status = asyncio.run(agent.status())
+    assert status.public_key is None and status.tunnels == []
+    assert not (tmp_path / "nothing-here").exists()
+    server = Server(load_server(_server_conf(tmp_path)), edges=FakeKernel().edges(), read_only=True)
+    assert asyncio.run(server.status()).public_key is None
+    assert not (tmp_path / "server-state").exists()
+
+
+def _server_conf(tmp_path: Path) -> Path:
+    conf = tmp_path / "ro.toml"
+    conf.write_text(f'state_dir = "{tmp_path}/server-state"\n[[domains]]\nname = "{DOMAIN}"\n'
+                    f'token_file = "{token(tmp_path)}"\n')
+    return conf
+
+
+# --- a black-holed server ----------------------------------------------------------------------
+
+
+async def ask(state: Path, cmd: str) -> tuple[dict[str, Any] | None, float]:
+    started = time.monotonic()
+    reply = await asyncio.to_thread(control_request, state, cmd, 30)
+    return reply, time.monotonic() - started
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the control socket answers root only")
+def test_a_black_holed_server_holds_up_neither_status_nor_down_nor_the_others(tmp_path: Path) -> None:
+    """It accepts TCP and never answers. The registration with it times out on its own task;
+    `status` answers meanwhile, the other server's tunnel comes up, and `down` is quick."""
+    sk, ak = FakeKernel(), FakeKernel()
+    server = make_server(tmp_path, sk)
+    hole = socket.socket()
+    hole.bind(("127.0.0.2", 0))
+    hole.listen(16)  # the kernel completes the handshakes; nobody ever reads or writes
+
+    async def scenario() -> None:
+        async with serving(server) as good:
+            black = ServerRecord("127.0.0.2", api=hole.getsockname()[1])
+            agent = make_agent(tmp_path, ak, [black, good])
+            state = agent.state_dir
+            ready = asyncio.Event()
+            daemon = asyncio.create_task(agent.serve(ready))
+            await ready.wait()
+            deadline = time.monotonic() + 10
+            while True:  # the good server's tunnel comes up while the black hole still has our request
+                reply, took = await ask(state, "status")
+                assert reply and reply["ok"] and took < 1.0, (reply, took)
+                tunnels = {t["server"]: t for t in reply["status"]["tunnels"]}
+                if tunnels.get("127.0.0.1", {}).get("up"):
+                    break
+                assert time.monotonic() < deadline, reply
+                await asyncio.sleep(0.1)
+            assert not tunnels["127.0.0.2"]["registered"]
+            assert interface_name("127.0.0.1") in ak.links and interface_name("127.0.0.2") not in ak.links
+            reply, took = await ask(state, "status")
+            assert reply and reply["ok"] and took < 1.0
+            reply, took = await ask(state, "down")
+            assert reply and reply["ok"] and took < 3.0, (reply, took)
+            assert not ak.links and not ak.rules
+            assert agent.public_key in server.draining
+            os.kill(os.getpid(), 15)
+            await asyncio.wait_for(daemon, 10)
+
+    try:
+        run(scenario)
+    finally:
+        hole.close()
+
+
+def test_a_registration_that_lands_during_a_pass_is_acted_on_by_the_next(tmp_path: Path) -> None:
+    """Registrations finish on the event loop while a pass reads the kernel in a thread. The
+    next pass must not take the new tunnel for converged (it waited 10 s for the kernel check)."""
+    sk, ak = FakeKernel(), FakeKernel()
+    server = make_server(tmp_path, sk)
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            agent = make_agent(tmp_path, ak, [record])
+            await agent.up_once()
+            late = ServerRecord("127.0.0.9")
+            links = agent.edges.links
+            real_names = links.names
+
+            def names(prefix: str) -> list[str]:  # a registration lands while the pass observes
+                agent.registrations["127.0.0.9"] = Registration(late, Assignment("10.99.0.7", "10.99.0.1", S9, 16))
+                return real_names(prefix)
+
+            links.names = names  # type: ignore[method-assign]
+            agent.last_wanted = None
+            agent.reconcile()
+            links.names = real_names  # type: ignore[method-assign]
+            changes = agent.reconcile()
+            assert f"create interface {interface_name('127.0.0.9')} to 127.0.0.9" in changes
+
+    run(scenario)
+
+
+S9 = "A" * 43 + "="
+
+
+def test_server_status_is_read_from_the_kernel_not_from_the_plan(tmp_path: Path) -> None:
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    ip = add_healthy_backend(server, S9)
+    k.connections[ip] = 3
+    before = asyncio.run(server.status())
+    (backend,) = before.domains[0].backends
+    assert backend.healthy and not backend.in_rotation  # healthy, but the kernel has no DNAT to it yet
+    server.reconcile()
+    after = asyncio.run(server.status())
+    (backend,) = after.domains[0].backends
+    assert backend.in_rotation and backend.active_connections == 3 and after.table_loaded and after.up
