@@ -36,6 +36,7 @@ class Role:
 
     interval = 1.0  # seconds between passes
     resync_every = 30.0  # a full re-read of the kernel, to repair drift
+    nft_in_process = True  # libnftables for writes (see nft.Nft)
 
     def __init__(self, state_dir: Path, wireguard: str, edges: Edges | None, read_only: bool = False) -> None:
         """read_only: for `status` with no daemon, which must write nothing (not even a key)."""
@@ -44,7 +45,7 @@ class Role:
         self.public_key = public_key(self.private_key) if self.private_key else None
         if edges is None:
             links = Links()
-            edges = Edges(links, backend(wireguard, links), nft.Nft(), ProcSysctls())
+            edges = Edges(links, backend(wireguard, links), nft.Nft(self.nft_in_process), ProcSysctls())
         self.edges = edges
         self.fallback = wireguard == "auto" and edges.wg.kind == "userspace"
         self.daemon = False  # True under `run`: then the loop keeps checking health

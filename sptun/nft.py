@@ -247,13 +247,14 @@ class Firewall(Protocol):
 
 
 class Nft:
-    """The real table: reads with `nft -j` (one process per read), writes through
+    """The real table: reads with `nft -j` (one process per read); writes through
     libnftables in this process (no fork per change, which at one change per health flip is
-    most of its cost), or `nft -f -` where the library is missing."""
+    most of a server's cost), or with `nft -f -`: where the library is missing, and for the
+    agent, which changes its table rarely and would carry the library's ~4 MiB for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_process: bool = True) -> None:
         self._library: _Library | None = None
-        self._library_failed = False
+        self._library_failed = not in_process
 
     def read(self) -> TableState:
         try:

@@ -14,6 +14,7 @@ challenge inside the box makes a recorded registration useless (no replay).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -209,6 +210,17 @@ def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment 
         raise ProtocolError("assignment is incomplete") from None
 
 
+def _check_pinned(host: str, server_key: str, pinned_key: str | None) -> None:
+    if pinned_key is not None and not hmac.compare_digest(server_key, pinned_key):
+        raise ProtocolError(f"server {host} presents key {server_key}, but DNS pins pk={pinned_key}", reason="wrong-server-key")
+
+
+def _unreachable(host: str, port: int, e: OSError | TimeoutError) -> SptunError:
+    detail = getattr(e, "strerror", None) or str(e) or "timed out"
+    return SptunError(f"cannot reach {host}:{port}: {detail}",
+                      hint="is `sptun server run` up there, and the api port open?")
+
+
 def _read_line(sock: socket.socket, deadline: float) -> bytes:
     buf = b""
     while not buf.endswith(b"\n"):
@@ -234,10 +246,41 @@ def exchange(host: str, port: int, request: Request, client_private: str, pinned
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             server_key, challenge = parse_hello(_read_line(sock, deadline))
-            if pinned_key is not None and not hmac.compare_digest(server_key, pinned_key):
-                raise ProtocolError(f"server {host} presents key {server_key}, but DNS pins pk={pinned_key}", reason="wrong-server-key")
+            _check_pinned(host, server_key, pinned_key)
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(seal_request(request, client_private, server_key, challenge))
             return server_key, open_reply(_read_line(sock, deadline), client_private, server_key)
     except OSError as e:
-        raise SptunError(f"cannot reach {host}:{port}: {e.strerror or e}", hint="is `sptun server run` up there, and the api port open?") from None
+        raise _unreachable(host, port, e) from None
+
+
+async def exchange_async(host: str, port: int, request: Request, client_private: str, pinned_key: str | None = None,
+                         timeout: float = 5.0) -> tuple[str, Assignment | None]:
+    """exchange() on the event loop: no thread per registration, and the deadline covers
+    the whole round trip, however slowly the server accepts, trickles or stays silent."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE + 1)
+            server_key, challenge = parse_hello(await _read_line_async(reader))
+            _check_pinned(host, server_key, pinned_key)
+            writer.write(seal_request(request, client_private, server_key, challenge))
+            await writer.drain()
+            return server_key, open_reply(await _read_line_async(reader), client_private, server_key)
+    except (OSError, TimeoutError) as e:
+        raise _unreachable(host, port, e) from None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def _read_line_async(reader: asyncio.StreamReader) -> bytes:
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError:
+        raise ProtocolError("reply too large", reason="oversized") from None
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("connection closed mid-message") from None
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError("reply too large", reason="oversized")
+    return line

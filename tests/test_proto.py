@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +18,7 @@ from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey, PublicKey
 
 from sptun import proto
-from sptun.errors import ProtocolError
+from sptun.errors import ProtocolError, SptunError
 from sptun.keys import generate_private_key, public_key
 from sptun.proto import (
     CHALLENGE_LEN,
@@ -352,3 +356,45 @@ def test_fuzz_open_request_sealed_inner(inner: Any) -> None:
 
 def test_module_constants() -> None:
     assert proto.OPS == ("register", "deregister") and MAX_MESSAGE == 4096 and CHALLENGE_LEN == 32
+
+
+# --- the whole round trip has one deadline -----------------------------------------------------
+
+
+def trickling_server() -> tuple[socket.socket, threading.Event]:
+    """Accepts, then sends a byte of its hello every 0.3 s: no single read ever times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.wait(0.3):
+                try:
+                    conn.send(b"{")
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, stop
+
+
+@pytest.mark.parametrize("mode", ["thread", "asyncio"])
+def test_a_trickling_server_costs_no_more_than_the_deadline(mode: str) -> None:
+    listener, stop = trickling_server()
+    key = generate_private_key()
+    request = proto.Request("register", "app.example.test", "t" * 32, public_key(key))
+    port = listener.getsockname()[1]
+    started = time.monotonic()
+    try:
+        with pytest.raises(SptunError, match="cannot reach 127.0.0.1.*timed out"):
+            if mode == "thread":
+                proto.exchange("127.0.0.1", port, request, key, timeout=1.0)
+            else:
+                asyncio.run(proto.exchange_async("127.0.0.1", port, request, key, timeout=1.0))
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - started < 1.5

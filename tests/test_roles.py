@@ -174,6 +174,8 @@ def test_an_agent_joins_converges_and_leaves_when_the_server_leaves_dns(tmp_path
             await agent.prepare()
             await asyncio.gather(*agent.draining.values())
             assert agent.public_key in server.draining  # it deregistered: out of rotation at once
+            # Drained, its interface not yet removed: status still shows the tunnel, as it is.
+            assert name in ak.links and [t.server for t in (await agent.status()).tunnels] == ["127.0.0.1"]
             changes = await agent.run_pass()
             assert changes[0] == f"delete interface {name} (no tunnel wants it)"
             assert not ak.links and not ak.rules

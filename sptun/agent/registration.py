@@ -36,6 +36,7 @@ class Registration:
     next_at: float = 0.0  # monotonic time of the next (re)registration
     configured_at: float = 0.0  # when its peer was last (re)configured; 0 = not yet
     kick: bool = False  # the server lost our session (restarted?): re-add the peer
+    drained: bool = False  # deregistered and drained: its tunnel goes in the next pass, then it
 
 
 class StateFile:
@@ -87,10 +88,10 @@ class Registrar:
         self.clock = clock
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def exchange(self, server: ServerRecord, op: str, deadline: float) -> proto.Assignment | None:
+    async def exchange(self, server: ServerRecord, op: str, deadline: float) -> proto.Assignment | None:
         request = proto.Request(op, self.domain, read_token(self.token_file), self.public_key)
-        _, assignment = proto.exchange(server.ip, server.api, request, self.private_key, pinned_key=server.pk,
-                                       timeout=deadline)
+        _, assignment = await proto.exchange_async(server.ip, server.api, request, self.private_key,
+                                                   pinned_key=server.pk, timeout=deadline)
         return assignment
 
     def start_due(self, registrations: dict[str, Registration]) -> None:
@@ -104,7 +105,7 @@ class Registrar:
     async def register(self, reg: Registration) -> None:
         server = reg.server
         try:
-            assignment = await asyncio.to_thread(self.exchange, server, "register", REGISTER_DEADLINE)
+            assignment = await self.exchange(server, "register", REGISTER_DEADLINE)
         except SptunError as e:
             if str(e) != reg.error:
                 log.warning("registration with %s failed: %s", server.ip, e)
@@ -133,8 +134,8 @@ class Registrar:
             if task is not None:
                 task.cancel()
         leaving = [r for r in regs if r.assignment is not None]
-        results = await asyncio.gather(*(asyncio.to_thread(self.exchange, r.server, "deregister", DEREGISTER_DEADLINE)
-                                         for r in leaving), return_exceptions=True)
+        results = await asyncio.gather(*(self.exchange(r.server, "deregister", DEREGISTER_DEADLINE) for r in leaving),
+                                       return_exceptions=True)
         for reg, result in zip(leaving, results, strict=True):
             if isinstance(result, SptunError):
                 log.warning("deregistration from %s failed: %s", reg.server.ip, result)

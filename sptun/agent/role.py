@@ -40,6 +40,8 @@ MAX_ROUNDS = 4  # observe-plan-apply rounds in one pass: link, then rules and ta
 
 
 class Agent(Role):
+    nft_in_process = False  # the agent loads its table rarely: `nft -f -`, not libnftables in its memory
+
     def __init__(self, cfg: AgentConfig, edges: Edges | None = None, source: TxtSource | None = None,
                  sockets: Sockets | None = None, discovery: Discovery | None = None,
                  clock: Callable[[], float] = time.monotonic, read_only: bool = False) -> None:
@@ -62,25 +64,32 @@ class Agent(Role):
 
     async def prepare(self, wait: bool = False) -> None:
         assert self.registrar is not None
-        servers = {s.ip: s for s in await asyncio.to_thread(self.discovery.current)}
-        self.listening = await asyncio.to_thread(self.sockets.listening, self.cfg.ports)
+        # A DNS query may wait seconds: in a thread. The cached answer, and sock_diag (the kernel
+        # answers at once), cost less than a thread hop, which an idle agent makes every second.
+        d = self.discovery
+        servers = {s.ip: s for s in (await asyncio.to_thread(d.current) if d.due() else d.current())}
+        self.listening = self.sockets.listening(self.cfg.ports)
         for ip, reg in list(self.registrations.items()):
-            if ip in self.draining:
+            if self.leaving(ip):
                 continue
             if ip not in servers:
                 self.start_drain(reg, f"{ip} left DNS")
             elif not self.listening and reg.assignment is not None:
                 self.start_drain(reg, f"nothing listens on {', '.join(map(str, self.cfg.ports))}")
         for ip, server in servers.items():
-            if ip in self.draining:
+            if self.leaving(ip):
                 continue
             reg = self.registrations.setdefault(ip, Registration(server))
             if reg.server != server:
                 reg.server, reg.next_at = server, 0.0
         if self.listening:
-            self.registrar.start_due({ip: r for ip, r in self.registrations.items() if ip not in self.draining})
+            self.registrar.start_due({ip: r for ip, r in self.registrations.items() if not self.leaving(ip)})
         if wait:
             await asyncio.gather(*self.registrar.tasks.values(), *self.draining.values(), return_exceptions=True)
+
+    def leaving(self, ip: str) -> bool:
+        reg = self.registrations.get(ip)
+        return ip in self.draining or (reg is not None and reg.drained)
 
     def start_drain(self, reg: Registration, why: str) -> None:
         log.info("tunnel to %s goes: %s", reg.server.ip, why)
@@ -90,10 +99,10 @@ class Agent(Role):
         try:
             await self.drain([reg])
         finally:
+            # It stays (in status too) until a pass has removed its interface.
+            reg.drained = True
             self.draining.pop(reg.server.ip, None)
-            if self.registrations.get(reg.server.ip) is reg:
-                del self.registrations[reg.server.ip]
-            self.wake.set()  # the next pass removes its interface
+            self.wake.set()
 
     async def drain(self, regs: list[Registration]) -> None:
         """Deregister first, so the servers take us out of their rotation at once; then wait,
@@ -119,7 +128,7 @@ class Agent(Role):
         assert self.public_key is not None
         tunnels = tuple(TunnelWanted(r.server, r.assignment.overlay_ip, r.assignment.server_key, r.kick)
                         for ip, r in sorted(self.registrations.items())
-                        if r.assignment is not None and (self.listening or ip in self.draining))
+                        if r.assignment is not None and not r.drained and (self.listening or ip in self.draining))
         return AgentWanted(self.public_key, self.cfg.ports, self.cfg.keepalive, tunnels)
 
     def observe(self) -> AgentKernel:
@@ -134,7 +143,10 @@ class Agent(Role):
         return AgentKernel(links, rules, nft_table.comment, nft_table.exists)
 
     async def run_pass(self, wait: bool = False) -> list[str]:
+        drained = [ip for ip, r in self.registrations.items() if r.drained]  # before the pass: it removes their links
         changes = await super().run_pass(wait)
+        for ip in drained:
+            del self.registrations[ip]
         self.note_configured()
         self.state.save(self.registrations)  # assignments as the registrations left them
         return changes
