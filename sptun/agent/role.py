@@ -113,7 +113,7 @@ class Agent(Role):
         deadline = self.clock() + self.cfg.drain_timeout
         left = 0
         while addresses:
-            left = await asyncio.to_thread(self.sockets.in_flight, addresses, self.cfg.ports)
+            left = self.sockets.in_flight(addresses, self.cfg.ports)  # sock_diag: no thread needed
             if not left or self.clock() >= deadline:
                 break
             await asyncio.sleep(0.2)
