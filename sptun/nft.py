@@ -237,8 +237,9 @@ def parse_table(listing: dict[str, object]) -> TableState:
 class Firewall(Protocol):
     """sptun's own nftables table: one way to read it, one way to write it."""
 
-    def read(self) -> TableState:
-        """The whole table in one listing; TableState() if there is none."""
+    def read(self, chain: str | None = None) -> TableState:
+        """The whole table in one listing, or one chain of it (its rules' handles and
+        counters); TableState() if there is none."""
         ...
 
     def write(self, text: str) -> None:
@@ -256,9 +257,10 @@ class Nft:
         self._library: _Library | None = None
         self._library_failed = not in_process
 
-    def read(self) -> TableState:
+    def read(self, chain: str | None = None) -> TableState:
+        what = ["chain", FAMILY, TABLE, chain] if chain else ["table", FAMILY, TABLE]
         try:
-            return parse_table(json.loads(run(["nft", "-a", "-j", "list", "table", FAMILY, TABLE])))
+            return parse_table(json.loads(run(["nft", "-a", "-j", "list", *what])))
         except CommandError:
             return TableState()
 

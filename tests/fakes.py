@@ -49,6 +49,7 @@ class FakeKernel:
         self.fail_nft: str | None = None  # the next nft write fails with this error
         self.handshakes: dict[str, float] = {}  # peer key -> last handshake, as the kernel would report it
         self.connections: Counter[str] = Counter()  # conntrack: open connections by backend address
+        self.counters: dict[str, tuple[int, int]] = {}  # nft rule counters, by the rule's comment
 
     def edges(self, kind: str = "kernel") -> Edges:
         links = FakeLinks(self)
@@ -181,10 +182,13 @@ class FakeFirewall:
     def __init__(self, k: FakeKernel) -> None:
         self.k = k
 
-    def read(self) -> nft.TableState:
+    def read(self, chain: str | None = None) -> nft.TableState:
         if self.k.table is None and not self.k.maps:
             return nft.TableState()
-        return nft.TableState(True, self.k.table, dict(self.k.handles), {n: list(m) for n, m in self.k.maps.items()}, {})
+        if chain is not None:
+            return nft.TableState(True, None, dict(self.k.handles), {}, dict(self.k.counters))
+        return nft.TableState(True, self.k.table, dict(self.k.handles), {n: list(m) for n, m in self.k.maps.items()},
+                              dict(self.k.counters))
 
     def write(self, text: str) -> None:
         self.k.writes.append(text)

@@ -300,16 +300,21 @@ def test_a_registration_that_lands_during_a_pass_is_acted_on_by_the_next(tmp_pat
 S9 = "A" * 43 + "="
 
 
-def test_server_status_is_read_from_the_kernel_not_from_the_plan(tmp_path: Path) -> None:
+def test_server_status_is_the_last_pass_view_with_fresh_counters(tmp_path: Path) -> None:
+    """Made from what the last pass saw and applied (no lock, however big the device), plus
+    the nft counters and conntrack counts read at the time."""
     k = FakeKernel()
     server = make_server(tmp_path, k)
     server.reconcile()
     ip = add_healthy_backend(server, S9)
     k.connections[ip] = 3
-    before = asyncio.run(server.status())
-    (backend,) = before.domains[0].backends
-    assert backend.healthy and not backend.in_rotation  # healthy, but the kernel has no DNAT to it yet
+    assert asyncio.run(server.status()).domains[0].backends == []  # no pass has seen it yet
     server.reconcile()
-    after = asyncio.run(server.status())
-    (backend,) = after.domains[0].backends
-    assert backend.in_rotation and backend.active_connections == 3 and after.table_loaded and after.up
+    k.counters[f"{DOMAIN} 198.51.100.10 tcp/443"] = (7, 420)
+    status = asyncio.run(server.status())
+    (backend,) = status.domains[0].backends
+    assert backend.healthy and backend.in_rotation and backend.active_connections == 3
+    assert status.domains[0].forwards[0].connections == 7 and status.table_loaded and status.up
+    server.teardown()
+    down = asyncio.run(server.status())
+    assert not down.up and not down.table_loaded and not down.domains[0].backends[0].in_rotation

@@ -138,6 +138,7 @@ class RegistrationApi:
     def _commit(self, peers: list[PeerChange]) -> None:
         Applier(self.role.edges, self.role.private_key).apply([UpdatePeer(self.role.cfg.interface, p) for p in peers])
         self.role.store.save(self.role.leases)
+        self.role.make_view()  # status shows the new leases now, not after the next pass
 
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = str((writer.get_extra_info("peername") or ("?",))[0])

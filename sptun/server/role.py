@@ -8,11 +8,13 @@ Registrations (api.py) and health checks (health.py) run beside it on the event 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sptun import nft, proto
 from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
@@ -45,6 +47,7 @@ class Server(Role):
         self.draining: dict[str, float] = {}  # deregistered keys -> when their peer may go
         self.device = Device()  # the interface as the last pass read it
         self.nft_table: nft.TableState | None = None  # the table as sptun last loaded or read it
+        self.view: ServerView | None = None  # for status: made by each pass, commit and teardown
         self.last_resync = 0.0
         self.api = RegistrationApi(self)
         self.health_task: asyncio.Task[None] | None = None
@@ -100,8 +103,9 @@ class Server(Role):
         for change in changes:
             if isinstance(change, LoadTable):
                 self.nft_table = None
-            elif isinstance(change, UpdateRotation) and self.nft_table is not None:
-                self.nft_table.maps[f"rr{change.index}"] = list(change.new)
+            elif isinstance(change, UpdateRotation) and self.nft_table is not None:  # a new value: views keep the old
+                maps = {**self.nft_table.maps, f"rr{change.index}": list(change.new)}
+                self.nft_table = dataclasses.replace(self.nft_table, maps=maps)
         return done
 
     def reconcile(self, undo: list[str] | None = None) -> list[str]:
@@ -121,6 +125,7 @@ class Server(Role):
                 kernel = self.observe()  # first: it adopts a running rotation's health, which wanted() uses
                 changes = plan(self.wanted(), kernel)
                 if not changes:
+                    self.make_view()
                     return done
                 done += self.apply(applier, changes)
             kernel = self.observe()
@@ -172,8 +177,9 @@ class Server(Role):
             changes.append("delete table inet sptun")
         if self.edges.links.delete(self.cfg.interface):
             changes.append(f"delete interface {self.cfg.interface}")
-        self.nft_table = None
+        self.nft_table, self.device = None, Device()
         self.health.clear()
+        self.make_view()
         return changes
 
     @property
@@ -221,49 +227,79 @@ class Server(Role):
 
     # --- status ------------------------------------------------------------------------
 
-    async def status(self) -> ServerStatus:
-        # The connection counts outside the lock: a big conntrack table takes up to its 2 s.
-        active = await asyncio.to_thread(self.conntrack)
-        async with self.lock:
-            return await asyncio.to_thread(self.read_status, active)
+    def make_view(self, read_kernel: bool = False) -> ServerView:
+        """What this role now holds, as plain values, for status; under the lock. A pass has
+        just read the device and believes the table; read_kernel: read both afresh (no pass
+        has run: `status` with no daemon)."""
+        if read_kernel:
+            link = observe_link(self.edges, self.cfg.interface)
+            device = link.device if link is not None and link.ours else Device()
+            table: nft.TableState | None = self.edges.firewall.read()
+        else:
+            device, table = self.device, self.nft_table
+        fwds = forwards(self.cfg)
+        health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
+        self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device,
+                               tuple(frozenset(r) for r in table.rotations(fwds)) if table else (), bool(table and table.exists))
+        return self.view
 
-    def read_status(self, active: Counter[str] | None = None) -> ServerStatus:
-        link = observe_link(self.edges, self.cfg.interface)
-        device = link.device if link is not None and link.ours else Device()
-        table = self.edges.firewall.read()  # one listing: the rotations as loaded, and the counters
+    async def status(self) -> ServerStatus:
+        """From the last pass's view, with no lock: a pass over 10k peers must not delay it.
+        Only the nft counters and the connection counts are read now."""
+        view = self.view
+        if view is None:
+            async with self.lock:
+                view = await asyncio.to_thread(self.make_view, True)
+        registrations = RegistrationCounts(self.api.accepted, dict(self.api.rejected))
+        counters = (await asyncio.to_thread(self.edges.firewall.read, "prerouting")).counters
+        active = await asyncio.to_thread(self.conntrack)  # a big conntrack table takes up to its 2 s
+        return self.status_of(view, counters, active, registrations)
+
+    def status_of(self, view: ServerView, counters: dict[str, tuple[int, int]], active: Counter[str] | None,
+                  registrations: RegistrationCounts) -> ServerStatus:
         now = time.time()
         fwds = forwards(self.cfg)
-        rotating = [(f.domain, set(rotation)) for f, rotation in zip(fwds, table.rotations(fwds), strict=True)]
+        rotating = [(f.domain, rotation) for f, rotation in zip(fwds, view.rotations)]
         domains = []
         for domain in self.cfg.domains:
             backends = []
-            for lease in self.leases.for_domain(domain.name):
-                state = device.peers.get(lease.public_key)
+            for lease in (lease for lease in view.leases if lease.domain == domain.name):
+                state = view.device.peers.get(lease.public_key)
                 handshake = state.last_handshake if state else 0.0
-                health = self.health.by_key.get(lease.public_key)
+                health = view.health.get(lease.public_key)
                 if self.daemon:  # the active checks speak
-                    is_healthy = health is not None and health.up
-                    reason = health.reason if health else "not checked yet"
+                    is_healthy, reason = health if health is not None else (False, "not checked yet")
                 else:  # no daemon: the handshake is all there is to go by
                     is_healthy = handshake_fresh(handshake, now)
                     reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
                               else "no handshake yet" if not handshake else NO_HANDSHAKE)
-                if lease.public_key in self.draining:
+                if lease.public_key in view.draining:
                     reason = "draining (deregistered)"
                 backends.append(BackendStatus(
                     overlay_ip=lease.overlay_ip, public_key=lease.public_key, healthy=is_healthy, reason=reason,
-                    in_rotation=all(lease.overlay_ip in ips for name, ips in rotating if name == lease.domain),
+                    in_rotation=bool(rotating) and all(lease.overlay_ip in ips for name, ips in rotating if name == lease.domain),
                     handshake_age=round(now - handshake, 1) if handshake else None,
                     endpoint=state.peer.endpoint if state else None,
                     rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
                     active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since))
-            forwarded = [ForwardStatus(f.listen or "*", str(f.port), *table.counters.get(f.key, (0, 0)))
+            forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
             domains.append(DomainStatus(domain.name, [str(a) for a in domain.listen] or ["*"],
                                         [str(p) for p in domain.ports], backends, forwarded))
         return ServerStatus(
             interface=self.cfg.interface, public_key=self.public_key, listen_port=self.cfg.listen_port,
             api_port=self.cfg.api_port, overlay=str(self.cfg.overlay), overlay_ip=str(self.cfg.server_ip),
-            wireguard=self.edges.wg.kind, down=self.is_down(), up=device.public_key is not None,
-            table_loaded=table.exists,
-            registrations=RegistrationCounts(self.api.accepted, dict(self.api.rejected)), domains=domains)
+            wireguard=self.edges.wg.kind, down=self.is_down(), up=view.device.public_key is not None,
+            table_loaded=view.table_loaded, registrations=registrations, domains=domains)
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What a pass (or a registration's commit) saw and decided: status is made from this."""
+
+    leases: tuple[Lease, ...]
+    health: dict[str, tuple[bool, str]]  # public key -> up, and why
+    draining: frozenset[str]
+    device: Device
+    rotations: tuple[frozenset[str], ...]  # per forward: the backends in the kernel's map
+    table_loaded: bool
