@@ -63,16 +63,17 @@ class Edges:
     sysctls: Sysctls
 
 
-def observe_link(edges: Edges, name: str, table_of: int | None = None) -> LinkState | None:
+def observe_link(edges: Edges, name: str, tunnel: bool = False) -> LinkState | None:
     """One interface in full (link, addresses, device), or None if there is no such link.
-    table_of: also read the default route of the routing table that `mark(index)` names."""
+    tunnel (an agent's): also its rp_filter, and the default route of the routing table
+    that its mark names."""
     info: LinkInfo | None = edges.links.info(name)
     if info is None:
         return None
     ours = edges.wg.is_ours(name)
     device = edges.wg.device(name) if ours else Device()
-    route = edges.links.default_route(nft.client_mark(info.index)) if table_of else None
-    rp_filter = edges.sysctls.get(f"net/ipv4/conf/{name}/rp_filter") if table_of else ""
+    route = edges.links.default_route(nft.client_mark(info.index)) if tunnel else None
+    rp_filter = edges.sysctls.get(f"net/ipv4/conf/{name}/rp_filter") if tunnel else ""
     return LinkState(name, info.index, ours, info.up, info.mtu, tuple(edges.links.addresses(info.index)),
                      device, rp_filter, route)
 

@@ -37,6 +37,7 @@ from sptun.discovery import ServerRecord
 from sptun.keys import generate_private_key, public_key
 from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted
 from sptun.server.plan import plan as plan_server
+from sptun.server.plan import plan_teardown as plan_teardown_server
 from sptun.wg import Device, Peer, PeerState
 
 ME = public_key(generate_private_key())
@@ -243,5 +244,7 @@ def test_server_a_new_structure_reloads_the_table() -> None:
     assert kinds(changes) == ["LoadTable"] and not changes[0].fresh  # type: ignore[union-attr]
 
 
-def test_server_teardown_kinds_render_one_line() -> None:
+def test_server_teardown_removes_the_table_then_the_interface() -> None:
+    assert plan_teardown_server("sptun0", True, True) == [DeleteTable(), DeleteLink("sptun0", "down")]
+    assert plan_teardown_server("sptun0", False, False) == []
     assert str(DeleteTable()) == "delete table inet sptun"

@@ -135,7 +135,7 @@ class Agent(Role):
         e = self.edges
         links = {}
         for name in e.links.names(PREFIX):
-            link = observe_link(e, name, table_of=True)
+            link = observe_link(e, name, tunnel=True)
             if link is not None:
                 links[name] = link
         rules = tuple(Rule(r["fwmark"], r["src"], r["table"]) for r in e.links.rules(RULE_PRIORITY))

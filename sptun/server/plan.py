@@ -12,6 +12,7 @@ from sptun.changes import (
     Change,
     CreateLink,
     DeleteLink,
+    DeleteTable,
     LinkState,
     LinkUp,
     LoadTable,
@@ -80,6 +81,12 @@ def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
     changes += [UpdatePeer(name, c) for c in plan_peers(list(wanted.peers), link.device)]
     changes += plan_table(wanted, kernel.nft_table)
     return changes
+
+
+def plan_teardown(interface: str, has_link: bool, has_table: bool) -> list[Change]:
+    """What `down` removes: the table first (no more DNAT into the overlay), then the interface."""
+    changes: list[Change] = [DeleteTable()] if has_table else []
+    return changes + ([DeleteLink(interface, "down")] if has_link else [])
 
 
 def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:

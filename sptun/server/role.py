@@ -25,7 +25,7 @@ from sptun.leases import Lease, Leases, LeaseStore
 from sptun.server.api import RegistrationApi
 from sptun.server.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
-from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table
+from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table, plan_teardown
 from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, RegistrationCounts, ServerStatus
 from sptun.wg import Device, handshake_fresh
 
@@ -171,12 +171,9 @@ class Server(Role):
         return changes
 
     def teardown(self) -> list[str]:
-        changes = []
-        if self.edges.firewall.read().exists:
-            self.edges.firewall.write(nft.delete_table())
-            changes.append("delete table inet sptun")
-        if self.edges.links.delete(self.cfg.interface):
-            changes.append(f"delete interface {self.cfg.interface}")
+        name = self.cfg.interface
+        removal = plan_teardown(name, self.edges.links.info(name) is not None, self.edges.firewall.read().exists)
+        changes = Applier(self.edges, self.private_key).apply(removal)
         self.nft_table, self.device = None, Device()
         self.health.clear()
         self.make_view()
