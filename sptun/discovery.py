@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import dns.exception
 import dns.resolver
@@ -22,6 +23,23 @@ API_PORT = 51821
 MIN_REFRESH = 1.0  # seconds; a TTL of 0 must not turn into a busy loop
 MAX_REFRESH = 300.0  # a long TTL still gets checked every few minutes
 RETRY_AFTER_FAILURE = 5.0
+MAX_RECORDS = 64  # TXT records considered per name; the rest are ignored, with one warning
+MAX_QUOTE = 120  # characters of a record quoted in a log line
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Never a server: cloud metadata services, and "this network" (0/8, where 0.0.0.0 is only the start).
+REFUSED_ADDRESSES = frozenset(map(ipaddress.ip_address, ["169.254.169.254", "fd00:ec2::254"]))
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def quote(text: str, limit: int = MAX_QUOTE) -> str:
+    """Untrusted text for a log line: escaped as repr() does (a control character, a newline,
+    any non-printable character shows as \\xNN, \\n, \\uNNNN), so it can neither break the line
+    nor start one with a syslog priority like `<0>`; and cut to its first `limit` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True, order=True)
@@ -32,9 +50,11 @@ class ServerRecord:
     pk: str | None = None  # pinned WireGuard public key of the server
 
 
-def parse_record(text: str, realm: str = DEFAULT_REALM) -> ServerRecord | None:
+def parse_record(text: str, realm: str = DEFAULT_REALM, excluded: Collection[Network] = ()) -> ServerRecord | None:
     """One TXT record (its strings already joined). None if it belongs to another realm, or
-    is not an sptun record at all; ValueError with the reason if it is ours but malformed."""
+    is not an sptun record at all; ValueError with the reason if it is ours but malformed, or
+    names an address that cannot be a server's (see server_address). `excluded`: the overlays
+    of the tunnels in use, which no server may be inside."""
     fields: dict[str, str] = {}
     problems = []
     for part in text.split(";"):
@@ -43,9 +63,9 @@ def parse_record(text: str, realm: str = DEFAULT_REALM) -> ServerRecord | None:
         if not part.strip():
             continue
         if not sep or not key:
-            problems.append(f"{part.strip()!r} is not key=value")
+            problems.append(f"{quote(part.strip())} is not key=value")
         elif key in fields:
-            problems.append(f"{key}= appears twice")
+            problems.append(f"{quote(key)} appears twice")  # the key too is the record's text
         else:
             fields[key] = value.strip()
     if "r" not in fields and "ip" not in fields:
@@ -56,18 +76,33 @@ def parse_record(text: str, realm: str = DEFAULT_REALM) -> ServerRecord | None:
         raise ValueError(problems[0])
     if "ip" not in fields:
         raise ValueError("no ip=")
-    try:
-        ip = ipaddress.ip_address(fields["ip"])
-    except ValueError:
-        raise ValueError(f"ip={fields['ip']!r} is not an IP address") from None
-    if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
-        raise ValueError(f"ip={ip} is not a usable server address")
+    ip = server_address(fields["ip"], excluded)
     port = _port(fields, "port", WG_PORT)
     api = _port(fields, "api", API_PORT)
     pk = fields.get("pk")
     if pk is not None and decode_key(pk) is None:
-        raise ValueError(f"pk={pk!r} is not a base64 WireGuard key")
+        raise ValueError(f"pk={quote(pk)} is not a base64 WireGuard key")
     return ServerRecord(str(ip), port, api, pk)
+
+
+def server_address(text: str, excluded: Collection[Network] = ()) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of ip=, or ValueError if a server cannot be there: loopback, link-local,
+    multicast, unspecified, reserved (which includes 240/4 and most of ::/8), an IPv4-mapped
+    IPv6 address, a cloud metadata service, or inside one of the `excluded` networks. Private
+    and documentation ranges (10/8, fd00::/8, 198.51.100/24, 2001:db8::/32, ...) are fine."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"ip={quote(text)} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and (ip.scope_id is not None or ip.ipv4_mapped or ip.is_site_local):
+        raise ValueError(f"ip={quote(text)} is not a usable server address")  # fe80::1%eth0, ::ffff:10.0.0.1, fec0::1
+    if (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+            or ip in REFUSED_ADDRESSES or ip in THIS_NETWORK):
+        raise ValueError(f"ip={ip} is not a usable server address")
+    for network in excluded:
+        if ip in network:
+            raise ValueError(f"ip={ip} is inside the overlay {network} of a tunnel")
+    return ip
 
 
 def _port(fields: dict[str, str], key: str, default: int) -> int:
@@ -75,24 +110,32 @@ def _port(fields: dict[str, str], key: str, default: int) -> int:
         return default
     value = fields[key]
     if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 65535:  # not "²" nor "٤٤٣"
-        raise ValueError(f"{key}={value!r} is not a port")
+        raise ValueError(f"{key}={quote(value)} is not a port")
     return int(value)
 
 
-def parse_records(texts: list[str], realm: str = DEFAULT_REALM) -> tuple[list[ServerRecord], list[str]]:
-    """All servers of a TXT answer, and a warning for each record that was skipped."""
-    servers: dict[str, ServerRecord] = {}
+def parse_records(texts: list[str], realm: str = DEFAULT_REALM,
+                  excluded: Collection[Network] = ()) -> tuple[list[ServerRecord], list[str]]:
+    """All servers of a TXT answer, and a warning for each record that was skipped. The records
+    are taken in sorted order, not the order DNS gave (which resolvers shuffle), so that the
+    same records always give the same servers: which MAX_RECORDS count, which of two
+    conflicting ones wins."""
+    texts = sorted(texts)
     warnings = []
+    if len(texts) > MAX_RECORDS:
+        warnings.append(f"ignoring {len(texts) - MAX_RECORDS} of {len(texts)} TXT records: at most {MAX_RECORDS} count")
+        texts = texts[:MAX_RECORDS]
+    servers: dict[str, ServerRecord] = {}
     for text in texts:
         try:
-            record = parse_record(text, realm)
+            record = parse_record(text, realm, excluded)
         except ValueError as e:
-            warnings.append(f"skipping malformed TXT record {text!r}: {e}")
+            warnings.append(f"skipping malformed TXT record {quote(text)}: {e}")
             continue
         if record is None:
             continue
         if record.ip in servers and servers[record.ip] != record:
-            warnings.append(f"skipping TXT record {text!r}: server {record.ip} is listed twice")
+            warnings.append(f"skipping TXT record {quote(text)}: server {record.ip} is listed twice")
             continue
         servers[record.ip] = record
     return sorted(servers.values()), warnings
@@ -134,7 +177,8 @@ class DnsTxtSource:
 
 class Discovery:
     """The servers of a domain, refreshed when the TTL runs out. When DNS fails, or answers
-    with no usable server, the last good answer stays in force."""
+    with no usable server, the last good answer stays in force. The warnings about an answer's
+    records are logged when they first appear, not again on each refresh that finds them."""
 
     def __init__(self, domain: str, source: TxtSource, realm: str = DEFAULT_REALM,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -144,6 +188,21 @@ class Discovery:
         self.last_error = ""
         self.refreshes = 0
         self.failures = 0
+        self.excluded: frozenset[Network] = frozenset()
+        self.warned: frozenset[str] = frozenset()  # the warnings of the last answer, logged already
+
+    def set_excluded(self, networks: Iterable[Network]) -> None:
+        """The overlays of the tunnels in use (replacing the last call's): a server inside one
+        would send its WireGuard traffic into a tunnel. Such servers are dropped from the
+        current answer at once, and their records skipped from then on; when the networks
+        change, the next current() asks DNS again."""
+        excluded = frozenset(networks)
+        if excluded == self.excluded:
+            return
+        self.excluded = excluded
+        self.next_refresh = min(self.next_refresh, self.clock())
+        if self.servers is not None:
+            self.servers = [s for s in self.servers if not any(ipaddress.ip_address(s.ip) in n for n in excluded)]
 
     def due(self) -> bool:
         return self.clock() >= self.next_refresh
@@ -153,9 +212,11 @@ class Discovery:
         self.refreshes += 1
         try:
             texts, ttl = self.source.txt(self.domain)
-            servers, warnings = parse_records(texts, self.realm)
+            servers, warnings = parse_records(texts, self.realm, self.excluded)
             for warning in warnings:
-                log.warning("%s: %s", self.domain, warning)
+                if warning not in self.warned:
+                    log.warning("%s: %s", self.domain, warning)
+            self.warned = frozenset(warnings)
             if not servers:
                 raise SptunError(f"{self.domain} has no usable TXT record for realm {self.realm!r}",
                                  hint=f'add "r={self.realm};ip=SERVER" records')
