@@ -51,3 +51,25 @@ class ProtocolError(SptunError):
     def __init__(self, message: str, reason: str = "malformed") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def printable(text: object, limit: int = 120) -> str:
+    """`text` safe for one log line: every non-printable character (newlines, C0 and C1 controls,
+    DEL, lone surrogates, bidi overrides and other format characters) escaped as \\xNN, \\uNNNN or
+    \\UNNNNNNNN, and cut to at most `limit` characters, the last one "…" when cut."""
+    s = str(text)
+    pieces: list[str] = []
+    for ch in s[: limit + 1]:  # each gives at least one character, so the rest cannot fit
+        code = ord(ch)
+        pieces.append(ch if ch.isprintable() else f"\\x{code:02x}" if code < 0x100
+                      else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    if len(s) <= limit and sum(map(len, pieces)) <= limit:
+        return "".join(pieces)
+    out: list[str] = []
+    size = 0
+    for piece in pieces:  # whole escapes only, with room for the "…"
+        if size + len(piece) > limit - 1:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out) + "…"
