@@ -9,10 +9,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from sptun import __version__
-from sptun.config import AGENT_CONFIG, SERVER_CONFIG, Config, ServerConfig, load, load_agent, load_server
+from sptun.config import AGENT_CONFIG, SERVER_CONFIG, Config, ServerConfig, load, load_agent, load_server, parse_duration
 from sptun.errors import SptunError, UsageError
 from sptun.snapshot import to_json
 
@@ -69,18 +70,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SptunError(f"an sptun {args.role} already runs with state dir {cfg.state_dir}", hint="stop it first")
     role = make_role(cfg)
     if isinstance(cfg, ServerConfig):
-        role.check_overlay()
+        role.check_overlay()  # before the event loop: pyroute2's sync calls run their own
     import asyncio  # here: `status` and `up` need no event loop, and asyncio is slow to import
 
     asyncio.run(role.serve())
     return 0
 
 
-def _ask_daemon(cfg: Config, cmd: str, timeout: float = 120) -> dict[str, Any] | None:
+def _ask_daemon(cfg: Config, cmd: str, timeout: float = 120, arg: str | None = None) -> dict[str, Any] | None:
     """The running daemon's answer to cmd, or None if no daemon runs for this config."""
     from sptun.control import control_request
 
-    reply = control_request(cfg.state_dir, cmd, timeout)
+    reply = control_request(cfg.state_dir, cmd, timeout, arg)
     if reply is not None and not reply["ok"]:
         raise SptunError(reply["error"])
     return reply
@@ -97,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     role = make_role(cfg)
     if isinstance(cfg, ServerConfig):
         role.check_overlay()
-    role.warn_fallback()
+    role.preflight()
 
     async def up() -> dict[str, Any]:
         _print_changes(await role.up_once())
@@ -181,8 +182,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_token_new(args: argparse.Namespace) -> int:
-    from sptun.keys import ensure_private_dir, new_token, write_file_atomic
+    from sptun.keys import ensure_private_dir
+    from sptun.tokens import rotate
 
+    if args.grace is not None and not args.force:
+        raise UsageError("--grace goes with --force", hint="sptun token new DOMAIN --force --grace 1h")
+    grace = parse_duration(args.grace, "--grace") if args.grace is not None else 0.0
     cfg = load_server(Path(args.config) if args.config else SERVER_CONFIG)
     domain = cfg.domain(args.domain.lower().rstrip("."))
     if domain is None:
@@ -190,12 +195,38 @@ def cmd_token_new(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.domain} is not a domain of {cfg.path} (it has: {known})",
                          hint="add a [[domains]] table for it first")
     if domain.token_file.exists() and not args.force:
-        raise SptunError(f"{domain.token_file} already exists", hint="pass --force to replace the token (clients then need the new one)")
+        raise SptunError(f"{domain.token_file} already exists",
+                         hint="pass --force to rotate it (with --grace D, its clients have D to get the new one)")
     ensure_private_dir(domain.token_file.parent)
-    token = new_token()
-    write_file_atomic(domain.token_file, token + "\n")
+    rotating = domain.token_file.exists()
+    token = rotate(domain.token_file, grace)
     print(token)
+    if rotating:
+        when = f"after {args.grace}" if grace else "now"
+        print(f"sptun: clients that joined {domain.name} with the old token are evicted {when}; "
+              "give the new one to those that stay", file=sys.stderr)
     return 0
+
+
+def _through_daemon(cfg: Config, cmd: str, arg: str, direct: Callable[[], list[str]]) -> int:
+    """Ask the running daemon to do it (it holds the state), or do it here if none runs."""
+    reply = _ask_daemon(cfg, cmd, arg=arg)
+    _print_changes(reply.get("changes", []) if reply is not None else direct())
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    _need_root("sptun evict")
+    cfg = load_server(Path(args.config) if args.config else SERVER_CONFIG)
+    return _through_daemon(cfg, "evict", args.public_key, lambda: make_role(cfg).evict(args.public_key))
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    _need_root("sptun forget")
+    cfg = load_agent(Path(args.config) if args.config else AGENT_CONFIG)
+    from sptun.agent.registration import KnownServers
+
+    return _through_daemon(cfg, "forget", args.server_ip, lambda: KnownServers.of(cfg.state_dir).forget(args.server_ip))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -245,9 +276,19 @@ def parser() -> argparse.ArgumentParser:
     tsub = q.add_subparsers(dest="action", required=True, parser_class=_Parser)
     t = tsub.add_parser("new", help="create a domain's token file (0600) and print the token")
     t.add_argument("domain")
-    t.add_argument("--force", action="store_true", help="replace an existing token")
+    t.add_argument("--force", action="store_true", help="rotate an existing token")
+    t.add_argument("--grace", metavar="DURATION", help="with --force: the old token's clients may stay this long (30m, 1h, 7d)")
     config_arg(t)
     t.set_defaults(func=cmd_token_new)
+
+    q = sub.add_parser("evict", help="server: remove one client now (peer, lease, rotation) until the token is rotated")
+    q.add_argument("public_key")
+    config_arg(q)
+    q.set_defaults(func=cmd_evict)
+    q = sub.add_parser("forget", help="agent: accept a server's new key (no pk= pinned in DNS)")
+    q.add_argument("server_ip")
+    config_arg(q)
+    q.set_defaults(func=cmd_forget)
 
     q = sub.add_parser("export", help="print a live interface as a wg-quick config")
     q.add_argument("interface", nargs="?", help="the interface (an agent with several tunnels needs it)")

@@ -39,6 +39,7 @@ class Domain:
     listen: tuple[ipaddress.IPv4Address, ...]  # empty = any local address
     ports: tuple[Port, ...]
     token_file: Path
+    max_clients: int = 1024  # leases this domain may hold at once
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ServerConfig:
     domains: tuple[Domain, ...] = ()
     health: HealthConfig = HealthConfig()
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
+    lease_ttl: float = 24 * 3600.0  # s: a client with no registration nor handshake this long loses its lease
 
     role = "server"
 
@@ -221,6 +223,7 @@ def load_server(path: Path) -> ServerConfig:
     raw_domains = r.get("domains", list, [], "use [[domains]] tables")
     health = _load_health(path, r.get("health", dict, {}, "use a [health] table"))
     metrics = r.metrics()
+    lease_ttl = _duration(r, "lease_ttl", "24h", MIN_LEASE_TTL)
     r.finish()
 
     domains: list[Domain] = []
@@ -230,7 +233,31 @@ def load_server(path: Path) -> ServerConfig:
         domains.append(_load_domain(path, i, raw, overlay))
     _check_domains(path, domains)
     return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health,
-                        metrics)
+                        metrics, lease_ttl)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_LEASE_TTL = 30.0  # s: below this, a client between two registrations could lose its lease
+
+
+def parse_duration(value: str, what: str) -> float:
+    """Seconds of "90s", "30m", "24h", "7d" (or a plain number of seconds)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not a duration", hint='use a duration like "90s", "30m", "24h" or "7d"')
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _duration(r: _Reader, key: str, default: str, low: float) -> float:
+    fix = f'use a duration like "24h" (at least {low:g} s)'
+    value = r.get(key, (str, int), default, fix)
+    try:
+        seconds = parse_duration(str(value), key)
+    except ConfigError:
+        raise r.error(key, f"{value!r} is not a duration", fix) from None
+    if seconds < low:
+        raise r.error(key, f"{value!r} is too short", fix)
+    return seconds
 
 
 def _seconds(r: _Reader, key: str, default: float, low: float, high: float) -> float:
@@ -278,8 +305,11 @@ def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv
         listen.append(address)
     ports = d.ports("ports", (Port("tcp", 443),))
     token_file = d.path_("token_file", Path(f"/etc/sptun/tokens/{name}"))
+    max_clients = d.get("max_clients", int, 1024, "use a whole number from 1 to 1000000")
+    if not 1 <= max_clients <= 1_000_000:
+        raise d.error("max_clients", f"{max_clients} is out of range", "use a whole number from 1 to 1000000")
     d.finish()
-    return Domain(name, tuple(listen), ports, token_file)
+    return Domain(name, tuple(listen), ports, token_file, max_clients)
 
 
 def _check_domains(path: Path, domains: list[Domain]) -> None:
@@ -329,6 +359,23 @@ def load_agent(path: Path) -> AgentConfig:
     r.finish()
     return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive,
                        drain_timeout, metrics)
+
+
+def check_token_files(cfg: Config) -> None:
+    """Each token file the config names holds a usable token (keys.read_token's checks: it
+    exists, is open to no other user, and holds MIN_TOKEN_CHARS or more), else ConfigError naming
+    the config, the key, the token file and the fix. For a starting daemon or `sptun up`."""
+    from sptun.keys import TokenFileError, read_token  # here: NaCl is slow to import, and only a start needs it
+
+    if isinstance(cfg, ServerConfig):
+        files = [(f"domains[{i}].token_file", d.token_file, d.name) for i, d in enumerate(cfg.domains)]
+    else:
+        files = [("token_file", cfg.token_file, cfg.domain)]
+    for key, path, domain in files:
+        try:
+            read_token(path, domain)
+        except TokenFileError as e:
+            raise ConfigError(f"{cfg.path}: {key}: {path} {e.problem}", hint=e.hint) from None
 
 
 def load(path: Path | None) -> Config:

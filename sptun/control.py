@@ -14,7 +14,7 @@ CONTROL_MAX = 65536  # the longest request line the daemon reads
 CONTROL_TIMEOUT = 120.0
 
 
-def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:
+def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT, arg: str | None = None) -> dict[str, Any] | None:
     """Ask the running daemon of this state dir; None if no daemon is listening."""
     path = state_dir / "control.sock"
     if not path.exists():
@@ -23,7 +23,7 @@ def control_request(state_dir: Path, cmd: str, timeout: float = CONTROL_TIMEOUT)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
-            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            s.sendall(json.dumps({"cmd": cmd, "arg": arg}).encode() + b"\n")
             chunks: list[bytes] = []
             while not chunks or not chunks[-1].endswith(b"\n"):  # the reply is one line
                 chunk = s.recv(CONTROL_MAX)

@@ -61,6 +61,16 @@ class Role:
     def metrics_address(self) -> tuple[str, int] | None:
         return None
 
+    def check_config(self) -> None:
+        """What the config promises and only the host can tell (token files, ...): a role's
+        own checks, ConfigError (exit 2) if one fails."""
+
+    def preflight(self) -> None:
+        """What a starting daemon (`serve`) and a one-shot `sptun up` check and say before
+        either touches the kernel; `status`, `down` and `export` do not come here."""
+        self.check_config()
+        self.warn_fallback()
+
     def warn_fallback(self) -> None:
         if self.fallback:
             log.warning("no wireguard kernel module here; using userspace wireguard-go (slower)")
@@ -218,7 +228,8 @@ class Role:
                 reply: dict[str, Any] = {"ok": False, "error": "only root may control sptun"}
             else:
                 request = json.loads(await asyncio.wait_for(reader.readline(), 10))
-                reply = await self.control(str(request.get("cmd")))
+                arg = request.get("arg")
+                reply = await self.control(str(request.get("cmd")), arg if isinstance(arg, str) else None)
         except (ValueError, TimeoutError, AttributeError) as e:
             reply = {"ok": False, "error": f"bad control request: {e}"}
         try:
@@ -228,7 +239,11 @@ class Role:
         except (ConnectionError, OSError):
             pass
 
-    async def control(self, cmd: str) -> dict[str, Any]:
+    async def command(self, cmd: str, arg: str | None) -> dict[str, Any] | None:
+        """A role's own control commands (evict, forget); None: not one of them."""
+        return None
+
+    async def control(self, cmd: str, arg: str | None = None) -> dict[str, Any]:
         try:
             if cmd == "status":
                 return {"ok": True, "status": to_json(await self.status(), self.daemon_status())}
@@ -239,6 +254,9 @@ class Role:
             if cmd == "down":
                 self.set_down(True)
                 return {"ok": True, "changes": await self.go_down()}
+            reply = await self.command(cmd, arg)
+            if reply is not None:
+                return reply
         except SptunError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug: answer it plainly rather than drop the connection
@@ -254,7 +272,7 @@ class Role:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         self.daemon = True
         self.loop_ = asyncio.get_running_loop()
-        self.warn_fallback()
+        self.preflight()
         ensure_private_dir(self.state_dir)
         self.control_path.unlink(missing_ok=True)
         old_umask = os.umask(0o077)  # the control socket is root's only

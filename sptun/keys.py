@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 import secrets
 from pathlib import Path
@@ -12,9 +11,6 @@ from pathlib import Path
 from nacl.public import PrivateKey
 
 from sptun.errors import SptunError
-
-log = logging.getLogger("sptun")
-_warned: set[Path] = set()
 
 KEY_LEN = 32
 
@@ -44,27 +40,39 @@ def public_key(private: str) -> str:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create a directory for secrets at 0700 (and tighten it if it was looser)."""
+    """Create a directory for secrets, and any missing parents, at 0700. A directory that
+    already exists is left exactly as it is: it may be /etc, which is not sptun's to change."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o700)
+        _make_private_dir(path)
     except OSError as e:  # a file in the way, read-only, not root, ...: one line, not a traceback
         raise SptunError(f"cannot create the directory {path}: {e.strerror or e}",
                          hint="check the path and its parents") from None
 
 
-def write_file_atomic(path: Path, data: str, mode: int = 0o600) -> None:
-    """Write via a temporary file, fsync and rename, so a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _make_private_dir(path: Path) -> None:
+    if path.is_dir():  # the root always is, which ends the recursion
+        return
+    _make_private_dir(path.parent)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():  # a file in the way (a directory made meanwhile is fine)
+            raise
+
+
+def write_file_atomic(path: Path, data: str, mode: int = 0o600) -> None:
+    """Write via a temporary file, fsync and rename, so a crash leaves the old file or the new one.
+    The temporary file has a random name and is created exclusively, never through a symlink,
+    so nothing planted in the directory can redirect the write."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), mode)  # the umask may have taken bits off
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, mode)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -110,21 +118,49 @@ def load_or_create_private_key(state_dir: Path, name: str = PRIVATE_KEY_FILE) ->
     return text
 
 
-def read_token(path: Path) -> str:
-    """A join token from its file; the token itself never appears in an error."""
+MIN_TOKEN_CHARS = 22  # 128 random bits in base64url
+MAX_TOKEN_CHARS = 256
+_TOKEN_FILE_MAX = 4096  # bytes read at most: a token file is one short line
+
+
+class TokenFileError(SptunError):
+    """A token file that cannot be used. `problem` says why, never showing the token."""
+
+    def __init__(self, path: Path, problem: str, hint: str) -> None:
+        super().__init__(f"token file {path} {problem}", hint=hint)
+        self.path, self.problem = path, problem
+
+
+def read_token(path: Path, domain: str = "DOMAIN") -> str:
+    """A join token: the first line of its file, stripped. TokenFileError (an SptunError) if
+    the file is missing, open to other users, or holds no token of at least MIN_TOKEN_CHARS
+    characters; the token itself never appears in an error. domain: for the hints."""
+    remake = f"make a new one with `sptun token new {domain} --force`"
     try:
-        token = path.read_text().strip()
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise TokenFileError(path, f"is open to other users (mode {mode & 0o777:04o})", hint=f"chmod 600 {path}")
+            data = f.read(_TOKEN_FILE_MAX + 1)
     except FileNotFoundError:
-        raise SptunError(f"token file {path} does not exist", hint="create it with `sptun token new DOMAIN` on a server") from None
+        raise TokenFileError(path, "does not exist", hint=f"create it with `sptun token new {domain}` on the server") from None
     except PermissionError:
-        raise SptunError(f"token file {path} is not readable", hint="run as root") from None
-    if not token or len(token) > 256:
-        raise SptunError(f"token file {path} does not hold a token", hint="create it with `sptun token new DOMAIN` on a server")
-    if path.stat().st_mode & 0o077 and path not in _warned:
-        _warned.add(path)
-        log.warning("token file %s is readable by other users; chmod 600 it", path)
+        raise TokenFileError(path, "is not readable", hint="run as root") from None
+    except OSError as e:  # a directory, ...: one line, not a traceback
+        raise TokenFileError(path, f"cannot be read: {e.strerror or e}", hint="check token_file") from None
+    try:
+        token = data.decode("utf-8").partition("\n")[0].strip()
+    except UnicodeDecodeError:
+        raise TokenFileError(path, "is not text (not UTF-8)", hint=remake) from None
+    if not token or len(data) > _TOKEN_FILE_MAX or len(token) > MAX_TOKEN_CHARS:
+        raise TokenFileError(path, "does not hold a token", hint=remake)
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise TokenFileError(path, "holds a token with spaces or control characters in it", hint=remake)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise TokenFileError(path, f"holds a token shorter than {MIN_TOKEN_CHARS} characters (128 bits)", hint=remake)
     return token
 
 
 def new_token() -> str:
+    """A join token of 256 random bits (43 base64url characters)."""
     return secrets.token_urlsafe(32)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
 import time
 from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 from sptun.errors import SptunError
-from sptun.keys import decode_key, write_file_atomic
+from sptun.keys import write_file_atomic
+from sptun.proto import canonical_key
 
 log = logging.getLogger("sptun")
 
-FORMAT = 1
+FORMAT = 2  # 1: without generation and seen (read as seen now, generation unknown)
+SEEN_STEP = 60.0  # s: `seen` is kept (and written) no finer than this
+MAX_EVICTED = 4096  # evicted keys remembered; the oldest is forgotten first
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ class Lease:
     domain: str
     overlay_ip: str
     since: float
+    generation: str = ""  # of the token it joined with ("": not known, from an older sptun)
+    seen: float = 0.0  # wall clock of its last registration or handshake, to SEEN_STEP
 
 
 class Leases:
@@ -34,6 +41,10 @@ class Leases:
         self._used: set[ipaddress.IPv4Address] = set()
         self._next = int(overlay.network_address) + 2  # the first address is the server's
         self._sorted: list[Lease] | None = None  # all(), kept until the next change: the daemon asks every second
+        self.count: Counter[str] = Counter()  # leases per domain
+        # Evicted keys, and the token generation they were evicted under: they stay out until
+        # the domain's token changes.
+        self.evicted: dict[str, str] = {}
         for lease in leases or []:
             address = ipaddress.IPv4Address(lease.overlay_ip)
             if lease.public_key in self.by_key or address in self._used or not self._usable(address):
@@ -42,39 +53,77 @@ class Leases:
                 continue
             self.by_key[lease.public_key] = lease
             self._used.add(address)
+            self.count[lease.domain] += 1
 
     def _usable(self, address: ipaddress.IPv4Address) -> bool:
         first, last = int(self.overlay.network_address) + 2, int(self.overlay.broadcast_address) - 1
         return first <= int(address) <= last
 
-    def acquire(self, public_key: str, domain: str) -> tuple[Lease, bool]:
-        """The key's lease for domain, new or existing; and whether anything changed."""
+    def acquire(self, public_key: str, domain: str, generation: str = "", now: float | None = None) -> tuple[Lease, bool]:
+        """The key's lease for domain, new or existing; and whether anything changed that
+        the leases file should record."""
+        now = time.time() if now is None else now
         old = self.by_key.get(public_key)
         if old is not None and old.domain == domain:
-            return old, False
-        if old is not None:  # the same key moved to another domain: keep its address
-            lease = Lease(public_key, domain, old.overlay_ip, time.time())
+            if old.generation == generation and now - old.seen < SEEN_STEP:
+                return old, False
+            lease = dataclasses.replace(old, generation=generation, seen=now)
+        elif old is not None:  # the same key moved to another domain: keep its address
+            lease = Lease(public_key, domain, old.overlay_ip, now, generation, now)
         else:
-            lease = Lease(public_key, domain, str(self._free_address()), time.time())
+            lease = Lease(public_key, domain, str(self._free_address()), now, generation, now)
             self._used.add(ipaddress.IPv4Address(lease.overlay_ip))
-        self.by_key[public_key] = lease
-        self._sorted = None
+        self._put(old, lease)
         return lease, True
+
+    def _put(self, old: Lease | None, lease: Lease) -> None:
+        if old is not None:
+            self.count[old.domain] -= 1
+        self.count[lease.domain] += 1
+        self.by_key[lease.public_key] = lease
+        self._sorted = None
+
+    def saw(self, public_key: str, when: float) -> bool:
+        """A handshake (or registration) at `when`: True if the lease's `seen` moved, which
+        happens at most once per SEEN_STEP, so that writing it stays cheap."""
+        lease = self.by_key.get(public_key)
+        if lease is None or when - lease.seen < SEEN_STEP:
+            return False
+        self._put(lease, dataclasses.replace(lease, seen=when))
+        return True
+
+    def adopt_generation(self, public_key: str, generation: str) -> bool:
+        lease = self.by_key.get(public_key)
+        if lease is None or lease.generation:
+            return False
+        self._put(lease, dataclasses.replace(lease, generation=generation))
+        return True
+
+    def evict(self, public_key: str, generation: str) -> Lease | None:
+        """Release a key's lease, and keep it out until the token's generation changes."""
+        self.evicted.pop(public_key, None)
+        self.evicted[public_key] = generation
+        while len(self.evicted) > MAX_EVICTED:
+            del self.evicted[next(iter(self.evicted))]
+        return self.release(public_key)
+
+    def is_evicted(self, public_key: str, generation: str) -> bool:
+        return self.evicted.get(public_key) == generation
 
     def adopt(self, lease: Lease) -> bool:
         """Take a lease found elsewhere (a peer on the interface) if its address is free."""
         address = ipaddress.IPv4Address(lease.overlay_ip)
         if lease.public_key in self.by_key or address in self._used or not self._usable(address):
             return False
-        self.by_key[lease.public_key] = lease
+        self._put(None, lease)
         self._used.add(address)
-        self._sorted = None
         return True
 
     def release(self, public_key: str) -> Lease | None:
         lease = self.by_key.pop(public_key, None)
         if lease is not None:
             self._used.discard(ipaddress.IPv4Address(lease.overlay_ip))
+            self.count[lease.domain] -= 1
             self._sorted = None
         return lease
 
@@ -103,25 +152,34 @@ def _address_key(lease: Lease) -> tuple[int, ...]:
 
 
 def dumps(leases: Leases) -> str:
-    rows = [{"public_key": x.public_key, "domain": x.domain, "overlay_ip": x.overlay_ip, "since": x.since} for x in leases.all()]
-    return json.dumps({"format": FORMAT, "leases": rows}, indent=1) + "\n"
+    rows = [dataclasses.asdict(x) for x in leases.all()]
+    return json.dumps({"format": FORMAT, "leases": rows, "evicted": leases.evicted}, indent=1) + "\n"
 
 
 def loads(text: str) -> list[Lease]:
-    """Parse a leases file; ValueError if it is not one."""
+    return parse(text)[0]
+
+
+def parse(text: str, now: float | None = None) -> tuple[list[Lease], dict[str, str]]:
+    """Parse a leases file into its leases and evicted keys; ValueError if it is not one."""
+    now = time.time() if now is None else now
     data = json.loads(text)
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("leases"), list):
+    if not isinstance(data, dict) or data.get("format") not in (1, FORMAT) or not isinstance(data.get("leases"), list):
         raise ValueError("not an sptun leases file")
     leases = []
     for item in data["leases"]:
         if not isinstance(item, dict):
             raise ValueError("a lease is not an object")
-        lease = Lease(str(item["public_key"]), str(item["domain"]), str(item["overlay_ip"]), float(item["since"]))
-        if decode_key(lease.public_key) is None:
-            raise ValueError(f"lease key {lease.public_key!r} is not a WireGuard key")
+        lease = Lease(str(item["public_key"]), str(item["domain"]), str(item["overlay_ip"]), float(item["since"]),
+                      str(item.get("generation", "")), float(item.get("seen", now)))
+        if canonical_key(lease.public_key) != lease.public_key:
+            raise ValueError(f"lease key {lease.public_key!r} is not a WireGuard key in canonical base64")
         ipaddress.IPv4Address(lease.overlay_ip)
         leases.append(lease)
-    return leases
+    evicted = data.get("evicted", {})
+    if not isinstance(evicted, dict):
+        raise ValueError("evicted is not an object")
+    return leases, {str(k): str(v) for k, v in evicted.items()}
 
 
 class LeaseStore:
@@ -132,6 +190,7 @@ class LeaseStore:
         self.path = state_dir / "leases.json"
         self.backup = state_dir / "leases.json.bak"
         self.damaged: Path | None = None
+        self.evicted: dict[str, str] = {}  # as the last load() found them
 
     def load(self) -> list[Lease]:
         """The leases, from the backup if the file is damaged. Reading changes nothing on disk
@@ -143,7 +202,7 @@ class LeaseStore:
             except FileNotFoundError:
                 continue
             try:
-                leases = loads(text)
+                leases, self.evicted = parse(text)
             except (ValueError, KeyError, TypeError) as e:
                 log.error("%s is damaged (%s); trying the backup", path, e)
                 if path == self.path:

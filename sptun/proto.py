@@ -2,14 +2,21 @@
 
 One JSON object per line, each at most MAX_MESSAGE bytes:
 
-    server -> agent  {"sptun": 1, "key": SERVER_PUB, "challenge": B64}
+    server -> agent  {"sptun": 2, "key": SERVER_PUB, "challenge": B64}
     agent  -> server {"key": CLIENT_PUB, "nonce": B64, "box": B64}
+        box: {"op": OP, "domain": D, "challenge": B64, "proof": B64}
     server -> agent  {"ok": true, "nonce": B64, "box": B64} | {"ok": false, "reason": R, "error": TEXT}
+        box: {"op": OP, "challenge": B64, "assignment": {...} | null}
 
 The box is a NaCl Box made with the two WireGuard key pairs themselves, so opening it
-proves that the agent holds the private key of the public key it registers, and only the
-server that holds the WireGuard key the agent dials can read the token inside. The fresh
-challenge inside the box makes a recorded registration useless (no replay).
+proves that the agent holds the private key of the public key it registers.
+
+The token never crosses the wire. The proof is an HMAC keyed from the token over the
+domain, the server's key, the client's key and the server's fresh challenge: a server
+(impostor or not) that reads it learns nothing it can use with another server, key or
+challenge, and a token of 128 random bits cannot be guessed from it offline. The reply
+carries the same challenge and op, so an old reply (or a deregistration's) cannot be
+replayed to an agent as the answer to a registration.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import hmac
 import json
 import socket
@@ -29,10 +37,10 @@ import nacl.exceptions
 import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 
-from sptun.errors import ProtocolError, SptunError
+from sptun.errors import ProtocolError, SptunError, printable
 from sptun.keys import decode_key
 
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 4096
 CHALLENGE_LEN = 32
 OPS = ("register", "deregister")
@@ -40,6 +48,8 @@ OPS = ("register", "deregister")
 
 @dataclass(frozen=True)
 class Request:
+    """What an agent asks, with the token it proves knowledge of (and never sends)."""
+
     op: str  # "register" | "deregister"
     domain: str
     token: str
@@ -47,6 +57,35 @@ class Request:
 
     def __repr__(self) -> str:  # never show the token
         return f"Request(op={self.op!r}, domain={self.domain!r}, client_key={self.client_key!r})"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A request as the server receives it: the client's key is proven, its token not yet."""
+
+    op: str
+    domain: str
+    client_key: str  # canonical base64
+    proof: bytes
+
+    def proves(self, token: str, server_key: str, challenge: bytes) -> bool:
+        expected = token_proof(token, self.op, self.domain, server_key, self.client_key, challenge)
+        return hmac.compare_digest(self.proof, expected)
+
+
+def token_proof(token: str, op: str, domain: str, server_key: str, client_key: str, challenge: bytes) -> bytes:
+    """Proof of knowing the token, bound to everything that makes this exchange unique."""
+    key = hashlib.sha256(b"sptun join token\0" + token.encode("utf-8", "surrogatepass")).digest()
+    bound = json.dumps(["sptun-join", VERSION, op, domain, server_key, client_key, _b64(challenge)],
+                       separators=(",", ":")).encode()
+    return hmac.new(key, bound, hashlib.sha256).digest()
+
+
+def canonical_key(text: str) -> str | None:
+    """The one base64 spelling of a WireGuard key, or None if it is not one: the same key
+    spelled four ways (the last character's spare bits) must be one client, not four."""
+    raw = decode_key(text)
+    return base64.b64encode(raw).decode() if raw is not None else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +135,8 @@ def _public(value: Any, what: str) -> PublicKey:
     raw = decode_key(value) if isinstance(value, str) else None
     if raw is None:
         raise ProtocolError(f"{what} is not a base64 WireGuard key")
+    if canonical_key(value) != value:
+        raise ProtocolError(f"{what} is not in canonical base64", reason="bad-key")
     return PublicKey(raw)
 
 
@@ -142,9 +183,9 @@ def hello(server_key: str, challenge: bytes) -> bytes:
     return _line({"sptun": VERSION, "key": server_key, "challenge": _b64(challenge)})
 
 
-def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
-    """Check a request's form, its proof of key and its challenge. The token is checked by
-    the caller, which knows the domains."""
+def open_request(line: bytes, server_private: str, challenge: bytes) -> Claim:
+    """Check a request's form, its proof of key and its challenge. The proof of the token
+    is checked by the caller, which knows the domains' tokens (Claim.proves)."""
     obj = _parse(line)
     key = obj.get("key")
     if not isinstance(key, str):  # (a list or a dict would not be a cache key)
@@ -153,22 +194,24 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Request:
     got = _unb64(inner.get("challenge"), "challenge")
     if not hmac.compare_digest(got, challenge):
         raise ProtocolError("the challenge does not match (a replayed registration?)", reason="replay")
-    op, domain, token = inner.get("op"), inner.get("domain"), inner.get("token")
+    op, domain = inner.get("op"), inner.get("domain")
     if op not in OPS:
         raise ProtocolError(f"op must be one of {', '.join(OPS)}")
     if not isinstance(domain, str) or not 0 < len(domain) <= 253:
         raise ProtocolError("domain is missing")
-    if not isinstance(token, str) or not 0 < len(token) <= 256:
-        raise ProtocolError("token is missing")
-    return Request(op, domain.lower().rstrip("."), token, obj["key"])
+    proof = _unb64(inner.get("proof"), "proof")
+    if len(proof) != hashlib.sha256().digest_size:
+        raise ProtocolError("proof has the wrong length")
+    return Claim(op, domain.lower().rstrip("."), key, proof)
 
 
-def accept(assignment: Assignment | None, server_private: str, client_key: str) -> bytes:
-    """A sealed answer: the assignment for a registration, nothing for a deregistration."""
+def accept(assignment: Assignment | None, server_private: str, client_key: str, challenge: bytes, op: str) -> bytes:
+    """A sealed answer to this challenge and op: the assignment for a registration, none
+    for a deregistration."""
     box = _box(server_private, client_key, "key")
     body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
-            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen} if assignment else {}
-    return _line({"ok": True, **_seal(box, body)})
+            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen} if assignment else None
+    return _line({"ok": True, **_seal(box, {"op": op, "challenge": _b64(challenge), "assignment": body})})
 
 
 def reject(reason: str, error: str) -> bytes:
@@ -180,14 +223,17 @@ def reject(reason: str, error: str) -> bytes:
 
 def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
     box = _box(client_private, server_key, "server key")
-    inner = {"op": request.op, "domain": request.domain, "token": request.token, "challenge": _b64(challenge)}
+    proof = token_proof(request.token, request.op, request.domain, server_key, request.client_key, challenge)
+    inner = {"op": request.op, "domain": request.domain, "challenge": _b64(challenge), "proof": _b64(proof)}
     return _line({"key": request.client_key, **_seal(box, inner)})
 
 
 def parse_hello(line: bytes) -> tuple[str, bytes]:
     obj = _parse(line)
     if obj.get("sptun") != VERSION:
-        raise ProtocolError(f"not an sptun {VERSION} server")
+        seen = obj.get("sptun")
+        raise ProtocolError(f"the server speaks sptun protocol {seen}, not {VERSION}: upgrade the older side"
+                            if isinstance(seen, int) else f"not an sptun {VERSION} server", reason="version")
     _public(obj.get("key"), "server key")
     challenge = _unb64(obj.get("challenge"), "challenge")
     if len(challenge) != CHALLENGE_LEN:
@@ -195,24 +241,39 @@ def parse_hello(line: bytes) -> tuple[str, bytes]:
     return obj["key"], challenge
 
 
-def open_reply(line: bytes, client_private: str, server_key: str) -> Assignment | None:
+def open_reply(line: bytes, client_private: str, server_key: str, challenge: bytes, op: str) -> Assignment | None:
+    """The server's answer to this challenge and op; an old or another op's is refused."""
     obj = _parse(line)
     if obj.get("ok") is not True:
-        reason, error = str(obj.get("reason", "refused"))[:64], str(obj.get("error", "refused"))[:200]
+        reason, error = printable(obj.get("reason", "refused"), 64), printable(obj.get("error", "refused"), 200)
         raise ProtocolError(f"server refused: {error}", reason=reason)
     inner = _open(_box(client_private, server_key, "server key"), obj, reason="unproven-key")
-    if not inner:
+    got = _unb64(inner.get("challenge"), "challenge")
+    if not hmac.compare_digest(got, challenge) or inner.get("op") != op:
+        raise ProtocolError("the reply answers another request (a replayed reply?)", reason="replay")
+    body = inner.get("assignment")
+    if op == "deregister" or body is None:
         return None
+    if not isinstance(body, dict):
+        raise ProtocolError("assignment is not an object")
     try:
-        return Assignment(str(inner["overlay_ip"]), str(inner["server_ip"]), str(inner["server_key"]), int(inner["prefixlen"]),
-                          inner.get("seen") is not False)
+        return Assignment(str(body["overlay_ip"]), str(body["server_ip"]), str(body["server_key"]), int(body["prefixlen"]),
+                          body.get("seen") is not False)
     except (KeyError, ValueError, TypeError, OverflowError):  # OverflowError: int(Infinity)
         raise ProtocolError("assignment is incomplete") from None
 
 
-def _check_pinned(host: str, server_key: str, pinned_key: str | None) -> None:
-    if pinned_key is not None and not hmac.compare_digest(server_key, pinned_key):
-        raise ProtocolError(f"server {host} presents key {server_key}, but DNS pins pk={pinned_key}", reason="wrong-server-key")
+@dataclass(frozen=True)
+class Pin:
+    """The key a server must present, and why (DNS's pk=, or the key it showed first)."""
+
+    key: str
+    why: str
+
+
+def _check_pinned(host: str, server_key: str, pin: Pin | None) -> None:
+    if pin is not None and canonical_key(pin.key) != server_key:
+        raise ProtocolError(f"server {host} presents key {server_key}, but {pin.why}", reason="wrong-server-key")
 
 
 def _unreachable(host: str, port: int, e: OSError | TimeoutError) -> SptunError:
@@ -237,7 +298,7 @@ def _read_line(sock: socket.socket, deadline: float) -> bytes:
     return buf
 
 
-def exchange(host: str, port: int, request: Request, client_private: str, pinned_key: str | None = None,
+def exchange(host: str, port: int, request: Request, client_private: str, pin: Pin | None = None,
              timeout: float = 5.0) -> tuple[str, Assignment | None]:
     """One registration round trip, all of it within `timeout` seconds (a server that
     accepts and then trickles or never answers costs no more). Returns the server's key and
@@ -246,15 +307,15 @@ def exchange(host: str, port: int, request: Request, client_private: str, pinned
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             server_key, challenge = parse_hello(_read_line(sock, deadline))
-            _check_pinned(host, server_key, pinned_key)
+            _check_pinned(host, server_key, pin)
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             sock.sendall(seal_request(request, client_private, server_key, challenge))
-            return server_key, open_reply(_read_line(sock, deadline), client_private, server_key)
+            return server_key, open_reply(_read_line(sock, deadline), client_private, server_key, challenge, request.op)
     except OSError as e:
         raise _unreachable(host, port, e) from None
 
 
-async def exchange_async(host: str, port: int, request: Request, client_private: str, pinned_key: str | None = None,
+async def exchange_async(host: str, port: int, request: Request, client_private: str, pin: Pin | None = None,
                          timeout: float = 5.0) -> tuple[str, Assignment | None]:
     """exchange() on the event loop: no thread per registration, and the deadline covers
     the whole round trip, however slowly the server accepts, trickles or stays silent."""
@@ -263,10 +324,10 @@ async def exchange_async(host: str, port: int, request: Request, client_private:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE + 1)
             server_key, challenge = parse_hello(await _read_line_async(reader))
-            _check_pinned(host, server_key, pinned_key)
+            _check_pinned(host, server_key, pin)
             writer.write(seal_request(request, client_private, server_key, challenge))
             await writer.drain()
-            return server_key, open_reply(await _read_line_async(reader), client_private, server_key)
+            return server_key, open_reply(await _read_line_async(reader), client_private, server_key, challenge, request.op)
     except (OSError, TimeoutError) as e:
         raise _unreachable(host, port, e) from None
     finally:

@@ -141,12 +141,14 @@ def test_token_new_refuses_to_overwrite(tmp_path: Path) -> None:
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
 
 
-def test_token_new_tightens_a_loose_directory(tmp_path: Path) -> None:
+def test_token_new_leaves_an_existing_directory_alone(tmp_path: Path) -> None:
+    """`token_file = "/etc/app.token"` must not make /etc 0700: only what sptun creates is its own."""
     config, token_file = server_config(tmp_path)
     token_file.parent.mkdir(parents=True)
     token_file.parent.chmod(0o755)
     assert sptun("token", "new", "app.example.test", "-c", str(config)).returncode == 0
-    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o755
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
 
 
 def test_token_new_unknown_domain(tmp_path: Path) -> None:

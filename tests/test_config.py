@@ -428,6 +428,56 @@ def test_load_default_broken_file_names_it(defaults: tuple[Path, Path]) -> None:
     assert_clear(config_error(load, None), agent, "colour")
 
 
+# --- token files: checked where a daemon or `sptun up` starts ---------------------------------
+
+
+def token_configs(tmp_path: Path, data: str | None, mode: int = 0o600) -> list[tuple[ServerConfig | AgentConfig, str, Path]]:
+    """A server (its second domain's token file as given) and an agent (its token file as given),
+    with the key that names the file; data None: the file does not exist."""
+    from sptun.keys import new_token, write_file_atomic
+
+    good, token = tmp_path / "good.token", tmp_path / "x.token"
+    write_file_atomic(good, new_token() + "\n")
+    if data is not None:
+        write_file_atomic(token, data, mode)
+    server = load_server(write(tmp_path, f"""\
+        [[domains]]
+        name = "app.example.test"
+        listen = ["198.51.100.10"]
+        token_file = "{good}"
+        [[domains]]
+        name = "x.example.test"
+        listen = ["198.51.100.11"]
+        token_file = "{token}"
+        """, "server.toml"))
+    agent = load_agent(write(tmp_path, f'domain = "x.example.test"\ntoken_file = "{token}"\n', "agent.toml"))
+    return [(server, "domains[1].token_file", token), (agent, "token_file", token)]
+
+
+@pytest.mark.parametrize("data, mode, problem, fix", [
+    (None, 0o600, "does not exist", "sptun token new x.example.test`"),
+    ("0123456789abcdefghijklmnopqrstuvwxyzABCDEF\n", 0o644, "is open to other users (mode 0644)", "chmod 600 "),
+    ("0123456789abcdefghijklmnopqrstuvwxyzABCDEF\n", 0o660, "is open to other users (mode 0660)", "chmod 600 "),
+    ("0123456789abcdefghij_\n", 0o600, "holds a token shorter than 22", "sptun token new x.example.test --force"),
+    ("\n", 0o600, "does not hold a token", "sptun token new x.example.test --force"),
+], ids=["missing", "0644", "0660", "short", "empty"])
+def test_check_token_files_refuses(tmp_path: Path, data: str | None, mode: int, problem: str, fix: str) -> None:
+    for cfg, key, token in token_configs(tmp_path, data, mode):
+        with pytest.raises(ConfigError) as info:
+            config.check_token_files(cfg)
+        error = info.value
+        assert_clear(error, cfg.path, key)
+        assert f"{cfg.path}: {key}: {token} {problem}" in error.message and fix in error.hint
+        secret = (data or "").strip()
+        assert not secret or secret not in str(error)
+
+
+def test_check_token_files_passes_good_files(tmp_path: Path) -> None:
+    for cfg, _, _ in token_configs(tmp_path, "0123456789abcdefghijkl\n"):  # 22 characters: just enough
+        config.check_token_files(cfg)
+    config.check_token_files(ServerConfig(tmp_path / "none.toml"))  # no domains, no token files
+
+
 # --- fuzz: whatever the file holds, the loaders answer with a config or a ConfigError -----------
 
 # Config examples are costly to draw (nested tables, a file each): an eighth of the profile's count.

@@ -161,7 +161,7 @@ def test_save_and_load(tmp_path: Path) -> None:
     assert store.load() == leases.all()
     assert Leases(NET, store.load()).by_key == leases.by_key
     assert (tmp_path / "leases.json").stat().st_mode & 0o777 == 0o600
-    assert json.loads((tmp_path / "leases.json").read_text())["format"] == 1
+    assert json.loads((tmp_path / "leases.json").read_text())["format"] == 2
 
 
 def test_save_keeps_the_previous_version(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ DAMAGED = [
     ("empty", ""),
     ("binary", "\x00\x01\x02"),
     ("not-object", "[]"),
-    ("other-format", json.dumps({"format": 2, "leases": []})),
+    ("other-format", json.dumps({"format": 99, "leases": []})),
     ("no-format", json.dumps({"leases": []})),
     ("leases-not-list", json.dumps({"format": 1, "leases": {}})),
     ("lease-not-object", json.dumps({"format": 1, "leases": [1]})),

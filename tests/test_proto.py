@@ -82,26 +82,85 @@ def test_register_round_trip() -> None:
     wire = seal_request(request(), CLIENT_PRIV, server_key, challenge)
     assert wire.endswith(b"\n") and wire.count(b"\n") == 1 and len(wire) <= MAX_MESSAGE
     got = open_request(wire, SERVER_PRIV, CHALLENGE)
-    assert got == request()
-    assert open_reply(accept(ASSIGNMENT, SERVER_PRIV, got.client_key), CLIENT_PRIV, SERVER_PUB) == ASSIGNMENT
+    assert (got.op, got.domain, got.client_key) == ("register", "app.example.test", CLIENT_PUB)
+    assert got.proves(TOKEN, SERVER_PUB, CHALLENGE) and not got.proves(TOKEN + "x", SERVER_PUB, CHALLENGE)
+    reply = accept(ASSIGNMENT, SERVER_PRIV, got.client_key, CHALLENGE, "register")
+    assert open_reply(reply, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register") == ASSIGNMENT
 
 
 def test_deregister_round_trip() -> None:
     got = open_request(seal_request(request("deregister"), CLIENT_PRIV, SERVER_PUB, CHALLENGE), SERVER_PRIV, CHALLENGE)
-    assert got.op == "deregister"
-    assert open_reply(accept(None, SERVER_PRIV, got.client_key), CLIENT_PRIV, SERVER_PUB) is None
+    assert got.op == "deregister" and got.proves(TOKEN, SERVER_PUB, CHALLENGE)
+    assert open_reply(accept(None, SERVER_PRIV, got.client_key, CHALLENGE, "deregister"), CLIENT_PRIV, SERVER_PUB,
+                      CHALLENGE, "deregister") is None
 
 
 @pytest.mark.parametrize("seen", [True, False])
 def test_seen_flag_round_trip(seen: bool) -> None:
     sent = Assignment("10.99.0.2", "10.99.0.1", SERVER_PUB, 16, seen=seen)
-    got = open_reply(accept(sent, SERVER_PRIV, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB)
+    got = open_reply(accept(sent, SERVER_PRIV, CLIENT_PUB, CHALLENGE, "register"), CLIENT_PRIV, SERVER_PUB, CHALLENGE,
+                     "register")
     assert got is not None and got.seen is seen
+
+
+# --- the token never crosses the wire ----------------------------------------------------------
+
+
+def test_an_impostor_that_opens_the_request_finds_no_token() -> None:
+    """An impostor server (listed in DNS without pk=) gets a box sealed to its own key: it
+    opens it, and finds a proof bound to its key and challenge, not the token."""
+    impostor_priv = generate_private_key()
+    impostor_pub = public_key(impostor_priv)
+    wire = seal_request(request(), CLIENT_PRIV, impostor_pub, CHALLENGE)
+    box = Box(PrivateKey(base64.b64decode(impostor_priv)), PublicKey(base64.b64decode(CLIENT_PUB)))
+    obj = json.loads(wire)
+    plain = box.decrypt(base64.b64decode(obj["box"]), base64.b64decode(obj["nonce"]))
+    assert TOKEN.encode() not in plain and b"token" not in plain
+    claim = open_request(wire, impostor_priv, CHALLENGE)
+    assert claim.proves(TOKEN, impostor_pub, CHALLENGE)
+    # What it captured proves nothing to the real server, whatever challenge that one sends.
+    assert not claim.proves(TOKEN, SERVER_PUB, CHALLENGE)
+    # Nor does replaying the box itself: it is sealed to the impostor's key.
+    assert protocol_error(open_request, wire, SERVER_PRIV, CHALLENGE).reason == "unproven-key"
+
+
+@pytest.mark.parametrize("field", ["op", "domain", "server_key", "client_key", "challenge"])
+def test_the_proof_is_bound_to_every_field(field: str) -> None:
+    fields: dict[str, Any] = {"op": "register", "domain": "app.example.test", "server_key": SERVER_PUB,
+                              "client_key": CLIENT_PUB, "challenge": CHALLENGE}
+    good = proto.token_proof(TOKEN, **fields)
+    other = {"op": "deregister", "domain": "other.example.test", "server_key": public_key(generate_private_key()),
+             "client_key": public_key(generate_private_key()), "challenge": os.urandom(CHALLENGE_LEN)}
+    assert proto.token_proof(TOKEN, **{**fields, field: other[field]}) != good
+
+
+def test_a_reply_to_another_challenge_is_refused() -> None:
+    """An old reply (recorded from an earlier registration) cannot answer a new one."""
+    old = accept(ASSIGNMENT, SERVER_PRIV, CLIENT_PUB, os.urandom(CHALLENGE_LEN), "register")
+    assert protocol_error(open_reply, old, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register").reason == "replay"
+
+
+def test_a_deregister_reply_cannot_answer_a_register() -> None:
+    reply = accept(None, SERVER_PRIV, CLIENT_PUB, CHALLENGE, "deregister")
+    assert protocol_error(open_reply, reply, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register").reason == "replay"
+
+
+def test_a_key_has_one_spelling() -> None:
+    """The last base64 character of a key has two spare bits: four spellings, one key."""
+    raw = base64.b64decode(CLIENT_PUB)
+    last = CLIENT_PUB[-2]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    other = CLIENT_PUB[:-2] + alphabet[alphabet.index(last) ^ 1] + "="
+    assert other != CLIENT_PUB and base64.b64decode(other) == raw
+    assert proto.canonical_key(other) == CLIENT_PUB
+    wire = seal_request(request(key=other), CLIENT_PRIV, SERVER_PUB, CHALLENGE)
+    assert protocol_error(open_request, wire, SERVER_PRIV, CHALLENGE).reason == "bad-key"
 
 
 def test_domain_is_normalised() -> None:
     wire = seal_request(Request("register", "App.Example.TEST.", TOKEN, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB, CHALLENGE)
-    assert open_request(wire, SERVER_PRIV, CHALLENGE).domain == "app.example.test"
+    claim = open_request(wire, SERVER_PRIV, CHALLENGE)
+    assert claim.domain == "app.example.test" and not claim.proves(TOKEN, SERVER_PUB, CHALLENGE)  # bound as sent
 
 
 # --- proof of key, replay, tampering ------------------------------------------------------------
@@ -142,21 +201,23 @@ def test_tampered_request_is_refused(field: str, mutate: Callable[[bytes], bytes
 
 
 def test_tampered_reply_is_refused() -> None:
-    obj = json.loads(accept(ASSIGNMENT, SERVER_PRIV, CLIENT_PUB))
+    obj = json.loads(accept(ASSIGNMENT, SERVER_PRIV, CLIENT_PUB, CHALLENGE, "register"))
     raw = base64.b64decode(obj["box"])
     obj["box"] = b64(raw[:-1] + bytes([raw[-1] ^ 1]))
-    assert protocol_error(open_reply, line(obj), CLIENT_PRIV, SERVER_PUB).reason == "unproven-key"
+    assert protocol_error(open_reply, line(obj), CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register").reason == "unproven-key"
 
 
 def test_reply_from_another_server_is_refused() -> None:
     impostor = generate_private_key()
-    assert protocol_error(open_reply, accept(ASSIGNMENT, impostor, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB).reason == "unproven-key"
+    reply = accept(ASSIGNMENT, impostor, CLIENT_PUB, CHALLENGE, "register")
+    assert protocol_error(open_reply, reply, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register").reason == "unproven-key"
 
 
 @pytest.mark.parametrize("fn, args", [
     (open_request, lambda: (line({"key": ZERO_KEY, "nonce": b64(bytes(24)), "box": b64(bytes(40))}), SERVER_PRIV, CHALLENGE)),
     (seal_request, lambda: (request(), CLIENT_PRIV, ZERO_KEY, CHALLENGE)),
-    (open_reply, lambda: (line({"ok": True, "nonce": b64(bytes(24)), "box": b64(bytes(40))}), CLIENT_PRIV, ZERO_KEY)),
+    (open_reply, lambda: (line({"ok": True, "nonce": b64(bytes(24)), "box": b64(bytes(40))}), CLIENT_PRIV, ZERO_KEY,
+                          CHALLENGE, "register")),
 ], ids=["server-gets-zero-client-key", "agent-seals-for-zero-server-key", "agent-opens-from-zero-server-key"])
 def test_low_order_key_is_a_protocol_error(fn: Callable[..., Any], args: Callable[[], tuple[Any, ...]]) -> None:
     """A key with which no shared secret can be made (all zeros) is refused, not a crash."""
@@ -198,7 +259,8 @@ def test_malformed_request(wire: bytes, what: str) -> None:
 
 
 CHALLENGE_B64 = b64(CHALLENGE)
-INNER = {"op": "register", "domain": "app.example.test", "token": TOKEN, "challenge": CHALLENGE_B64}
+PROOF_B64 = b64(proto.token_proof(TOKEN, "register", "app.example.test", SERVER_PUB, CLIENT_PUB, CHALLENGE))
+INNER = {"op": "register", "domain": "app.example.test", "proof": PROOF_B64, "challenge": CHALLENGE_B64}
 BAD_INNER = [
     ("not-json", b"op=register", "not JSON", "malformed"),
     ("list", ["register"], "not a JSON object", "malformed"),
@@ -213,10 +275,10 @@ BAD_INNER = [
     ("domain-empty", {**INNER, "domain": ""}, "domain", "malformed"),
     ("domain-int", {**INNER, "domain": 1}, "domain", "malformed"),
     ("domain-long", {**INNER, "domain": "a" * 254}, "domain", "malformed"),
-    ("no-token", {k: v for k, v in INNER.items() if k != "token"}, "token", "malformed"),
-    ("token-empty", {**INNER, "token": ""}, "token", "malformed"),
-    ("token-int", {**INNER, "token": 12345}, "token", "malformed"),
-    ("token-long", {**INNER, "token": "t" * 257}, "token", "malformed"),
+    ("no-proof", {k: v for k, v in INNER.items() if k != "proof"}, "proof", "malformed"),
+    ("proof-empty", {**INNER, "proof": ""}, "proof", "malformed"),
+    ("proof-int", {**INNER, "proof": 12345}, "proof", "malformed"),
+    ("proof-long", {**INNER, "proof": b64(bytes(33))}, "proof", "malformed"),
 ]
 
 
@@ -228,15 +290,17 @@ def test_malformed_sealed_request(inner: Any, what: str, reason: str) -> None:
 
 def test_sealed_inner_with_valid_fields_opens() -> None:
     """The helper above builds real requests: the malformed cases fail for their own reason."""
-    assert open_request(sealed_line(INNER), SERVER_PRIV, CHALLENGE) == request()
+    claim = open_request(sealed_line(INNER), SERVER_PRIV, CHALLENGE)
+    assert claim.proves(TOKEN, SERVER_PUB, CHALLENGE) and claim.client_key == CLIENT_PUB
 
 
 @pytest.mark.parametrize("wire, what", [
     (b"hello\n", "not JSON"),
-    (line({"sptun": 2, "key": SERVER_PUB, "challenge": CHALLENGE_B64}), "not an sptun 1 server"),
-    (line({"sptun": 1, "key": "nope", "challenge": CHALLENGE_B64}), "server key"),
-    (line({"sptun": 1, "key": SERVER_PUB}), "challenge"),
-    (line({"sptun": 1, "key": SERVER_PUB, "challenge": b64(bytes(16))}), "challenge has the wrong length"),
+    (line({"sptun": 1, "key": SERVER_PUB, "challenge": CHALLENGE_B64}), "speaks sptun protocol 1, not 2"),
+    (line({"sptun": "2", "key": SERVER_PUB, "challenge": CHALLENGE_B64}), "not an sptun 2 server"),
+    (line({"sptun": 2, "key": "nope", "challenge": CHALLENGE_B64}), "server key"),
+    (line({"sptun": 2, "key": SERVER_PUB}), "challenge"),
+    (line({"sptun": 2, "key": SERVER_PUB, "challenge": b64(bytes(16))}), "challenge has the wrong length"),
 ])
 def test_malformed_hello(wire: bytes, what: str) -> None:
     assert what in protocol_error(parse_hello, wire).message
@@ -251,8 +315,9 @@ def test_malformed_hello(wire: bytes, what: str) -> None:
 def test_incomplete_assignment(inner: dict[str, Any], what: str) -> None:
     box = Box(PrivateKey(base64.b64decode(SERVER_PRIV)), PublicKey(base64.b64decode(CLIENT_PUB)))
     nonce = os.urandom(Box.NONCE_SIZE)
-    wire = line({"ok": True, "nonce": b64(nonce), "box": b64(box.encrypt(json.dumps(inner).encode(), nonce).ciphertext)})
-    assert what in protocol_error(open_reply, wire, CLIENT_PRIV, SERVER_PUB).message
+    body = {"op": "register", "challenge": CHALLENGE_B64, "assignment": inner}
+    wire = line({"ok": True, "nonce": b64(nonce), "box": b64(box.encrypt(json.dumps(body).encode(), nonce).ciphertext)})
+    assert what in protocol_error(open_reply, wire, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register").message
 
 
 # --- refusals -----------------------------------------------------------------------------------
@@ -262,14 +327,14 @@ def test_incomplete_assignment(inner: dict[str, Any], what: str) -> None:
                                            ("rate-limited", "too many bad attempts; try again later"),
                                            ("unknown-domain", "this server does not serve x.test")])
 def test_reject_is_parsed_into_the_reason(reason: str, error: str) -> None:
-    e = protocol_error(open_reply, reject(reason, error), CLIENT_PRIV, SERVER_PUB)
+    e = protocol_error(open_reply, reject(reason, error), CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register")
     assert e.reason == reason and error in e.message and e.message.startswith("server refused")
 
 
 @pytest.mark.parametrize("wire", [line({"ok": False}), line({"ok": "true"}), line({}),
                                   line({"ok": False, "reason": "x" * 1000, "error": "y" * 1000})])
 def test_odd_refusals_are_bounded(wire: bytes) -> None:
-    e = protocol_error(open_reply, wire, CLIENT_PRIV, SERVER_PUB)
+    e = protocol_error(open_reply, wire, CLIENT_PRIV, SERVER_PUB, CHALLENGE, "register")
     assert len(e.reason) <= 64 and len(e.message) <= 300
 
 
@@ -277,7 +342,7 @@ def test_messages_fit_the_limit() -> None:
     with pytest.raises(ProtocolError) as info:
         reject("error", "x" * MAX_MESSAGE)
     assert info.value.reason == "oversized"
-    huge = Request("register", "app.example.test", "t" * 4000, CLIENT_PUB)
+    huge = Request("register", "x" * 4000, TOKEN, CLIENT_PUB)
     with pytest.raises(ProtocolError):
         seal_request(huge, CLIENT_PRIV, SERVER_PUB, CHALLENGE)
 
@@ -303,9 +368,9 @@ def test_token_not_on_the_wire() -> None:
     lambda: open_request(seal_request(request(), CLIENT_PRIV, SERVER_PUB, bytes(32)), SERVER_PRIV, CHALLENGE),
     lambda: open_request(sealed_line({**INNER, "op": "nope"}), SERVER_PRIV, CHALLENGE),
     lambda: open_request(sealed_line({**INNER, "domain": 5}), SERVER_PRIV, CHALLENGE),
-    lambda: open_request(sealed_line({**INNER, "token": TOKEN * 10}), SERVER_PRIV, CHALLENGE),
-    lambda: seal_request(Request("register", "app.example.test", TOKEN * 200, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB, CHALLENGE),
-], ids=["unproven", "replay", "bad-op", "bad-domain", "long-token", "oversized"])
+    lambda: open_request(sealed_line({**INNER, "proof": TOKEN * 10}), SERVER_PRIV, CHALLENGE),
+    lambda: seal_request(Request("register", "x" * 4000, TOKEN, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB, CHALLENGE),
+], ids=["unproven", "replay", "bad-op", "bad-domain", "token-as-proof", "oversized"])
 def test_token_not_in_errors(make: Callable[[], Any]) -> None:
     with pytest.raises(ProtocolError) as info:
         make()
@@ -324,7 +389,7 @@ def must_refuse(wire: bytes, may_accept: bool = False) -> None:
         assert TOKEN not in str(e)
     else:
         assert may_accept, "a forged request was accepted"
-        assert got.op in proto.OPS and got.domain and got.token and got.client_key == CLIENT_PUB
+        assert got.op in proto.OPS and got.domain and len(got.proof) == 32 and got.client_key == CLIENT_PUB
 
 
 @settings(FUZZ, max_examples=max(10_000, FUZZ.max_examples))  # the server's first line of defence: 10k at least
@@ -338,7 +403,7 @@ json_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.tex
                                    "deregister"]))
 json_values = json_scalars | st.lists(json_scalars, max_size=3) | st.dictionaries(st.text(max_size=4), json_scalars,
                                                                                   max_size=2)
-request_keys = st.sampled_from(["key", "nonce", "box", "op", "domain", "token", "challenge", "sptun", "ok"])
+request_keys = st.sampled_from(["key", "nonce", "box", "op", "domain", "proof", "challenge", "sptun", "ok"])
 
 
 @settings(FUZZ, max_examples=FUZZ.max_examples // 4)  # costly to draw

@@ -5,16 +5,19 @@ black-holed server delays nobody but itself."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
 from sptun import proto
 from sptun.discovery import ServerRecord
-from sptun.errors import SptunError
+from sptun.errors import ProtocolError, SptunError, printable
 from sptun.keys import read_token, write_file_atomic
 
 log = logging.getLogger("sptun")
@@ -24,6 +27,7 @@ RETRY_AFTER = 3.0
 REGISTER_DEADLINE = 5.0  # s for one whole registration round trip
 DEREGISTER_DEADLINE = 2.0  # s; `down` must not wait long on a server that does not answer
 KICK_GRACE = 5.0  # s a new peer gets to complete its first handshake
+MAX_KNOWN_SERVERS = 1024
 
 
 @dataclass
@@ -77,21 +81,114 @@ class StateFile:
         self.written = text
 
 
+class KnownServers:
+    """known_servers.json: the key each server without pk= in DNS presented first (trust on
+    first use). A different key later is refused until `sptun forget IP`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, str] = {}
+        try:
+            data = json.loads(path.read_text())
+            self.keys = {str(ip): str(key) for ip, key in data["servers"].items() if proto.canonical_key(str(key))}
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring damaged %s (%s): servers without pk= are trusted on first use again", path, e)
+
+    def pin(self, server: ServerRecord) -> proto.Pin | None:
+        if server.pk is not None:
+            return proto.Pin(server.pk, f"DNS pins pk={server.pk}")
+        key = self.keys.get(server.ip)
+        if key is None:
+            return None
+        return proto.Pin(key, f"it presented {key} before (trusted on first use, no pk= in DNS); "
+                              f"if it was re-keyed, run `sptun forget {server.ip}`")
+
+    def remember(self, server: ServerRecord, key: str) -> None:
+        if server.pk is not None or self.keys.get(server.ip) == key:
+            return
+        log.warning("server %s has no pk= in its TXT record: trusting the key it presented, %s, from now on "
+                    "(publish pk= to pin it)", server.ip, key)
+        self.keys.pop(server.ip, None)
+        self.keys[server.ip] = key
+        while len(self.keys) > MAX_KNOWN_SERVERS:
+            del self.keys[next(iter(self.keys))]
+        self.save()
+
+    @classmethod
+    def of(cls, state_dir: Path) -> KnownServers:
+        return cls(state_dir / "known_servers.json")
+
+    def forget(self, ip: str) -> list[str]:
+        """`sptun forget IP`: the next key that server presents is trusted on first use."""
+        if self.keys.pop(ip, None) is None:
+            raise SptunError(f"no key is remembered for {printable(ip, 60)}",
+                             hint="only servers without pk= in DNS are remembered; `sptun status` lists the servers")
+        self.save()
+        return [f"forget the key of {ip}: its next key is trusted on first use"]
+
+    def save(self) -> None:
+        write_file_atomic(self.path, json.dumps({"servers": self.keys}, indent=1) + "\n")
+
+
+def host_addresses() -> set[str]:
+    """The addresses on this host's interfaces other than sptun's own tunnels."""
+    from sptun.agent.plan import PREFIX
+
+    return {a.address.split("%")[0] for name, addrs in psutil.net_if_addrs().items() if not name.startswith(PREFIX)
+            for a in addrs if a.family.name in ("AF_INET", "AF_INET6")}
+
+
+def check_assignment(a: proto.Assignment, server: ServerRecord, presented_key: str, taken: Iterable[str]) -> None:
+    """What a server assigns, checked before it touches the host: a rogue server must not
+    make this host take another's address (a server's, the resolver's, 169.254.169.254)."""
+    def bad(problem: str) -> ProtocolError:
+        return ProtocolError(f"server {server.ip} assigns {problem}; refusing it", reason="bad-assignment")
+
+    if a.server_key != presented_key:
+        raise bad(f"the key {a.server_key}, not the one it proved ({presented_key})")
+    if not 8 <= a.prefixlen <= 30:
+        raise bad(f"an overlay prefix of /{a.prefixlen}")
+    try:
+        mine, its = ipaddress.IPv4Address(a.overlay_ip), ipaddress.IPv4Address(a.server_ip)
+    except ValueError:
+        raise bad("an address that is not IPv4") from None
+    overlay = ipaddress.IPv4Network(f"{its}/{a.prefixlen}", strict=False)
+    for address in (mine, its):
+        if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
+                or address.is_reserved:
+            raise bad(f"the special address {address}")
+    if mine not in overlay or mine in (its, overlay.network_address, overlay.broadcast_address):
+        raise bad(f"{mine}, which is not a client address in its overlay {overlay}")
+    if ipaddress.ip_address(server.ip) in overlay:
+        raise bad(f"the overlay {overlay}, which holds its own endpoint {server.ip}")
+    if str(mine) in set(taken):
+        raise bad(f"{mine}, an address this host already uses")
+
+
 class Registrar:
     """Registers with each server on its own schedule, concurrently."""
 
     def __init__(self, domain: str, token_file: Path, private_key: str, public_key: str,
-                 on_change: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_change: Callable[[], None], known: KnownServers, clock: Callable[[], float] = time.monotonic,
+                 nameservers: tuple[str, ...] = ()) -> None:
         self.domain, self.token_file = domain, token_file
         self.private_key, self.public_key = private_key, public_key
         self.on_change = on_change  # wakes the pass loop
+        self.known = known
         self.clock = clock
+        self.nameservers = nameservers  # an assignment must not take a resolver's address
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def exchange(self, server: ServerRecord, op: str, deadline: float) -> proto.Assignment | None:
         request = proto.Request(op, self.domain, read_token(self.token_file), self.public_key)
-        _, assignment = await proto.exchange_async(server.ip, server.api, request, self.private_key,
-                                                   pinned_key=server.pk, timeout=deadline)
+        key, assignment = await proto.exchange_async(server.ip, server.api, request, self.private_key,
+                                                     pin=self.known.pin(server), timeout=deadline)
+        if assignment is not None:
+            check_assignment(assignment, server, key, host_addresses() | set(self.nameservers))
+        if op == "register":
+            self.known.remember(server, key)
         return assignment
 
     def start_due(self, registrations: dict[str, Registration]) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sptun.agent.plan import (
     PREFIX,
@@ -23,10 +25,10 @@ from sptun.agent.plan import (
     plan,
     plan_teardown,
 )
-from sptun.agent.registration import Registrar, Registration, StateFile
+from sptun.agent.registration import KnownServers, Registrar, Registration, StateFile
 from sptun.agent.sockets import SockDiag, Sockets
 from sptun.changes import Applier, Edges, UpdatePeer, observe_link
-from sptun.config import AgentConfig, load_agent
+from sptun.config import AgentConfig, check_token_files, load_agent
 from sptun.daemon import Role, config_changes
 from sptun.discovery import Discovery, DnsTxtSource, TxtSource
 from sptun.errors import SptunError
@@ -52,13 +54,18 @@ class Agent(Role):
         self.sockets = sockets or SockDiag()
         self.state = StateFile(cfg.state_dir / "agent.json")
         self.registrations: dict[str, Registration] = self.state.load()
-        self.registrar = Registrar(cfg.domain, cfg.token_file, self.private_key, self.public_key, self.wake.set, clock) \
+        self.known = KnownServers.of(cfg.state_dir)
+        self.registrar = Registrar(cfg.domain, cfg.token_file, self.private_key, self.public_key, self.wake.set,
+                                   self.known, clock, cfg.nameservers) \
             if self.private_key and self.public_key else None
         self.draining: dict[str, asyncio.Task[None]] = {}  # server ip -> its drain, while it runs
         self.listening = False
         self.last_wanted: AgentWanted | None = None
         self.configured: set[str] = set()  # interfaces whose peer a pass (re)configured, for note_configured
         self.kernel_checked = -KERNEL_CHECK_EVERY
+
+    def check_config(self) -> None:
+        check_token_files(self.cfg)
 
     # --- outside the lock: DNS, registrations, drains ----------------------------------
 
@@ -67,6 +74,9 @@ class Agent(Role):
         # A DNS query may wait seconds: in a thread. The cached answer, and sock_diag (the kernel
         # answers at once), cost less than a thread hop, which an idle agent makes every second.
         d = self.discovery
+        # A server endpoint inside a tunnel's overlay would route WireGuard into itself.
+        d.set_excluded({ipaddress.ip_interface(f"{r.assignment.overlay_ip}/{r.assignment.prefixlen}").network
+                        for r in self.registrations.values() if r.assignment is not None})
         servers = {s.ip: s for s in (await asyncio.to_thread(d.current) if d.due() else d.current())}
         self.listening = self.sockets.listening(self.cfg.ports)
         for ip, reg in list(self.registrations.items()):
@@ -217,6 +227,20 @@ class Agent(Role):
         for change in await self.go_down():
             log.info("%s", change)
 
+    async def command(self, cmd: str, arg: str | None) -> dict[str, Any] | None:
+        if cmd != "forget" or arg is None:
+            return None
+        return {"ok": True, "changes": self.forget(arg)}
+
+    def forget(self, ip: str) -> list[str]:
+        """`sptun forget IP`: accept the next key that server presents (it was re-keyed)."""
+        done = self.known.forget(ip)
+        reg = self.registrations.get(ip)
+        if reg is not None:
+            reg.next_at = 0.0  # register again now, with whatever key it has
+            self.wake.set()
+        return done
+
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return self.cfg.metrics
@@ -229,6 +253,7 @@ class Agent(Role):
         self.cfg = new
         if self.registrar is not None:
             self.registrar.domain, self.registrar.token_file = new.domain, new.token_file
+            self.registrar.nameservers = new.nameservers
         for reg in self.registrations.values():  # register again now, with the new token or domain
             reg.next_at = 0.0
         return ", ".join(changed) or "nothing changed"

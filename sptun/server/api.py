@@ -4,18 +4,18 @@ commit of the leases and peers that registrations change."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from sptun import proto
 from sptun.changes import Applier, UpdatePeer
-from sptun.errors import ProtocolError, SptunError
-from sptun.keys import read_token
+from sptun.errors import ProtocolError, SptunError, printable
+from sptun.server.limits import FailureLimiter, RejectionLog, source_key
 from sptun.server.plan import peer_of
+from sptun.tokens import valid_tokens
 from sptun.wg import PeerChange, handshake_fresh
 
 if TYPE_CHECKING:
@@ -26,31 +26,9 @@ log = logging.getLogger("sptun")
 API_READ_TIMEOUT = 5.0
 MAX_CONNECTIONS = 256
 MAX_PER_SOURCE = 16
-FAILURES_ALLOWED = 10  # bad attempts per source per window, then it is refused for the window
-FAILURE_WINDOW = 60.0
 DRAIN_KEEP = 120.0  # s a deregistered client's peer stays, so its in-flight connections finish
-
-
-class FailureLimiter:
-    """Counts bad registration attempts per source address over a sliding window."""
-
-    def __init__(self, allowed: int = FAILURES_ALLOWED, window: float = FAILURE_WINDOW) -> None:
-        self.allowed, self.window = allowed, window
-        self.failures: dict[str, deque[float]] = defaultdict(deque)
-
-    def _trim(self, source: str, now: float) -> deque[float]:
-        times = self.failures[source]
-        while times and now - times[0] > self.window:
-            times.popleft()
-        if not times:
-            del self.failures[source]
-        return times
-
-    def blocked(self, source: str, now: float | None = None) -> bool:
-        return len(self._trim(source, now if now is not None else time.monotonic())) >= self.allowed
-
-    def fail(self, source: str, now: float | None = None) -> None:
-        self.failures[source].append(now if now is not None else time.monotonic())
+SUMMARY_EVERY = 10.0  # s between lines that total the rejections
+NO_PENALTY = ("busy", "rate-limited", "down", "full")  # refusals that are no sign of a bad client
 
 
 class RegistrationApi:
@@ -60,6 +38,7 @@ class RegistrationApi:
     def __init__(self, role: Server) -> None:
         self.role = role
         self.limiter = FailureLimiter()
+        self.rejections = RejectionLog(log)  # a line per source per interval, then a summary
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.connections: Counter[str] = Counter()
@@ -80,26 +59,38 @@ class RegistrationApi:
         assert self.role.public_key is not None
         return self.role.public_key
 
-    def authorize(self, request: proto.Request) -> None:
-        domain = self.role.cfg.domain(request.domain)
+    def authorize(self, claim: proto.Claim, challenge: bytes) -> str:
+        """The generation of the token the claim proves knowledge of; ProtocolError if none."""
+        domain = self.role.cfg.domain(claim.domain)
         if domain is None:
-            raise ProtocolError(f"this server does not serve {request.domain}", reason="unknown-domain")
+            raise ProtocolError(f"this server does not serve {printable(claim.domain)}", reason="unknown-domain")
         try:
-            token = read_token(domain.token_file)
+            tokens = valid_tokens(domain.token_file)
         except SptunError as e:
             log.error("%s: %s", domain.name, e)
             raise ProtocolError(f"{domain.name} has no token on this server", reason="no-token") from None
-        if not hmac.compare_digest(request.token.encode(), token.encode()):
-            raise ProtocolError(f"wrong token for {domain.name}", reason="bad-token")
+        for token in tokens:
+            if claim.proves(token.secret, self.public_key, challenge):
+                return token.generation
+        raise ProtocolError(f"wrong token for {domain.name}", reason="bad-token")
 
-    def register(self, request: proto.Request) -> proto.Assignment:
+    def register(self, claim: proto.Claim, generation: str) -> proto.Assignment:
         """Runs under the lock, in memory only: the lease, and the peer queued for commit().
         The table follows once the client's handshake proves it is live."""
-        self.role.draining.pop(request.client_key, None)
-        lease, changed = self.role.leases.acquire(request.client_key, request.domain)
+        leases, domain = self.role.leases, self.role.cfg.domain(claim.domain)
+        assert domain is not None  # authorize() checked
+        if leases.is_evicted(claim.client_key, generation):
+            raise ProtocolError("this key was evicted (sptun evict); it may join again once the token is rotated",
+                                reason="evicted")
+        held = leases.by_key.get(claim.client_key)
+        if (held is None or held.domain != domain.name) and leases.count[domain.name] >= domain.max_clients:
+            raise ProtocolError(f"{domain.name} has its {domain.max_clients} clients (max_clients)", reason="full")
+        self.role.draining.pop(claim.client_key, None)
+        lease, changed = leases.acquire(claim.client_key, claim.domain, generation)
         if changed:
             self.change_version += 1
-            log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
+            if held is None or held.domain != lease.domain:
+                log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
         # A refresh of a known client changes nothing: the last pass saw its peer.
         state = self.role.device.peers.get(lease.public_key)
         peer = peer_of(lease)
@@ -111,9 +102,9 @@ class RegistrationApi:
         return proto.Assignment(lease.overlay_ip, str(self.role.cfg.server_ip), self.public_key,
                                 self.role.cfg.overlay.prefixlen, seen)
 
-    def deregister(self, request: proto.Request) -> None:
+    def deregister(self, claim: proto.Claim) -> None:
         """Runs under the lock: out of the rotation now; the peer stays while its connections finish."""
-        lease = self.role.leases.by_key.get(request.client_key)
+        lease = self.role.leases.by_key.get(claim.client_key)
         if lease is not None:
             self.role.draining[lease.public_key] = time.monotonic() + DRAIN_KEEP
             self.role.apply_rotation()
@@ -140,13 +131,20 @@ class RegistrationApi:
         self.role.store.save(self.role.leases)
         self.role.make_view()  # status shows the new leases now, not after the next pass
 
+    async def summarise_rejections(self) -> None:
+        """Every SUMMARY_EVERY: one line with the rejections since the last, if any."""
+        while True:
+            await asyncio.sleep(SUMMARY_EVERY)
+            self.rejections.flush()
+
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        source = str((writer.get_extra_info("peername") or ("?",))[0])
+        address = str((writer.get_extra_info("peername") or ("?",))[0])
+        source = source_key(address)  # an IPv6 /64 counts as one source
         self.connections[source] += 1
         try:
             if sum(self.connections.values()) > MAX_CONNECTIONS or self.connections[source] > MAX_PER_SOURCE:
                 raise ProtocolError("too many connections", reason="busy")
-            if self.limiter.blocked(source):
+            if self.limiter.blocked(address):
                 raise ProtocolError("too many bad attempts; try again later", reason="rate-limited")
             if self.role.is_down():
                 raise ProtocolError("this server is down (sptun down)", reason="down")
@@ -161,29 +159,36 @@ class RegistrationApi:
                 raise ProtocolError("no request in time", reason="timeout") from None
             if not line.endswith(b"\n"):
                 raise ProtocolError("truncated message", reason="truncated")
-            request = proto.open_request(line, self.private_key, challenge)
-            self.authorize(request)
+            claim = proto.open_request(line, self.private_key, challenge)
+            generation = self.authorize(claim, challenge)
             assignment = None
             async with self.role.lock:
-                if request.op == "deregister":
-                    await asyncio.to_thread(self.deregister, request)  # an nft change
+                if claim.op == "deregister":
+                    await asyncio.to_thread(self.deregister, claim)  # an nft change
                 else:
-                    assignment = self.register(request)
+                    assignment = self.register(claim, generation)
             await self.commit()  # the peer is in the kernel and the lease on disk before the client hears of it
             self.accepted += 1
-            writer.write(proto.accept(assignment, self.private_key, request.client_key))
+            writer.write(proto.accept(assignment, self.private_key, claim.client_key, challenge, claim.op))
         except ProtocolError as e:
             self.rejected[e.reason] += 1
-            if e.reason not in ("busy", "rate-limited", "down"):
-                self.limiter.fail(source)
-            log.warning("rejected registration from %s: %s", source, e.message)
+            if e.reason in ("busy", "rate-limited"):  # counted; a flood of them writes no lines
+                self.rejections.count(e.reason)
+            else:
+                self.rejections.record(address, e.reason, e.message)
+            if e.reason not in NO_PENALTY:
+                self.limiter.fail(address)
             writer.write(proto.reject(e.reason, e.message))
-        except SptunError as e:
-            self.rejected["error"] += 1
-            log.error("registration from %s failed: %s", source, e)
-            writer.write(proto.reject("error", "the server failed; try again"))
         except (ConnectionError, OSError):
             pass
+        except Exception as e:  # SptunError, or a bug: counted, answered, and the next one is served
+            self.rejected["error"] += 1
+            self.limiter.fail(address)
+            if isinstance(e, SptunError):
+                self.rejections.record(address, "error", str(e))
+            else:
+                log.exception("registration from %s failed", printable(address))
+            writer.write(proto.reject("error", "the server failed; try again"))
         finally:
             self.connections[source] -= 1
             if self.connections[source] <= 0:

@@ -14,24 +14,28 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from sptun import nft, proto
 from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
-from sptun.config import ServerConfig, load_server
+from sptun.config import ServerConfig, check_token_files, load_server
 from sptun.daemon import Role, config_changes
-from sptun.errors import ConfigError, SptunError
+from sptun.errors import ConfigError, SptunError, printable
 from sptun.leases import Lease, Leases, LeaseStore
+from sptun.proto import canonical_key
 from sptun.server.api import RegistrationApi
 from sptun.server.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
 from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table, plan_teardown
+from sptun.tokens import valid_tokens
 from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, RegistrationCounts, ServerStatus
 from sptun.wg import Device, handshake_fresh
 
 log = logging.getLogger("sptun")
 
 MAX_ROUNDS = 3  # observe-plan-apply rounds in one pass: the interface, then the rest
+EXPIRY_EVERY = 5.0  # s between checks of silent leases and rotated tokens
 
 
 class Server(Role):
@@ -43,6 +47,8 @@ class Server(Role):
         self.conntrack = conntrack
         self.store = LeaseStore(cfg.state_dir)
         self.leases = Leases(cfg.overlay, self.store.load())
+        self.leases.evicted = self.store.evicted
+        self.last_expiry = 0.0
         self.health = HealthChecks()
         self.draining: dict[str, float] = {}  # deregistered keys -> when their peer may go
         self.device = Device()  # the interface as the last pass read it
@@ -51,6 +57,10 @@ class Server(Role):
         self.last_resync = 0.0
         self.api = RegistrationApi(self)
         self.health_task: asyncio.Task[None] | None = None
+        self.summary_task: asyncio.Task[None] | None = None
+
+    def check_config(self) -> None:
+        check_token_files(self.cfg)
 
     def check_overlay(self) -> None:
         """The overlay must not cover a network this host already routes elsewhere."""
@@ -116,6 +126,9 @@ class Server(Role):
         done = self.expire_drains()
         if self.passes <= 1:
             done += self.adopt_orphans()
+        elif now - self.last_expiry >= EXPIRY_EVERY:  # once a pass has read the handshakes
+            self.last_expiry = now
+            done += self.expire_leases()
         if self.store.damaged:  # loaded from the backup: write a good file now
             self.store.save(self.leases)
             done.append(f"rewrote the damaged {self.store.path} ({len(self.leases.by_key)} leases)")
@@ -157,6 +170,64 @@ class Server(Role):
         if changes:
             self.store.save(self.leases)
         return changes
+
+    def expire_leases(self) -> list[str]:
+        """Release the leases of clients silent for lease_ttl, and of clients whose token
+        was rotated and whose grace has ended. Their peers and backends go in this pass."""
+        now = time.time()
+        dirty = False
+        for key, state in self.device.peers.items():
+            dirty |= self.leases.saw(key, state.last_handshake)
+        generations: dict[str, set[str]] = {}
+        for domain in self.cfg.domains:
+            try:
+                tokens = valid_tokens(domain.token_file, now)
+            except SptunError:
+                continue  # no readable token: the API says so; evict nobody for it
+            generations[domain.name] = {t.generation for t in tokens}
+            current = tokens[0].generation
+            for lease in self.leases.for_domain(domain.name):
+                if not lease.generation:  # from an older sptun: it joined with the token of then
+                    dirty |= self.leases.adopt_generation(lease.public_key, current)
+        done = []
+        for lease in self.leases.all():
+            valid = generations.get(lease.domain)
+            if now - lease.seen > self.cfg.lease_ttl:
+                why = f"silent for {now - lease.seen:.0f} s (lease_ttl {self.cfg.lease_ttl:g} s)"
+            elif valid is not None and lease.generation not in valid:
+                why = "it joined with a token that was rotated"
+            else:
+                continue
+            self.forget_client(lease.public_key)
+            done.append(f"release {lease.overlay_ip} of {lease.public_key} ({lease.domain}): {why}")
+        if done or dirty:
+            self.store.save(self.leases)
+        return done
+
+    def forget_client(self, key: str) -> None:
+        self.leases.release(key)
+        self.draining.pop(key, None)
+        self.health.by_key.pop(key, None)
+
+    def evict(self, key: str) -> list[str]:
+        """`sptun evict`: out of the leases, the peers and the rotation now, and kept out
+        until the domain's token changes. Under the lock."""
+        canonical = canonical_key(key)
+        lease = self.leases.by_key.get(canonical) if canonical else None
+        if lease is None:
+            raise SptunError(f"no client with key {printable(key, 60)} holds a lease here",
+                             hint="`sptun status` lists the clients and their keys")
+        self.leases.evict(lease.public_key, lease.generation)
+        self.forget_client(lease.public_key)
+        self.store.save(self.leases)
+        done = [f"evict {lease.public_key} ({lease.domain}, {lease.overlay_ip}): out until the token is rotated"]
+        return done + (self.reconcile() if not self.is_down() else [])
+
+    async def command(self, cmd: str, arg: str | None) -> dict[str, Any] | None:
+        if cmd != "evict" or arg is None:
+            return None
+        async with self.lock:
+            return {"ok": True, "changes": await asyncio.to_thread(self.evict, arg)}
 
     def expire_drains(self) -> list[str]:
         changes = []
@@ -220,6 +291,7 @@ class Server(Role):
         log.info("registration api on port %d, WireGuard on %d (%s), key %s", self.cfg.api_port,
                  self.cfg.listen_port, self.edges.wg.kind, self.public_key)
         self.health_task = asyncio.create_task(self.health_loop())
+        self.summary_task = asyncio.create_task(self.api.summarise_rejections())
         return [api]
 
     # --- status ------------------------------------------------------------------------
