@@ -28,6 +28,12 @@ FAMILY = "inet"
 # Client-side connection marks: MARK_BASE | ifindex; the same number is the routing table.
 MARK_BASE = 0x53700000
 MARK_MASK = 0xFFF00000
+# Server-side connection mark: the one bit sptun's own DNAT sets on the connection it
+# forwards, with an OR that keeps every other bit of the ct mark (other software's). The
+# forward chain lets overlay traffic through only with this bit, so a DNAT that other
+# software makes in its own table (Docker, kube-proxy) never opens a path through the
+# overlay. It lies in MARK_MASK but not in MARK_BASE, so no client mark carries it.
+DNAT_MARK = 0x08000000
 CLIENT_PREFIX = "sptun-"
 TUNNEL_MSS = MTU - 40  # the tunnel's MTU less the IPv4 and TCP headers
 
@@ -77,8 +83,10 @@ def server_rule(interface: str, index: int, f: Forward, size: int) -> str:
 
 
 def dnat_rule(index: int, size: int) -> list[str]:
-    """The rules of chain fwdINDEX: DNAT over the first `size` elements of map @rrINDEX."""
-    return [f"dnat ip to numgen inc mod {size} map @rr{index}"] if size else []
+    """The rules of chain fwdINDEX: mark the connection as sptun's (DNAT_MARK), then DNAT over
+    the first `size` elements of map @rrINDEX. The mark is set on the connection, so its
+    replies carry it too."""
+    return [f"ct mark set ct mark or {DNAT_MARK:#010x} dnat ip to numgen inc mod {size} map @rr{index}"] if size else []
 
 
 def _wrap(kind: str, body: str, digest_of: str) -> str:
@@ -100,6 +108,7 @@ def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
 
 def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]]) -> str:
     dev = _q(interface)
+    ours = f"ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x}"
     maps = []
     for i, backends in enumerate(rotations):
         elements = f" elements = {{ {', '.join(f'{n} : {_ip(ip)}' for n, ip in enumerate(backends))} }}" if backends else ""
@@ -114,9 +123,10 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
             f"oifname {dev} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
             f"iifname {dev} tcp flags syn / syn,rst tcp option maxseg size > {TUNNEL_MSS} "
             f"tcp option maxseg size set {TUNNEL_MSS}",
-            f"iifname {dev} ct status dnat accept",
+            # Only sptun's own forwards, by its mark: not `ct status dnat`, which any DNAT sets.
+            f"iifname {dev} {ours} accept",
             f'iifname {dev} counter drop comment "clients reach only their forwarded connections"',
-            f"oifname {dev} ct status dnat accept",
+            f"oifname {dev} {ours} accept",
             f'oifname {dev} counter drop comment "nothing else enters the overlay"',
         ]),
         ("input", "type filter hook input priority filter; policy accept;", [
@@ -293,7 +303,8 @@ def client_mark(ifindex: int) -> int:
 def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
     """Replies leave by the tunnel their connection came in on: the incoming interface is
     kept in the conntrack mark and restored as the fwmark that picks the routing table. Two
-    servers may lease the same overlay address, so the source address alone cannot tell."""
+    servers may lease the same overlay address, so the source address alone cannot tell.
+    Through a tunnel, a server reaches the published ports of the client itself, nothing else."""
     prerouting = []
     if marks:
         elements = ", ".join(f"{_q(name)} : {mark:#x}" for name, mark in sorted(marks.items()))
@@ -309,6 +320,11 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
             f"iifname {any_tunnel} ct state established,related accept",
             f"iifname {any_tunnel} meta l4proto . th dport {{ {services} }} accept",
             f'iifname {any_tunnel} counter drop comment "the server reaches only the published ports"',
+        ]),
+        # Nothing behind the client either (its LAN, its containers): whatever the host
+        # forwards otherwise is left alone.
+        ("forward", "type filter hook forward priority filter; policy accept;", [
+            f'iifname {any_tunnel} counter drop comment "the server reaches nothing behind the client"',
         ]),
     ])
     return _wrap("agent", body, body)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sptun import nft
 from sptun.config import Port
 from sptun.nft import (
+    DNAT_MARK,
     MARK_BASE,
     MARK_MASK,
     Forward,
@@ -116,7 +117,7 @@ def test_round_robin_over_the_backends_in_order() -> None:
     ruleset = server(*SERVER_CASES["server_listen_tcp443_3_backends"])
     (rule,) = dnat_rules(ruleset)
     assert "ip daddr 198.51.100.10 tcp dport 443" in rule
-    assert "dnat ip to numgen inc mod 3 map @rr0" in rule
+    assert "ct mark set ct mark or 0x08000000 dnat ip to numgen inc mod 3 map @rr0" in rule
     assert f'jump fwd0 comment "{APP} 198.51.100.10 tcp/443"' in rule
     assert "\tmap rr0 { typeof numgen inc mod 2 : ip daddr; elements = { 0 : 10.99.0.2, 1 : 10.99.0.3, 2 : 10.99.0.4 } }" \
         in ruleset
@@ -159,12 +160,35 @@ def test_server_isolation_rules() -> None:
     assert chain(ruleset, "forward") == [
         'oifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu',
         'iifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size > 1380 tcp option maxseg size set 1380',
-        'iifname "sptun0" ct status dnat accept',
+        'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
         'iifname "sptun0" counter drop comment "clients reach only their forwarded connections"',
-        'oifname "sptun0" ct status dnat accept',
+        'oifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
         'oifname "sptun0" counter drop comment "nothing else enters the overlay"',
     ]
     assert chain(ruleset, "input")[-1].startswith('iifname "sptun0" counter drop')
+
+
+@pytest.mark.parametrize("name", SERVER_CASES)
+def test_the_forward_chain_trusts_only_sptuns_own_mark(name: str) -> None:
+    """Isolation rests on sptun's marks only: `ct status dnat` is set by any DNAT (Docker's,
+    kube-proxy's), so it must not open the overlay; the mark is set by sptun's DNAT alone,
+    with an OR that keeps the ct mark's other bits, before the DNAT (which ends the rule)."""
+    interface, cases = SERVER_CASES[name]
+    ruleset = server(interface, cases)
+    assert "ct status" not in ruleset
+    accepts = [r for r in chain(ruleset, "forward") if r.endswith(" accept")]
+    assert accepts == [f'{d}ifname "{interface}" ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x} accept' for d in "io"]
+    for rule in dnat_rules(ruleset):
+        assert "jump fwd" in rule and f" ct mark set ct mark or {DNAT_MARK:#010x} dnat ip to " in rule, rule
+    assert ruleset.count("ct mark set") == len(dnat_rules(ruleset))  # only where sptun DNATs
+
+
+def test_the_dnat_mark_is_one_bit_no_client_mark_carries() -> None:
+    assert bin(DNAT_MARK).count("1") == 1
+    assert DNAT_MARK & MARK_MASK and not DNAT_MARK & MARK_BASE
+    for ifindex in (1, 5, 0x7FFFF, 0xFFFFF):
+        assert not client_mark(ifindex) & DNAT_MARK
+        assert (client_mark(ifindex) | DNAT_MARK) & MARK_MASK != MARK_BASE  # never taken for a client's mark
 
 
 def test_only_the_sptun_table() -> None:
@@ -182,6 +206,17 @@ def test_client_marks() -> None:
         'ct state new ct mark set iifname map { "sptun-s1" : 0x53700005, "sptun-s2" : 0x5370000c }']
     assert chain(ruleset, "output") == ["ct mark & 0xfff00000 == 0x53700000 meta mark set ct mark"]
     assert chain(render_client(*CLIENT_CASES["client_no_interfaces"]), "prerouting") == []
+
+
+@pytest.mark.parametrize("name", CLIENT_CASES)
+def test_a_server_reaches_nothing_behind_the_client(name: str) -> None:
+    """Through a tunnel, only the client itself (its published ports, in input): whatever
+    would be forwarded (its LAN, its containers) is dropped; other forwarding is left alone."""
+    ruleset = render_client(*CLIENT_CASES[name])
+    assert "type filter hook forward priority filter; policy accept;" in ruleset
+    assert chain(ruleset, "forward") == [
+        'iifname "sptun-*" counter drop comment "the server reaches nothing behind the client"']
+    assert all(r.startswith('iifname "sptun-*" ') for r in chain(ruleset, "input"))  # the same tunnels
 
 
 def test_client_ports_sorted() -> None:
@@ -285,7 +320,7 @@ def test_rotation_update_of_one_leaver_touches_two_slots_and_the_rule() -> None:
         "delete element inet sptun rr3 { 17, 9999 }",
         f"add element inet sptun rr3 {{ 17 : {many[-1]} }}",
         "flush chain inet sptun fwd3",
-        "add rule inet sptun fwd3 dnat ip to numgen inc mod 9999 map @rr3",
+        "add rule inet sptun fwd3 ct mark set ct mark or 0x08000000 dnat ip to numgen inc mod 9999 map @rr3",
     ]
 
 
@@ -294,7 +329,7 @@ def test_rotation_update_to_empty_and_back() -> None:
         "delete element inet sptun rr0 { 0 }", "flush chain inet sptun fwd0"]
     assert rotation_update(0, [], [A]) == [
         "add element inet sptun rr0 { 0 : 10.99.0.2 }", "flush chain inet sptun fwd0",
-        "add rule inet sptun fwd0 dnat ip to numgen inc mod 1 map @rr0"]
+        "add rule inet sptun fwd0 ct mark set ct mark or 0x08000000 dnat ip to numgen inc mod 1 map @rr0"]
     assert rotation_update(0, [A, B], [A, B]) == []
 
 
