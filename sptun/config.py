@@ -161,10 +161,12 @@ class _Reader:
         return value.lower().rstrip(".")
 
     def metrics(self) -> tuple[str, int] | None:
-        fix = 'use "127.0.0.1:9586" (address:port), or leave it out'
+        fix = 'use "9586" (on loopback) or "127.0.0.1:9586" (address:port), or leave it out'
         value = self.get("metrics", str, None, fix)
         if value is None:
             return None
+        if value.isascii() and value.isdigit():  # a port alone: on loopback, never on every address
+            value = f"127.0.0.1:{value}"
         address, sep, port = value.rpartition(":")
         try:
             ipaddress.ip_address(address.strip("[]"))

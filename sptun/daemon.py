@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from sptun.snapshot import DaemonStatus, Status, to_json
 from sptun.wg import backend
 
 log = logging.getLogger("sptun")
+
+SCRAPE_MAX_AGE = 5.0  # s a status made for a metrics scrape is served again
 
 
 
@@ -56,6 +59,8 @@ class Role:
         self.pass_seconds = 0.0  # total time spent reconciling, for the metrics
         self.last_error = ""
         self.loop_: asyncio.AbstractEventLoop | None = None
+        self.scrape_lock = threading.Lock()
+        self.scraped: tuple[float, Status | None] = (0.0, None)  # the last status made for a scrape
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -107,11 +112,18 @@ class Role:
         async with self.lock:
             return await asyncio.to_thread(self.read_status)
 
-    def status_from_thread(self, timeout: float = 30) -> Status:
-        """The status for another thread (the metrics endpoint), made on the daemon's loop."""
+    def status_from_thread(self, timeout: float = 30, max_age: float = SCRAPE_MAX_AGE) -> Status:
+        """The status for another thread (the metrics endpoint), made on the daemon's loop at
+        most once per max_age: a flood of scrapes costs no more nft and conntrack reads than
+        one scrape every max_age seconds."""
         if self.loop_ is None:
             raise SptunError("the daemon is not running")
-        return asyncio.run_coroutine_threadsafe(self.status(), self.loop_).result(timeout)
+        with self.scrape_lock:  # concurrent scrapes wait for one status, not one each
+            made, status = self.scraped
+            if status is None or time.monotonic() - made >= max_age:
+                status = asyncio.run_coroutine_threadsafe(self.status(), self.loop_).result(timeout)
+                self.scraped = (time.monotonic(), status)
+            return status
 
     async def go_down(self) -> list[str]:
         """`sptun down`: drain, then remove everything. The flag is already set."""

@@ -1,12 +1,13 @@
 """A Prometheus endpoint on each daemon (`metrics = "127.0.0.1:9586"`; off by default).
 
-Every scrape asks the daemon's loop for a status snapshot, made as `sptun status` makes
-it: the numbers are the kernel's (WireGuard counters, nft rule counters) and the daemon's
-own, never a copy that can go stale, and never read while a pass changes them.
+A scrape reads a status snapshot made as `sptun status` makes it (the kernel's WireGuard
+and nft counters, and the daemon's own numbers), at most SCRAPE_MAX_AGE old: a flood of
+scrapes costs no more than one every few seconds.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -106,3 +107,6 @@ def serve(role: Any, address: tuple[str, int]) -> None:
         raise SptunError(f"cannot serve metrics on {address[0]}:{address[1]}: {e.strerror or e}",
                          hint="change or remove `metrics` in the config") from None
     log.info("metrics on http://%s:%d/metrics", *address)
+    if not ipaddress.ip_address(address[0]).is_loopback:
+        log.warning("metrics on %s are open to other hosts: they list client keys and addresses; "
+                    "firewall the port, or bind it to 127.0.0.1", address[0])

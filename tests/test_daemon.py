@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,37 @@ def test_log_lines_have_levels_and_no_timestamps_under_systemd(journal: bool, mo
     line = capsys.readouterr().err.strip()
     assert line.endswith("WARNING one event") and "\n" not in line
     assert (line == "WARNING one event") is journal  # the journal stamps the time itself
+
+
+def test_a_flood_of_scrapes_makes_one_status(tmp_path: Path) -> None:
+    """Metrics scrapes (another thread each) share one status per SCRAPE_MAX_AGE: a scrape
+    flood must not turn into a flood of nft and conntrack reads."""
+    role = FakeRole(tmp_path)
+    made = []
+    real = role.read_status
+
+    def counting() -> FakeStatus:
+        made.append(1)
+        return real()
+
+    role.read_status = counting  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # Threads of their own, as the metrics server's are (not the loop's executor, which
+        # the status itself needs).
+        with ThreadPoolExecutor(40) as scrapers:
+            results = await asyncio.gather(*(loop.run_in_executor(scrapers, role.status_from_thread) for _ in range(40)))
+            assert len(made) == 1 and len({id(r) for r in results}) == 1
+            await loop.run_in_executor(scrapers, role.status_from_thread, 30, 0.0)  # max_age 0: made afresh
+        assert len(made) == 2
+
+    run_daemon(role, scenario)
+
+
+def test_metrics_given_a_port_alone_listen_on_loopback(tmp_path: Path) -> None:
+    from sptun.config import load_agent
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text('domain = "app.example.test"\nmetrics = "9586"\n')
+    assert load_agent(conf).metrics == ("127.0.0.1", 9586)
