@@ -213,6 +213,27 @@ def test_the_evicted_list_survives_a_restart(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_evict_without_a_daemon_does_not_adopt_the_evicted_peer_back(tmp_path: Path) -> None:
+    """`sptun evict` with no daemon: a fresh role, whose first pass adopts peers that have no
+    lease, must not take the evicted one back."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    clients = []
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            clients.append((await register(record, secret_of(token(tmp_path))))[0])
+            await server.run_pass()
+
+    run(scenario)
+    pub = public_key(clients[0])
+    assert pub in k.devices["sptun0"].peers
+    one_shot = make_server(tmp_path, k)
+    one_shot.daemon = False
+    one_shot.evict(pub)
+    assert pub not in k.devices["sptun0"].peers and pub not in one_shot.leases.by_key
+
+
 # --- trust on first use ------------------------------------------------------------------------
 
 

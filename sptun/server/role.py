@@ -162,7 +162,7 @@ class Server(Role):
         changes = []
         for key, state in (link.device.peers.items() if link is not None else []):
             ips = state.peer.allowed_ips
-            if key in self.leases.by_key or len(ips) != 1 or not ips[0].endswith("/32"):
+            if key in self.leases.by_key or key in self.leases.evicted or len(ips) != 1 or not ips[0].endswith("/32"):
                 continue
             address = ips[0].removesuffix("/32")
             if ipaddress.IPv4Address(address) in self.cfg.overlay and self.leases.adopt(Lease(key, "", address, time.time())):
