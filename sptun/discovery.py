@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import dns.exception
 import dns.resolver
@@ -164,8 +164,13 @@ class DnsTxtSource:
             raise SptunError(f"{name} does not exist in DNS", hint="add the domain's TXT records") from None
         except dns.resolver.NoAnswer:
             raise SptunError(f"{name} has no TXT records", hint='add one "r=superprotocol;ip=SERVER" record per server') from None
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-            raise SptunError(f"DNS lookup of {name} failed: {e}", hint="check the nameservers") from None
+        except dns.exception.Timeout:
+            servers = ", ".join(nameserver(str(s)) for s in self.resolver.nameservers)
+            raise SptunError(f"no answer from {servers} for TXT {name} within {self.resolver.lifetime:g} s",
+                             hint="check the nameservers") from None
+        except dns.resolver.NoNameservers as e:
+            raise SptunError(f"TXT lookup of {name} failed: {nameserver_errors(e.kwargs.get('errors', []))}",
+                             hint="check the nameservers") from None
         except dns.exception.DNSException as e:
             raise SptunError(f"DNS lookup of {name} failed: {e}") from None
         texts = []
@@ -173,6 +178,20 @@ class DnsTxtSource:
             texts.append(b"".join(rdata.strings).decode("utf-8", errors="replace"))
         ttl = answer.rrset.ttl if answer.rrset is not None else 0
         return texts, ttl
+
+
+def nameserver(text: str) -> str:
+    """dnspython's name for a nameserver, "Do53:192.0.2.53@53", as 192.0.2.53."""
+    return text.removeprefix("Do53:").removesuffix("@53")
+
+
+def nameserver_errors(errors: list[tuple[Any, ...]]) -> str:
+    """What each nameserver said, from dnspython's (server, tcp, port, error, response) list:
+    "192.0.2.53: REFUSED; 192.0.2.54: Network is unreachable"."""
+    said: dict[str, str] = {}
+    for server, _, _, error, _ in errors:
+        said[nameserver(str(server))] = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return "; ".join(f"{server}: {what}" for server, what in said.items()) or "no nameserver answered"
 
 
 class Discovery:

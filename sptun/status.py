@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -46,8 +47,9 @@ def view(status: dict[str, Any]) -> Group:
         parts.append(f"agent for [bold]{status['domain']}[/] ({status['wireguard']} WireGuard): {state}; "
                      f"service {'listening' if status.get('listening') else '[red]not listening[/]'} on "
                      f"{', '.join(status['ports'])}")
-        if status["dns"].get("error"):
-            parts.append(f"[yellow]DNS: {status['dns']['error']}[/]")
+        if status["dns"].get("error"):  # without tunnels, it is why the agent does not serve
+            alarm = "[bold red]not serving: " if not status["tunnels"] else "[yellow]"
+            parts.append(f"{alarm}DNS: {escape(status['dns']['error'])}[/]")
         table = Table("server", "interface", "overlay address", "handshake", "rx", "tx", "registered", "health")
         for t in status["tunnels"]:
             table.add_row(t["server"], t["interface"], t["overlay_ip"] or "-", _age(t["handshake_age"]),

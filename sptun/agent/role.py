@@ -30,7 +30,7 @@ from sptun.agent.sockets import SockDiag, Sockets
 from sptun.changes import Applier, Edges, UpdatePeer, observe_link
 from sptun.config import AgentConfig, check_token_files, load_agent
 from sptun.daemon import Role, config_changes
-from sptun.discovery import Discovery, DnsTxtSource, TxtSource
+from sptun.discovery import RETRY_AFTER_FAILURE, Discovery, DnsTxtSource, TxtSource
 from sptun.errors import SptunError
 from sptun.snapshot import AgentStatus, DnsStatus, TunnelStatus
 from sptun.wg import handshake_fresh
@@ -77,7 +77,17 @@ class Agent(Role):
         # A server endpoint inside a tunnel's overlay would route WireGuard into itself.
         d.set_excluded({ipaddress.ip_interface(f"{r.assignment.overlay_ip}/{r.assignment.prefixlen}").network
                         for r in self.registrations.values() if r.assignment is not None})
-        servers = {s.ip: s for s in (await asyncio.to_thread(d.current) if d.due() else d.current())}
+        known = d.last_error
+        try:
+            found = await asyncio.to_thread(d.current) if d.due() else d.current()
+        except SptunError as e:  # DNS never answered yet (down at boot, say): not a failed pass
+            if wait and not self.registrations:
+                raise  # `sptun up`: say why nothing comes up
+            # The daemon is ready all the same: it keeps the tunnels it had (its last good
+            # answer, from before a restart), `status` says why, and DNS is asked again.
+            log.log(logging.DEBUG if str(e) == known else logging.ERROR, "no servers from DNS yet: %s", e)
+            found = [reg.server for reg in self.registrations.values()]
+        servers = {s.ip: s for s in found}
         self.listening = self.sockets.listening(self.cfg.ports)
         for ip, reg in list(self.registrations.items()):
             if self.leaving(ip):
@@ -283,5 +293,7 @@ class Agent(Role):
         return AgentStatus(
             domain=self.cfg.domain, public_key=self.public_key, wireguard=self.edges.wg.kind, down=self.is_down(),
             listening=self.listening, ports=[str(p) for p in self.cfg.ports],
-            dns=DnsStatus([s.ip for s in d.servers or []], d.last_error or None, d.refreshes, d.failures),
+            dns=DnsStatus([s.ip for s in d.servers or []],
+                          f"{d.last_error}; retrying every {RETRY_AFTER_FAILURE:g} s" if d.last_error else None,
+                          d.refreshes, d.failures),
             tunnels=tunnels)
