@@ -14,6 +14,7 @@ from typing import Protocol
 from sptun import nft
 from sptun.errors import SptunError
 from sptun.links import LinkInfo, Links, read_sysctl, sysctl
+from sptun.conntrack import ConntrackTable
 from sptun.wg import Device, PeerChange, WireGuard
 
 log = logging.getLogger("sptun")
@@ -61,6 +62,7 @@ class Edges:
     wg: WireGuard
     firewall: nft.Firewall
     sysctls: Sysctls
+    conntrack: ConntrackTable
 
 
 def observe_link(edges: Edges, name: str, tunnel: bool = False) -> LinkState | None:
@@ -211,8 +213,18 @@ class UpdateRotation:
                 + "".join(f" -{ip}" for ip in gone))
 
 
+@dataclass(frozen=True)
+class ReleaseUnreplied:
+    """Forget the connections a backend that left the rotation never answered."""
+
+    backend: str
+
+    def __str__(self) -> str:
+        return f"release the unanswered connections to {self.backend}"
+
+
 Change = (CreateLink | DeleteLink | SetKey | SetAddresses | LinkUp | SetSysctl | SetDefaultRoute | AddRule
-          | DeleteRule | UpdatePeer | LoadTable | DeleteTable | UpdateRotation)
+          | DeleteRule | UpdatePeer | LoadTable | DeleteTable | UpdateRotation | ReleaseUnreplied)
 
 
 # --- the applier -------------------------------------------------------------------------
@@ -281,6 +293,10 @@ class Applier:
                 e.firewall.write(nft.delete_table())
             case UpdateRotation(index=index, current=current, new=new):
                 e.firewall.write("\n".join(nft.rotation_update(index, list(current), list(new))))
+            case ReleaseUnreplied(backend=backend):
+                if released := e.conntrack.release_unreplied(backend):
+                    log.info("released %d unanswered connections to %s: their next SYN goes to another backend",
+                             released, backend)
 
     def rollback(self) -> list[str]:
         """Undo what this applier created, newest first; each step on its own, so one

@@ -1,4 +1,5 @@
-"""The conntrack edge: connections DNATed to each backend, for `status`."""
+"""The conntrack edge: connections DNATed to each backend, for `status`; and the release of
+the connections a backend never answered, when it leaves the rotation."""
 
 from __future__ import annotations
 
@@ -6,11 +7,45 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
+
+from sptun.errors import SptunError
+from sptun.nft import DNAT_MARK
 
 log = logging.getLogger("sptun")
 
 CONNTRACK = Path("/proc/net/nf_conntrack")  # this network namespace's table, as text
 CONNTRACK_BUDGET = 2.0  # s: status must not wait long on a huge table
+SEEN_REPLY = 0x2  # IPS_SEEN_REPLY, a conntrack status bit
+
+
+class ConntrackTable(Protocol):
+    def release_unreplied(self, backend: str) -> int:
+        """Delete the entries of sptun's connections to `backend` that it never answered
+        (TCP in SYN_SENT, UDP unreplied): a browser's next SYN retransmission is then a new
+        connection, DNATed to a backend in the rotation. Returns how many went."""
+        ...
+
+
+class NetlinkConntrack:
+    """The kernel's table, through ctnetlink (pyroute2): the dump is filtered by sptun's mark
+    in the kernel, and by the backend's reply address."""
+
+    def release_unreplied(self, backend: str) -> int:
+        from pyroute2 import Conntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        released = 0
+        try:
+            with Conntrack() as ct:
+                for entry in list(ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK,
+                                                  tuple_reply=NFCTAttrTuple(saddr=backend))):
+                    if not entry.status & SEEN_REPLY:
+                        ct.delete(entry)
+                        released += 1
+        except OSError as e:  # no conntrack module, ...: the connections time out as before
+            raise SptunError(f"cannot release the unanswered connections to {backend}: {e}") from None
+        return released
 
 
 def active_connections(table: Path = CONNTRACK) -> Counter[str] | None:

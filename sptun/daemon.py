@@ -20,6 +20,7 @@ import psutil
 
 from sptun import nft
 from sptun.changes import Edges, ProcSysctls
+from sptun.conntrack import NetlinkConntrack
 from sptun.control import CONTROL_MAX
 from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir, load_or_create_private_key, load_private_key, public_key
@@ -48,7 +49,7 @@ class Role:
         self.public_key = public_key(self.private_key) if self.private_key else None
         if edges is None:
             links = Links()
-            edges = Edges(links, backend(wireguard, links), nft.Nft(self.nft_in_process), ProcSysctls())
+            edges = Edges(links, backend(wireguard, links), nft.Nft(self.nft_in_process), ProcSysctls(), NetlinkConntrack())
         self.edges = edges
         self.fallback = wireguard == "auto" and edges.wg.kind == "userspace"
         self.daemon = False  # True under `run`: then the loop keeps checking health

@@ -34,6 +34,8 @@ MARK_MASK = 0xFFF00000
 # software makes in its own table (Docker, kube-proxy) never opens a path through the
 # overlay. It lies in MARK_MASK but not in MARK_BASE, so no client mark carries it.
 DNAT_MARK = 0x08000000
+SUSPECTS = "suspects"  # server: backends whose connections go unanswered, as the kernel saw it
+SUSPECT_FOR = 2  # s an unanswered SYN keeps a backend in SUSPECTS
 CLIENT_PREFIX = "sptun-"
 TUNNEL_MSS = MTU - 40  # the tunnel's MTU less the IPv4 and TCP headers
 
@@ -113,6 +115,11 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
     for i, backends in enumerate(rotations):
         elements = f" elements = {{ {', '.join(f'{n} : {_ip(ip)}' for n, ip in enumerate(backends))} }}" if backends else ""
         maps.append(f"\tmap rr{i} {{ typeof numgen inc mod 2 : ip daddr;{elements} }}")
+    # Passive health, in the kernel: a SYN retransmitted on a connection DNATed to a backend
+    # that never answered it (confirmed: not the first SYN; no reply seen), or a reset from a
+    # backend on a connection it never established, puts the backend in this set for a
+    # moment. The daemon reads it each health round: no probe, no conntrack dump needed.
+    maps.append(f"\tset {SUSPECTS} {{ type ipv4_addr; flags dynamic, timeout; timeout {SUSPECT_FOR}s; size 65536; }}")
     chains = _chains([
         *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]))) for i, f in enumerate(forwards)],
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
@@ -123,6 +130,9 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
             f"oifname {dev} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
             f"iifname {dev} tcp flags syn / syn,rst tcp option maxseg size > {TUNNEL_MSS} "
             f"tcp option maxseg size set {TUNNEL_MSS}",
+            f"oifname {dev} {ours} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
+            f"update @{SUSPECTS} {{ ip daddr }}",
+            f"iifname {dev} {ours} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}",
             # Only sptun's own forwards, by its mark: not `ct status dnat`, which any DNAT sets.
             f"iifname {dev} {ours} accept",
             f'iifname {dev} counter drop comment "clients reach only their forwarded connections"',
@@ -244,6 +254,18 @@ def parse_table(listing: dict[str, object]) -> TableState:
     return TableState(True, comment, handles, maps, counters)
 
 
+def parse_suspects(listing: dict[str, object]) -> set[str]:
+    """`nft -j list set inet sptun suspects`, parsed: the addresses in it. Pure."""
+    found: set[str] = set()
+    items = listing.get("nftables", [])
+    for item in items if isinstance(items, list) else []:
+        for elem in (item.get("set") or {}).get("elem", []):
+            value = elem.get("elem", {}).get("val") if isinstance(elem, dict) else elem
+            if isinstance(value, str):
+                found.add(value)
+    return found
+
+
 class Firewall(Protocol):
     """sptun's own nftables table: one way to read it, one way to write it."""
 
@@ -254,6 +276,10 @@ class Firewall(Protocol):
 
     def write(self, text: str) -> None:
         """One nft transaction (a ruleset or commands): all of it, or nothing."""
+        ...
+
+    def suspects(self) -> set[str]:
+        """The backends in the server table's SUSPECTS set now (none if there is no table)."""
         ...
 
 
@@ -273,6 +299,13 @@ class Nft:
             return parse_table(json.loads(run(["nft", "-a", "-j", "list", *what])))
         except CommandError:
             return TableState()
+
+    def suspects(self) -> set[str]:
+        try:
+            listing = json.loads(run(["nft", "-j", "list", "set", FAMILY, TABLE, SUSPECTS]))
+        except CommandError:
+            return set()
+        return parse_suspects(listing)
 
     def write(self, text: str) -> None:
         if not text.endswith("\n"):
@@ -311,6 +344,14 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
         prerouting.append(f"ct state new ct mark set iifname map {{ {elements} }}")
     services = ", ".join(f"{p.proto} . {p.number}" for p in sorted(ports))
     any_tunnel = _q(CLIENT_PREFIX + "*")
+    tcp_ports = ", ".join(str(p.number) for p in sorted(ports) if p.proto == "tcp")
+    # A published TCP port with nothing listening (the web server crashed) answers a tunnel's
+    # SYN with silence, not a reset: the browser then retransmits, and the server, which sees
+    # the SYN go unanswered, sends the retry to another client.
+    silent = [f"iifname {any_tunnel} tcp flags syn / syn,ack tcp dport {{ {tcp_ports} }} socket transparent 0 accept",
+              f'iifname {any_tunnel} tcp flags syn / syn,ack tcp dport {{ {tcp_ports} }} counter drop '
+              f'comment "nothing listens: silence, not a reset"'] if tcp_ports else []
+    any_tunnel = _q(CLIENT_PREFIX + "*")
     body = _chains([
         ("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting),
         ("output", "type route hook output priority mangle; policy accept;", [
@@ -318,6 +359,7 @@ def render_client(marks: dict[str, int], ports: tuple[Port, ...]) -> str:
         ]),
         ("input", "type filter hook input priority filter; policy accept;", [
             f"iifname {any_tunnel} ct state established,related accept",
+            *silent,
             f"iifname {any_tunnel} meta l4proto . th dport {{ {services} }} accept",
             f'iifname {any_tunnel} counter drop comment "the server reaches only the published ports"',
         ]),

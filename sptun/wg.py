@@ -125,11 +125,14 @@ class Userspace:
     def create(self, ifname: str) -> None:
         # wireguard-go daemonizes itself, so the tunnel outlives a restart of sptun. Its
         # daemon child keeps stdout/stderr open: a file, not a pipe, or we would wait forever.
+        # In a session of its own: Ctrl-C of a foreground daemon, or a supervisor's kill of
+        # the daemon's process group, must not take the data plane with it.
         env = dict(os.environ, LOG_LEVEL="error")
         env.pop("WG_PROCESS_FOREGROUND", None)
         log.debug("[#] wireguard-go %s", ifname)
         with tempfile.TemporaryFile(mode="w+") as out:
-            code = subprocess.call(["wireguard-go", ifname], env=env, stdout=out, stderr=out, timeout=15)
+            code = subprocess.call(["wireguard-go", ifname], env=env, stdout=out, stderr=out, timeout=15,
+                                   start_new_session=True, stdin=subprocess.DEVNULL)
             out.seek(0)
             lines = [line for line in out.read().splitlines() if line.strip() and not line.startswith(("│", "┌", "└"))]
         if code != 0:

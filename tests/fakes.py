@@ -47,13 +47,16 @@ class FakeKernel:
         self.handles: dict[str, int] = {}
         self.writes: list[str] = []  # every nft transaction, in order
         self.fail_nft: str | None = None  # the next nft write fails with this error
+        self.unreplied: dict[str, int] = {}  # backend -> connections it never answered
+        self.released: list[str] = []  # backends whose unanswered connections were released
+        self.suspects: set[str] = set()  # the server table's SUSPECTS set
         self.handshakes: dict[str, float] = {}  # peer key -> last handshake, as the kernel would report it
         self.connections: Counter[str] = Counter()  # conntrack: open connections by backend address
         self.counters: dict[str, tuple[int, int]] = {}  # nft rule counters, by the rule's comment
 
     def edges(self, kind: str = "kernel") -> Edges:
         links = FakeLinks(self)
-        return Edges(links, FakeWireGuard(self, kind), FakeFirewall(self), FakeSysctls(self))  # type: ignore[arg-type]
+        return Edges(links, FakeWireGuard(self, kind), FakeFirewall(self), FakeSysctls(self), FakeConntrack(self))  # type: ignore[arg-type]
 
 
 class FakeLinks:
@@ -190,6 +193,9 @@ class FakeFirewall:
         return nft.TableState(True, self.k.table, dict(self.k.handles), {n: list(m) for n, m in self.k.maps.items()},
                               dict(self.k.counters))
 
+    def suspects(self) -> set[str]:
+        return set(self.k.suspects)
+
     def write(self, text: str) -> None:
         self.k.writes.append(text)
         if self.k.fail_nft is not None:
@@ -226,6 +232,17 @@ class FakeFirewall:
                         n, ip = item.split(":")
                         slots[int(n)] = ip.strip()
                 self.k.maps[name] = [slots[i] for i in sorted(slots)]
+
+
+class FakeConntrack:
+    """Unanswered connections per backend, as a test sets them up; released ones are noted."""
+
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def release_unreplied(self, backend: str) -> int:
+        self.k.released.append(backend)
+        return self.k.unreplied.pop(backend, 0)
 
 
 class FakeSysctls:

@@ -160,6 +160,10 @@ def test_server_isolation_rules() -> None:
     assert chain(ruleset, "forward") == [
         'oifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size set rt mtu',
         'iifname "sptun0" tcp flags syn / syn,rst tcp option maxseg size > 1380 tcp option maxseg size set 1380',
+        'oifname "sptun0" ct mark & 0x08000000 == 0x08000000 tcp flags syn / syn,ack '
+        'ct status confirmed / confirmed,seen-reply update @suspects { ip daddr }',
+        'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 tcp flags & rst == rst ct status & assured == 0 '
+        'update @suspects { ip saddr }',
         'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
         'iifname "sptun0" counter drop comment "clients reach only their forwarded connections"',
         'oifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
@@ -175,7 +179,7 @@ def test_the_forward_chain_trusts_only_sptuns_own_mark(name: str) -> None:
     with an OR that keeps the ct mark's other bits, before the DNAT (which ends the rule)."""
     interface, cases = SERVER_CASES[name]
     ruleset = server(interface, cases)
-    assert "ct status" not in ruleset
+    assert "ct status dnat" not in ruleset
     accepts = [r for r in chain(ruleset, "forward") if r.endswith(" accept")]
     assert accepts == [f'{d}ifname "{interface}" ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x} accept' for d in "io"]
     for rule in dnat_rules(ruleset):

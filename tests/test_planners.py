@@ -30,6 +30,7 @@ from sptun.changes import (
     SetKey,
     SetSysctl,
     UpdatePeer,
+    ReleaseUnreplied,
     UpdateRotation,
 )
 from sptun.config import MTU, Port
@@ -212,12 +213,16 @@ def test_server_a_fresh_interface_gets_key_address_forwarding_peers_and_table() 
 
 
 @pytest.mark.parametrize("rotation, expected", [
-    (frozenset({B1}), [UpdateRotation(0, FWD.key, (B1, B2), (B1,))]),  # a health flip
-    (frozenset(), [UpdateRotation(0, FWD.key, (B1, B2), ())]),
-    (frozenset({B2}), [UpdateRotation(0, FWD.key, (B1, B2), (B2,))]),
+    (frozenset({B1}), [UpdateRotation(0, FWD.key, (B1, B2), (B1,)), ReleaseUnreplied(B2)]),  # a health flip
+    (frozenset(), [UpdateRotation(0, FWD.key, (B1, B2), ()), ReleaseUnreplied(B1), ReleaseUnreplied(B2)]),
+    (frozenset({B2}), [UpdateRotation(0, FWD.key, (B1, B2), (B2,)), ReleaseUnreplied(B1)]),
 ], ids=["one-down", "all-down", "first-down"])
 def test_server_health_flips_change_the_rotation_in_place(rotation: frozenset[str], expected: list[object]) -> None:
     assert plan_server(server_wanted(rotation), server_kernel()) == expected
+
+
+def test_a_backend_coming_back_releases_nothing() -> None:
+    assert plan_server(server_wanted(), server_kernel(rotation=[B1])) == [UpdateRotation(0, FWD.key, (B1,), (B1, B2))]
 
 
 def test_server_a_restart_adopts_the_kernel_as_it_is() -> None:

@@ -318,3 +318,23 @@ def test_server_status_is_the_last_pass_view_with_fresh_counters(tmp_path: Path)
     server.teardown()
     down = asyncio.run(server.status())
     assert not down.up and not down.table_loaded and not down.domains[0].backends[0].in_rotation
+
+
+def test_a_backend_the_kernel_saw_leave_syns_unanswered_is_out_and_its_syns_released(tmp_path: Path) -> None:
+    """Passive health: the table's SUSPECTS set (a SYN retransmitted to a backend that never
+    answered) takes the backend out in the next round, before any probe fails; its unanswered
+    connections are released once it is out of the rotation."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    other = add_healthy_backend(server, "B" * 43 + "=")
+    server.reconcile()
+    assert sorted(k.maps["rr0"]) == sorted([ip, other])
+    k.suspects, k.unreplied = {ip}, {ip: 3}
+    flipped = server.health.suspect(server.leases.all(), server.edges.firewall.suspects())
+    assert flipped and not server.health.is_up("A" * 43 + "=")
+    changes = server.reconcile()
+    assert changes == [f"rotation {DOMAIN} 198.51.100.10 tcp/443: 1 backends -{ip}",
+                       f"release the unanswered connections to {ip}"]
+    assert k.maps["rr0"] == [other] and k.released == [ip] and k.unreplied == {}

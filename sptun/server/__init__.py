@@ -2,7 +2,7 @@
 passes, api.py serves registrations, health.py checks the backends, conntrack.py counts
 their connections."""
 
-from sptun.server.conntrack import active_connections
+from sptun.conntrack import active_connections
 from sptun.server.health import Health
 from sptun.server.plan import forwards, peer_of
 from sptun.server.role import Server

@@ -41,6 +41,7 @@ def check_port(cfg: ServerConfig, domain: str) -> int | None:
 
 
 NO_HANDSHAKE = "no recent WireGuard handshake"
+UNANSWERED = "connections to it go unanswered (seen by the kernel)"
 
 
 async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
@@ -91,6 +92,20 @@ class HealthChecks:
             if health.record(ok, reason, h.fall, h.rise):
                 flipped = True
                 log.info("backend %s of %s is %s: %s", lease.overlay_ip, lease.domain, "up" if health.up else "down", reason)
+        return flipped
+
+    def suspect(self, leases: list[Lease], unanswered: set[str]) -> bool:
+        """Take out at once the backends the kernel saw leave connections unanswered (a SYN
+        retransmitted to them, or a reset from them before any reply): faster than any
+        probe. The active checks bring one back if it answers again. True if any flipped."""
+        flipped = False
+        for lease in leases:
+            health = self.by_key.get(lease.public_key)
+            if lease.overlay_ip in unanswered and health is not None and health.up:
+                health.up, health.streak, health.reason = False, 0, UNANSWERED
+                health.checked = time.time()
+                flipped = True
+                log.info("backend %s of %s is down: %s", lease.overlay_ip, lease.domain, UNANSWERED)
         return flipped
 
     def forget_all_but(self, keys: set[str]) -> None:

@@ -16,6 +16,7 @@ from sptun.changes import (
     LinkState,
     LinkUp,
     LoadTable,
+    ReleaseUnreplied,
     SetAddresses,
     SetKey,
     SetSysctl,
@@ -99,8 +100,12 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
         return [LoadTable(nft.render_server(wanted.interface, fwds, rotations), summary or "no domains",
                           fresh=not table.exists)]
     changes: list[Change] = []
+    gone: set[str] = set()
     for i, (f, current) in enumerate(zip(fwds, table.rotations(fwds), strict=True)):
         new = nft.next_rotation(current, set(wanted.rotations[i]))
         if new != current:
             changes.append(UpdateRotation(i, f.key, tuple(current), tuple(new)))
-    return changes
+            gone |= set(current) - set(new)
+    # Then, with no new connection going there any more, those it never answered: a browser's
+    # retransmitted SYN finds no entry pinning it to the backend that left.
+    return changes + [ReleaseUnreplied(ip) for ip in sorted(gone, key=ipaddress.IPv4Address)]

@@ -25,7 +25,7 @@ from sptun.errors import ConfigError, SptunError, printable
 from sptun.leases import Lease, Leases, LeaseStore
 from sptun.proto import canonical_key
 from sptun.server.api import RegistrationApi
-from sptun.server.conntrack import active_connections
+from sptun.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
 from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table, plan_teardown
 from sptun.tokens import valid_tokens
@@ -266,6 +266,9 @@ class Server(Role):
     async def check_health(self) -> None:
         """One round of checks of every backend; a flip wakes the loop."""
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
+        unanswered = await asyncio.to_thread(self.edges.firewall.suspects)
+        if unanswered and self.health.suspect(leases, unanswered):
+            self.wake.set()
         if await self.health.check(self.cfg, leases, self.device):
             self.wake.set()
         self.health.forget_all_but(set(self.leases.by_key))
