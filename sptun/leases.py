@@ -18,7 +18,7 @@ from sptun.proto import canonical_key
 log = logging.getLogger("sptun")
 
 FORMAT = 2  # 1: without generation and seen (read as seen now, generation unknown)
-SEEN_STEP = 60.0  # s: `seen` is kept (and written) no finer than this
+SEEN_STEP = 60.0  # s: `seen` is kept (and written) no finer than this, or lease_ttl / 4 if less
 MAX_EVICTED = 4096  # evicted keys remembered; the oldest is forgotten first
 
 
@@ -35,8 +35,10 @@ class Lease:
 class Leases:
     """All leases of one overlay. A key keeps its address for as long as it holds a lease."""
 
-    def __init__(self, overlay: ipaddress.IPv4Network, leases: list[Lease] | None = None) -> None:
+    def __init__(self, overlay: ipaddress.IPv4Network, leases: list[Lease] | None = None,
+                 seen_step: float = SEEN_STEP) -> None:
         self.overlay = overlay
+        self.seen_step = seen_step  # well under lease_ttl, or a live client could look silent
         self.by_key: dict[str, Lease] = {}
         self._used: set[ipaddress.IPv4Address] = set()
         self._next = int(overlay.network_address) + 2  # the first address is the server's
@@ -65,7 +67,7 @@ class Leases:
         now = time.time() if now is None else now
         old = self.by_key.get(public_key)
         if old is not None and old.domain == domain:
-            if old.generation == generation and now - old.seen < SEEN_STEP:
+            if old.generation == generation and now - old.seen < self.seen_step:
                 return old, False
             lease = dataclasses.replace(old, generation=generation, seen=now)
         elif old is not None:  # the same key moved to another domain: keep its address
@@ -85,9 +87,9 @@ class Leases:
 
     def saw(self, public_key: str, when: float) -> bool:
         """A handshake (or registration) at `when`: True if the lease's `seen` moved, which
-        happens at most once per SEEN_STEP, so that writing it stays cheap."""
+        happens at most once per seen_step, so that writing it stays cheap."""
         lease = self.by_key.get(public_key)
-        if lease is None or when - lease.seen < SEEN_STEP:
+        if lease is None or when - lease.seen < self.seen_step:
             return False
         self._put(lease, dataclasses.replace(lease, seen=when))
         return True

@@ -111,6 +111,26 @@ def test_a_silent_client_loses_its_lease_and_peer_and_a_live_one_keeps_it(tmp_pa
     run(scenario)
 
 
+def test_a_short_lease_ttl_keeps_a_client_that_registers(tmp_path: Path) -> None:
+    """`seen` moves in steps well under lease_ttl: with 30 s, a client that registers every
+    10 s must never look silent (a 60 s step would release it)."""
+    server = make_server(tmp_path, FakeKernel(), extra='lease_ttl = "30s"')
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            key, _ = await register(record, secret_of(token(tmp_path)))
+            pub = public_key(key)
+            server.leases.by_key[pub] = dataclasses.replace(server.leases.by_key[pub], seen=time.time() - 10)
+            await register(record, secret_of(token(tmp_path)), key=key)  # its next registration
+            assert time.time() - server.leases.by_key[pub].seen < 2
+            server.last_expiry = 0.0
+            await server.run_pass()
+            server.last_expiry = 0.0
+            assert not [c for c in await server.run_pass() if c.startswith("release")]
+
+    run(scenario)
+
+
 def test_lease_ttl_has_a_floor(tmp_path: Path) -> None:
     from sptun.errors import ConfigError
 

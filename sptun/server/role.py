@@ -22,7 +22,7 @@ from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, obs
 from sptun.config import ServerConfig, check_token_files, load_server
 from sptun.daemon import Role, config_changes
 from sptun.errors import ConfigError, SptunError, printable
-from sptun.leases import Lease, Leases, LeaseStore
+from sptun.leases import SEEN_STEP, Lease, Leases, LeaseStore
 from sptun.proto import canonical_key
 from sptun.server.api import RegistrationApi
 from sptun.conntrack import active_connections
@@ -46,7 +46,7 @@ class Server(Role):
         self.cfg = cfg
         self.conntrack = conntrack
         self.store = LeaseStore(cfg.state_dir)
-        self.leases = Leases(cfg.overlay, self.store.load())
+        self.leases = Leases(cfg.overlay, self.store.load(), seen_step=min(SEEN_STEP, cfg.lease_ttl / 4))
         self.leases.evicted = self.store.evicted
         self.last_expiry = 0.0
         self.health = HealthChecks()
@@ -58,6 +58,7 @@ class Server(Role):
         self.api = RegistrationApi(self)
         self.health_task: asyncio.Task[None] | None = None
         self.summary_task: asyncio.Task[None] | None = None
+        self.probes: asyncio.Task[None] | None = None  # the running round of active probes
 
     def check_config(self) -> None:
         check_token_files(self.cfg)
@@ -259,19 +260,30 @@ class Server(Role):
         changed = config_changes(self.cfg, new, needs_restart=("interface", "overlay", "state_dir", "api_port",
                                                                "wireguard", "metrics"))
         self.cfg = new
+        self.leases.seen_step = min(SEEN_STEP, new.lease_ttl / 4)
         return ", ".join(changed) or "nothing changed"
 
     # --- health ------------------------------------------------------------------------
 
     async def check_health(self) -> None:
-        """One round of checks of every backend; a flip wakes the loop."""
+        """One round of checks of every backend, after one read of the kernel's passive
+        health (who left connections unanswered, who answered); a flip wakes the loop."""
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
-        unanswered = await asyncio.to_thread(self.edges.firewall.suspects)
-        if unanswered and self.health.suspect(leases, unanswered):
+        suspects, answered = await asyncio.to_thread(self.edges.firewall.passive)
+        if suspects and self.health.suspect(leases, suspects):
             self.wake.set()
-        if await self.health.check(self.cfg, leases, self.device):
-            self.wake.set()
-        self.health.forget_all_but(set(self.leases.by_key))
+        # The probes run beside the next rounds' passive reads: a probe of a dead backend
+        # waits out its timeout, and the kernel's word must not wait for it.
+        if self.probes is None or self.probes.done():
+            self.probes = asyncio.create_task(self.probe(leases, answered, suspects))
+
+    async def probe(self, leases: list[Lease], answered: set[str], suspects: set[str]) -> None:
+        try:
+            if await self.health.check(self.cfg, leases, self.device, answered, suspects):
+                self.wake.set()
+            self.health.forget_all_but(set(self.leases.by_key))
+        except Exception:  # a bug here must not stop the checks for good
+            log.exception("health probe round failed")
 
     async def health_loop(self) -> None:
         while True:
