@@ -50,6 +50,7 @@ class FakeKernel:
         self.unreplied: dict[str, int] = {}  # backend -> connections it never answered
         self.released: list[str] = []  # backends whose unanswered connections were released
         self.suspects: set[str] = set()  # the server table's SUSPECTS set
+        self.answered: set[str] = set()  # ... and its ANSWERED set
         self.handshakes: dict[str, float] = {}  # peer key -> last handshake, as the kernel would report it
         self.connections: Counter[str] = Counter()  # conntrack: open connections by backend address
         self.counters: dict[str, tuple[int, int]] = {}  # nft rule counters, by the rule's comment
@@ -193,8 +194,12 @@ class FakeFirewall:
         return nft.TableState(True, self.k.table, dict(self.k.handles), {n: list(m) for n, m in self.k.maps.items()},
                               dict(self.k.counters))
 
-    def suspects(self) -> set[str]:
-        return set(self.k.suspects)
+    def passive(self) -> tuple[set[str], set[str]]:
+        """(SUSPECTS, ANSWERED): a test puts backends in k.suspects and k.answered (none if unset)."""
+        return set(self.k.suspects), set(self.k.answered)
+
+    def suspects(self) -> set[str]:  # tests/test_roles.py reads the suspects alone
+        return self.passive()[0]
 
     def write(self, text: str) -> None:
         self.k.writes.append(text)

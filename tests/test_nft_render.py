@@ -164,12 +164,35 @@ def test_server_isolation_rules() -> None:
         'ct status confirmed / confirmed,seen-reply update @suspects { ip daddr }',
         'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 tcp flags & rst == rst ct status & assured == 0 '
         'update @suspects { ip saddr }',
+        'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 tcp flags syn,ack / syn,ack update @answered { ip saddr }',
         'iifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
         'iifname "sptun0" counter drop comment "clients reach only their forwarded connections"',
         'oifname "sptun0" ct mark & 0x08000000 == 0x08000000 accept',
         'oifname "sptun0" counter drop comment "nothing else enters the overlay"',
     ]
     assert chain(ruleset, "input")[-1].startswith('iifname "sptun0" counter drop')
+
+
+@pytest.mark.parametrize("name", SERVER_CASES)
+def test_passive_health_sets_and_the_rule_that_fills_answered(name: str) -> None:
+    """The kernel keeps two short-lived sets of backends: SUSPECTS (connections left
+    unanswered) and ANSWERED (a SYN-ACK from the backend on one of sptun's own connections,
+    through the tunnel). Both are declared the same way; ANSWERED's rule comes before the
+    accepts, or it would never run."""
+    interface, cases = SERVER_CASES[name]
+    ruleset = server(interface, cases)
+    for set_name, timeout in ((nft.SUSPECTS, nft.SUSPECT_FOR), (nft.ANSWERED, nft.ANSWERED_FOR)):
+        assert (f"\tset {set_name} {{ type ipv4_addr; flags dynamic, timeout; timeout {timeout}s; size 65536; }}\n"
+                in ruleset)
+    assert (nft.ANSWERED, nft.ANSWERED_FOR) == ("answered", 2)
+    rules = chain(ruleset, "forward")
+    updates = [i for i, rule in enumerate(rules) if f"@{nft.ANSWERED}" in rule]
+    assert [rules[i] for i in updates] == [
+        f'iifname "{interface}" ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x} '
+        f"tcp flags syn,ack / syn,ack update @answered {{ ip saddr }}"]
+    first_accept = min(i for i, rule in enumerate(rules) if rule.endswith(" accept"))
+    assert updates[0] < first_accept
+    assert ruleset.count("@answered") == 1  # nothing else reads or writes it
 
 
 @pytest.mark.parametrize("name", SERVER_CASES)

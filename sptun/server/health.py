@@ -1,11 +1,14 @@
-"""Active health checks of the backends: a fresh WireGuard handshake, then a TCP connect to
-the domain's first TCP port through the tunnel. `healthy` on the server means exactly this."""
+"""Health checks of the backends: a fresh WireGuard handshake, then a TCP connect to the
+domain's first TCP port through the tunnel, unless the kernel saw the backend answer one of
+its forwarded connections a moment ago (then that is the check: a busy backend is never
+probed). `healthy` on the server means exactly this."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Set
 from dataclasses import dataclass
 
 from sptun.config import ServerConfig
@@ -42,6 +45,7 @@ def check_port(cfg: ServerConfig, domain: str) -> int | None:
 
 NO_HANDSHAKE = "no recent WireGuard handshake"
 UNANSWERED = "connections to it go unanswered (seen by the kernel)"
+ANSWERING = "answering its connections (seen by the kernel)"
 
 
 async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
@@ -76,18 +80,30 @@ class HealthChecks:
             if lease.overlay_ip in serving and lease.public_key not in self.by_key:
                 self.by_key[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
 
-    async def check(self, cfg: ServerConfig, leases: list[Lease], device: Device) -> bool:
-        """One round of checks of the given backends, concurrently; True if any flipped."""
+    async def check(self, cfg: ServerConfig, leases: list[Lease], device: Device,
+                    answered: Set[str] = frozenset(), suspects: Set[str] = frozenset()) -> bool:
+        """One round of checks of the given backends, concurrently; True if any flipped.
+        answered, suspects: overlay addresses in the table's passive-health sets. A backend
+        in `answered` passes without a probe, unless it is also a suspect (then it is probed)."""
         h = cfg.health
         now = time.time()
-        # A backend with no fresh handshake fails without a connect: no task for it (10k a second add up).
-        fresh = [lease for lease in leases
-                 if (state := device.peers.get(lease.public_key)) is not None and handshake_fresh(state.last_handshake, now)]
-        probed = dict(zip((lease.public_key for lease in fresh),
-                          await asyncio.gather(*(probe(cfg, lease) for lease in fresh)), strict=True))
+        # A backend with no fresh handshake fails without a connect, and one the kernel saw
+        # answer passes without one: no task for either (10k a second add up).
+        results: dict[str, tuple[bool, str]] = {}
+        to_probe = []
+        for lease in leases:
+            state = device.peers.get(lease.public_key)
+            if state is None or not handshake_fresh(state.last_handshake, now):
+                results[lease.public_key] = (False, NO_HANDSHAKE)
+            elif lease.overlay_ip in answered and lease.overlay_ip not in suspects:
+                results[lease.public_key] = (True, ANSWERING)
+            else:
+                to_probe.append(lease)
+        results.update(zip((lease.public_key for lease in to_probe),
+                           await asyncio.gather(*(probe(cfg, lease) for lease in to_probe)), strict=True))
         flipped = False
         for lease in leases:
-            ok, reason = probed.get(lease.public_key, (False, NO_HANDSHAKE))
+            ok, reason = results[lease.public_key]
             health = self.by_key.setdefault(lease.public_key, Health())
             if health.record(ok, reason, h.fall, h.rise):
                 flipped = True
