@@ -22,8 +22,8 @@ Stream: one connection that downloads URL_PATH, a response that takes about S se
 (the lab's nginx sends a file under `limit_rate`: see tests/test_failover.py). It prints a
 line `{"event": "streaming", "client": NAME, "t": T}` once the first bytes name the client that
 serves it, then one JSON object: whether the whole response came (all of Content-Length), the
-bytes read, the client, the duration, the longest wait for more bytes (stall), and the
-error if any. The whole-request timeout is S + 15 s.
+bytes read, the client, the duration, when the last bytes came (last, seconds after its
+start), the longest wait for more bytes (stall), and the error if any. The whole-request timeout is S + 15 s.
 
     python bench/browsers.py SERVER --ca CA --stream /stream.txt --seconds 30
 """
@@ -192,7 +192,8 @@ def stream(server: str, ctx: ssl.SSLContext, domain: str, path: str, seconds: fl
     if not error and not completed:
         error = f"closed: {body} of {length} bytes"
     return {"started": start, "completed": completed, "bytes": body, "expected": length, "client": client,
-            "duration": round(time.monotonic() - start, 3), "stall": round(stall, 3), "error": error}
+            "duration": round(time.monotonic() - start, 3), "last": round(last - start, 3), "stall": round(stall, 3),
+            "error": error}
 
 
 def main(argv: list[str] | None = None) -> None:
