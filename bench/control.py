@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -243,3 +245,19 @@ class IdleAgents:
 
 def agent_config(lab: Lab) -> Path:
     return Path(config_path(lab.clients[0]))
+
+
+def health_scale(sizes: list[int], seconds: float) -> list[dict[str, Any]]:
+    """bench/healthscale.py (its own scratch namespace): the health rounds' CPU at each size,
+    idle and answering; then a suspect's way out of the map at 3 backends and the larger sizes."""
+    results: list[dict[str, Any]] = []
+    crash_sizes = sorted({3, *(n for n in sizes if n >= 1000)})
+    for modes, at in (("idle,answering", sizes), ("crash", crash_sizes)):
+        argv = [PY, BENCH_DIR / "healthscale.py", "--modes", modes, "--sizes", ",".join(map(str, at)),
+                "--seconds", str(seconds), "--json"]
+        note_command("health", argv)
+        out = subprocess.run(list(map(str, argv)), check=True, capture_output=True, text=True, timeout=1800,
+                             env={**os.environ, "PYTHONPATH": str(BENCH_DIR.parent)})
+        results += json.loads(out.stdout.strip().splitlines()[-1])
+    log("health at scale: " + ", ".join(f"{r['mode']} {r['backends']}" for r in results))
+    return results

@@ -1,6 +1,7 @@
-"""Fault timings under a bounded load: a crashed client's way out of the rotation, failed
-requests during a drain and each kind of restart, and a DNS change to the first request
-served through a new server."""
+"""Fault timings under the load of 8 concurrent browsers (bench/browsers.py, each with a
+browser's 10 s connect): a crashed client's way out of the rotation, the failed connections
+and longest stall then, failed connections during a drain and each kind of restart, and a
+DNS change to the first request served through a new server."""
 
 from __future__ import annotations
 
@@ -16,34 +17,37 @@ from bench.common import BENCH_DIR, PY, daemon_pid, log, note_command, wait_for
 from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun
 
 
-class Load:
-    """Requests through one server from the browser, one new TLS connection each, in the background."""
-
-    def __init__(self, lab: Lab, server: Host, seconds: float) -> None:
-        self.out = lab.browser.dir / f"load-{time.monotonic_ns()}.json"
-        argv: list[Arg] = [PY, BENCH_DIR / "loadclient.py", server.address, str(seconds), lab.ca_cert, DOMAIN]
-        note_command("faults", argv)
-        self.proc = lab.browser.spawn(argv, log=self.out)
-        self.started = time.monotonic()
-
-    def results(self) -> list[list[Any]]:
-        self.proc.wait(timeout=180)
-        results: list[list[Any]] = json.loads(self.out.read_text().strip().splitlines()[-1])
-        return results
-
-
 def _all_back(server: Host, want: set[str], timeout: float = 45) -> None:
     wait_for(f"every client back in {server.name}'s rotations",
              lambda: set(rotation(server, 0)) == want and set(rotation(server, 1)) == want, timeout, interval=0.2)
 
 
+class Browsers:
+    """bench/browsers.py from the browser to one server, in the background: 8 browsers, each
+    making new TLS connections with a browser's patience (a 10 s connect)."""
+
+    def __init__(self, lab: Lab, server: Host, seconds: float) -> None:
+        self.out = lab.browser.dir / f"browsers-{time.monotonic_ns()}.json"
+        argv: list[Arg] = [PY, BENCH_DIR / "browsers.py", server.address, "--ca", lab.ca_cert, "--domain", DOMAIN,
+                           "--browsers", "8", "--seconds", str(seconds)]
+        note_command("faults", argv)
+        self.proc = lab.browser.spawn(argv, log=self.out)
+
+    def result(self) -> dict[str, Any]:
+        self.proc.wait(timeout=180)
+        result: dict[str, Any] = json.loads(self.out.read_text().strip().splitlines()[-1])
+        return result
+
+
 def crash(lab: Lab, seconds: float) -> dict[str, Any]:
-    """Client c2's uplink dies under load: how long until s1 takes it out of the rotation."""
+    """Client c2's uplink dies under the load of 8 browsers through s1: how long until s1 takes
+    it out of the rotation, how many connections failed, and the longest stall. The requests
+    already connected to c2 at the cut are lost with it: counted apart."""
     s1, c2 = lab.servers[0], lab.clients[1]
     overlay = client_overlay(lab, s1)
     ip = overlay["c2"]
-    load = Load(lab, s1, seconds)
-    time.sleep(min(2.0, seconds / 4))
+    browsers = Browsers(lab, s1, seconds)
+    time.sleep(min(3.0, seconds / 4))
     cut = time.monotonic()
     c2.run(["ip", "link", "set", "eth0", "down"])
     note_command("faults", [f"[{c2.name}]", "ip", "link", "set", "eth0", "down"])
@@ -53,14 +57,20 @@ def crash(lab: Lab, seconds: float) -> dict[str, Any]:
         time.sleep(0.5)
         c2.run(["ip", "link", "set", "eth0", "up"])
         c2.run(["ip", "route", "replace", "default", "via", "10.99.100.1"])
-    results = load.results()
-    cut_at = cut - load.started
-    failed = [r for r in results if not r[1]]
+    result = browsers.result()
+    cut_at = cut - result["started"]  # both are CLOCK_MONOTONIC
+    requests = result["requests"]  # [browser, t_start, duration, ok, client or error, connect]
+    lost = [r for r in requests if r[5] is not None and r[1] + r[5] < cut_at < r[1] + r[2] and (not r[3] or r[4] == "c2")]
+    rest = [r for r in requests if r not in lost]
+    failed = [r for r in rest if not r[3]]
     _all_back(s1, set(overlay.values()))
-    row = {"detection_s": round(detection, 2), "requests": len(results), "failed": len(failed),
-           "last_failure_after_cut_s": round(max((r[0] for r in failed), default=cut_at) - cut_at, 2),
-           "failures": failed[:5], "cut_at_s": round(cut_at, 3), "timeline": results}
-    log(f"crash: out of the rotation after {detection:.2f} s; {len(failed)}/{len(results)} requests failed")
+    row = {"detection_s": round(detection, 2), "requests": len(requests), "failed": len(failed),
+           "lost_at_cut": len(lost), "lost_failed": sum(not r[3] for r in lost),
+           "longest_s": round(max(r[2] for r in rest), 2), "p50_s": result["summary"]["p50"],
+           "failures": [[round(r[1] - cut_at, 2), r[4]] for r in failed[:5]], "cut_at_s": round(cut_at, 3),
+           "timeline": [[round(r[1], 3), r[3], r[4], round(r[2], 3)] for r in requests]}
+    log(f"crash: out of the rotation after {detection:.2f} s; {len(failed)}/{len(rest)} connections failed, the "
+        f"slowest request took {row['longest_s']} s; {len(lost)} were connected to c2 at the cut")
     return row
 
 
@@ -115,21 +125,23 @@ def restarts(lab: Lab, seconds: float) -> list[dict[str, Any]]:
         since = time.time()
         for argv in argvs:
             note_command("faults", argv)
-        load = Load(lab, s1, seconds)
+        browsers = Browsers(lab, s1, seconds)
         time.sleep(min(2.0, seconds / 4))
         t = time.monotonic()
         inject()
         took = time.monotonic() - t
-        results = load.results()
+        result = browsers.result()
+        results = result["requests"]  # [browser, t_start, duration, ok, client or error, connect]
         if restore:
             restore()
         _all_back(s1, want)
         if "server" in key:  # the new daemon is up before the next case looks for it
             wait_for("the restarted server's control socket", partial(_control_socket, s1, since), 30, interval=0.2)
-        failed = [r for r in results if not r[1]]
+        failed = [r for r in results if not r[3]]
         rows.append({"key": key, "case": name, "requests": len(results), "failed": len(failed), "inject_s": round(took, 2),
-                     "failures": failed[:5],
-                     "answered_by": sorted({r[2] for r in results if r[1]})})
+                     "longest_s": result["summary"]["longest"],
+                     "failures": [[round(r[1] - (t - result["started"]), 2), r[4]] for r in failed[:5]],
+                     "answered_by": sorted({r[4] for r in results if r[3]})})
         log(f"{name}: {len(failed)}/{len(results)} requests failed")
     return rows
 

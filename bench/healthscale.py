@@ -13,7 +13,13 @@ HealthChecks.check over N leases whose peers all have a fresh handshake.
 
 Modes: `idle` (the `answered` set is empty: every backend gets a TCP connect, as before
 passive health), `answering` (every backend is in `answered`, as the kernel would put it
-when the backend answers forwarded connections: no connect at all).
+when the backend answers forwarded connections: no connect at all), and `crash`: as
+`answering`, but TRIALS times one backend becomes a suspect (the element the kernel adds
+when a SYN to it is retransmitted), at a random moment of the rounds' pacing; timed from
+then until the rotation's map no longer holds it, through what the server does for it: the
+round's passive read, the flip, a read of the table (the pass's observation), the pure
+next rotation, and the map update. Not included: the kernel's own second before the
+retransmission, and the pass's read of the WireGuard device (no real peers here).
 
 CPU is this process's (all threads) plus its reaped children's (the `nft` reads), from
 getrusage, over the whole run of rounds, sleeps included: CPU seconds per wall second is
@@ -41,6 +47,7 @@ PORT = 4443
 OVERLAY = "10.99.0.0/16"
 DOMAIN = "app.example.test"
 MIN_ROUNDS = 3
+TRIALS = 5  # crash mode: suspects, one at a time
 HARD_CAP = 60.0  # s of rounds per size and mode, whatever --seconds says
 LISTENER_LIFETIME = 900  # s: the listener exits by itself after this, whatever happens to the bench
 
@@ -159,10 +166,54 @@ async def rounds(size: int, mode: str, seconds: float, max_rounds: int) -> dict[
             "retransmits": retrans}
 
 
+async def crash(size: int) -> dict[str, object]:
+    """Mode crash: TRIALS backends become suspects one at a time; how long until each leaves the map."""
+    import random
+
+    from sptun import nft
+    from sptun.config import Port
+    from sptun.leases import Lease
+    from sptun.server.health import HealthChecks
+
+    backends = addresses(size)
+    firewall = nft.Nft()
+    forward = nft.Forward(DOMAIN, None, Port("tcp", PORT))
+    firewall.write(nft.render_server("sptun0", [forward], [backends]))
+    now = time.time()
+    leases = [Lease(f"key{i:05d}", DOMAIN, ip, now, seen=now) for i, ip in enumerate(backends)]
+    checks = HealthChecks()
+    checks.adopt(leases, set(backends))  # all up, as a running rotation is
+    interval = 0.5  # the default [health] interval
+    totals: list[float] = []
+    work: list[float] = []
+    for victim in random.sample(backends, min(TRIALS, size - 1)):
+        await asyncio.sleep(0.2)
+        became = time.monotonic()
+        firewall.write(f"add element inet sptun {nft.SUSPECTS} {{ {victim} timeout {nft.SUSPECT_FOR}s }}")
+        await asyncio.sleep(random.uniform(0, interval))  # it came at a random moment of the rounds' pacing
+        while True:
+            started = time.monotonic()  # one round, as Server.check_health makes it
+            suspects, _answered = await asyncio.to_thread(firewall.passive)
+            if checks.suspect(leases, suspects):  # the flip wakes a pass: observe, plan, apply
+                current = firewall.read().rotations([forward])[0]
+                healthy = {lease.overlay_ip for lease in leases if checks.is_up(lease.public_key)}
+                firewall.write("\n".join(nft.rotation_update(0, current, nft.next_rotation(current, healthy))))
+                break
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        done = time.monotonic()
+        assert victim not in firewall.read().rotations([forward])[0]
+        totals.append(done - became)
+        work.append(done - started)
+    firewall.write(nft.delete_table())
+    return {"mode": "crash", "backends": size, "trials": len(totals),
+            "out_ms_median": round(statistics.median(totals) * 1e3, 1), "out_ms_max": round(max(totals) * 1e3, 1),
+            "work_ms_median": round(statistics.median(work) * 1e3, 1), "work_ms_max": round(max(work) * 1e3, 1)}
+
+
 def inner(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10k connects at once
-    results = [asyncio.run(rounds(size, mode, args.seconds, args.max_rounds))
+    results = [asyncio.run(crash(size) if mode == "crash" else rounds(size, mode, args.seconds, args.max_rounds))
                for mode in args.modes.split(",") for size in map(int, args.sizes.split(","))]
     print(json.dumps(results))
 
@@ -202,20 +253,29 @@ def outer(args: argparse.Namespace) -> None:
                 listener.kill()
                 listener.wait(5)
         sh("ip", "netns", "del", netns)
-    print(f"{'mode':<10} {'backends':>8} {'rounds':>6} {'CPU s/wall s':>12} {'CPU ms/round':>12} "
-          f"{'ms/round (median)':>17} {'ms/round (max)':>14} {'probes/round':>12} {'passing':>8} {'retrans':>7}")
-    for r in results:
-        print(f"{r['mode']:<10} {r['backends']:>8} {r['rounds']:>6} {r['cpu_per_wall_s']:>12.3f} "
-              f"{r['cpu_ms_per_round']:>12.1f} {r['round_ms_median']:>17.1f} {r['round_ms_max']:>14.1f} "
-              f"{r['probes_per_round']:>12} {r['passing_last_round']:>8} {r['retransmits']:>7}")
+    crashes = [r for r in results if r["mode"] == "crash"]
+    results = [r for r in results if r["mode"] != "crash"]
+    if crashes:
+        print(f"{'crash':<10} {'backends':>8} {'trials':>6} {'out ms (median)':>15} {'out ms (max)':>12} "
+              f"{'work ms (median)':>16} {'work ms (max)':>13}")
+        for r in crashes:
+            print(f"{'':<10} {r['backends']:>8} {r['trials']:>6} {r['out_ms_median']:>15.1f} {r['out_ms_max']:>12.1f} "
+                  f"{r['work_ms_median']:>16.1f} {r['work_ms_max']:>13.1f}")
+    if results:
+        print(f"{'mode':<10} {'backends':>8} {'rounds':>6} {'CPU s/wall s':>12} {'CPU ms/round':>12} "
+              f"{'ms/round (median)':>17} {'ms/round (max)':>14} {'probes/round':>12} {'passing':>8} {'retrans':>7}")
+        for r in results:
+            print(f"{r['mode']:<10} {r['backends']:>8} {r['rounds']:>6} {r['cpu_per_wall_s']:>12.3f} "
+                  f"{r['cpu_ms_per_round']:>12.1f} {r['round_ms_median']:>17.1f} {r['round_ms_max']:>14.1f} "
+                  f"{r['probes_per_round']:>12} {r['passing_last_round']:>8} {r['retransmits']:>7}")
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(results + crashes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,10000")
-    parser.add_argument("--modes", default="idle,answering")
+    parser.add_argument("--modes", default="idle,answering,crash")
     parser.add_argument("--seconds", type=float, default=6.0, help="of rounds per size and mode")
     parser.add_argument("--max-rounds", type=int, default=40)
     parser.add_argument("--json", action="store_true", help="the results as JSON too")

@@ -47,15 +47,18 @@ class Profile:
     idle_seconds: float
     crash_seconds: float
     restart_seconds: float
+    health_sizes: tuple[int, ...]
+    health_seconds: float
 
 
 FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=4, split_connections=300, buffer_repeats=2, buffer_seconds=4,
                nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
                scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
-               crash_seconds=12, restart_seconds=9)
+               crash_seconds=12, restart_seconds=9, health_sizes=(100, 1000, 10000), health_seconds=6)
 SMOKE = Profile(smoke=True, wrk_seconds=1, wrk_repeats=1, split_connections=30, buffer_repeats=1, buffer_seconds=1,
                 nft_sizes=(10, 10000), nft_repeats=2, scale_leases=500, scale_repeats=1, scale_idle_seconds=2,
-                registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3)
+                registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3,
+                health_sizes=(100, 1000), health_seconds=1)
 
 
 def _first_line(argv: list[str]) -> str:
@@ -126,6 +129,7 @@ def run(profile: Profile, out: Path) -> dict[str, Any]:
         step(results, "one_backend", dataplane.one_backend, lab, s1, min(3, profile.wrk_repeats), profile.wrk_seconds)
         step(results, "buffers", dataplane.buffer_experiment, lab, s1, profile.buffer_repeats, profile.buffer_seconds)
         step(results, "mtu", dataplane.mtu_probe, lab, s1)
+        step(results, "health_scale", control.health_scale, profile.health_sizes, profile.health_seconds)
         step(results, "crash", faults.crash, lab, profile.crash_seconds)
         step(results, "restarts", faults.restarts, lab, profile.restart_seconds)
         step(results, "dns", faults.dns_change, lab)
