@@ -15,6 +15,7 @@ from sptun import nft
 from sptun.errors import SptunError
 from sptun.links import LinkInfo, Links, read_sysctl, sysctl
 from sptun.conntrack import ConntrackTable
+from sptun.sni import PROXY_MARK, PROXY_RULE_PRIORITY, PROXY_TABLE, ProxyState
 from sptun.wg import Device, PeerChange, WireGuard
 
 log = logging.getLogger("sptun")
@@ -54,6 +55,18 @@ class ProcSysctls:
         return sysctl(path, value)
 
 
+class Proxy(Protocol):
+    """The server's SNI proxy (sptun.sni.HAProxy)."""
+
+    def read(self) -> ProxyState: ...
+
+    def start(self, config: str, replacing: int | None) -> None: ...
+
+    def run(self, commands: list[str]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
 class Edges:
     """Everything a role reads from or writes to the kernel, each behind a small protocol."""
@@ -63,6 +76,7 @@ class Edges:
     firewall: nft.Firewall
     sysctls: Sysctls
     conntrack: ConntrackTable
+    proxy: Proxy | None = None  # a server's, set by the role
 
 
 def observe_link(edges: Edges, name: str, tunnel: bool = False) -> LinkState | None:
@@ -223,8 +237,50 @@ class ReleaseUnreplied:
         return f"release the unanswered connections to {self.backend}"
 
 
+@dataclass(frozen=True)
+class StartProxy:
+    """Start the SNI proxy with this config; replacing: the pid of the running one, which
+    hands over its listeners and finishes its own connections."""
+
+    config: str
+    replacing: int | None
+    summary: str
+
+    def __str__(self) -> str:
+        return f"{'reload' if self.replacing else 'start'} the SNI proxy ({self.summary})"
+
+
+@dataclass(frozen=True)
+class ProxyCommands:
+    """Runtime changes of the SNI proxy's rotations: no reload, no connection reset."""
+
+    commands: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "SNI proxy: " + "; ".join(self.commands[:6]) + (f"; ... ({len(self.commands)})" if len(self.commands) > 6 else "")
+
+
+@dataclass(frozen=True)
+class StopProxy:
+    def __str__(self) -> str:
+        return "stop the SNI proxy"
+
+
+@dataclass(frozen=True)
+class SetProxyRouting:
+    def __str__(self) -> str:
+        return f"add rule fwmark {PROXY_MARK:#x} lookup {PROXY_TABLE}, and a local route there (replies to the SNI proxy)"
+
+
+@dataclass(frozen=True)
+class DeleteProxyRouting:
+    def __str__(self) -> str:
+        return f"delete rule fwmark {PROXY_MARK:#x} lookup {PROXY_TABLE}, and its table"
+
+
 Change = (CreateLink | DeleteLink | SetKey | SetAddresses | LinkUp | SetSysctl | SetDefaultRoute | AddRule
-          | DeleteRule | UpdatePeer | LoadTable | DeleteTable | UpdateRotation | ReleaseUnreplied)
+          | DeleteRule | UpdatePeer | LoadTable | DeleteTable | UpdateRotation | ReleaseUnreplied | StartProxy
+          | ProxyCommands | StopProxy | SetProxyRouting | DeleteProxyRouting)
 
 
 # --- the applier -------------------------------------------------------------------------
@@ -297,6 +353,28 @@ class Applier:
                 if released := e.conntrack.release_unreplied(backend):
                     log.info("released %d unanswered connections to %s: their next SYN goes to another backend",
                              released, backend)
+            case StartProxy(config=config, replacing=replacing):
+                self._proxy().start(config, replacing)
+                if replacing is None:
+                    self.undo.append(StopProxy())
+            case ProxyCommands(commands=commands):
+                self._proxy().run(list(commands))
+            case StopProxy():
+                self._proxy().stop()
+            case SetProxyRouting():
+                e.links.set_local_route(PROXY_TABLE)
+                if not e.links.rules(PROXY_RULE_PRIORITY):
+                    e.links.add_rule(PROXY_RULE_PRIORITY, PROXY_MARK, "0.0.0.0/0", PROXY_TABLE)
+                self.undo.append(DeleteProxyRouting())
+            case DeleteProxyRouting():
+                for rule in e.links.rules(PROXY_RULE_PRIORITY):
+                    e.links.delete_rule(PROXY_RULE_PRIORITY, rule["fwmark"], rule["src"], rule["table"])
+                e.links.delete_local_route(PROXY_TABLE)
+
+    def _proxy(self) -> Proxy:
+        if self.edges.proxy is None:
+            raise SptunError("no SNI proxy on this host")
+        return self.edges.proxy
 
     def rollback(self) -> list[str]:
         """Undo what this applier created, newest first; each step on its own, so one

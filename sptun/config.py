@@ -315,7 +315,9 @@ def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv
 
 
 def _check_domains(path: Path, domains: list[Domain]) -> None:
-    """Two domains cannot share a name, nor an address and port: one would shadow the other."""
+    """Two domains cannot share a name. They may share an address and a TCP port (sptun then
+    routes by SNI: sptun.sni), but not a UDP port (a datagram names no domain), and
+    not a port on "any address" beside one on a specific address (which one would win?)."""
     taken: list[tuple[str, Port, str]] = []  # (address, or "*" for any, port, domain)
     for i, dom in enumerate(domains):
         if dom.name in [d.name for d in domains[:i]]:
@@ -323,12 +325,17 @@ def _check_domains(path: Path, domains: list[Domain]) -> None:
         mine = [(str(a), port) for a in dom.listen or ["*"] for port in dom.ports]
         for address, port in mine:
             for other_address, other_port, other in taken:
-                if port == other_port and (address == other_address or "*" in (address, other_address)):
-                    shown = "any address" if "*" in (address, other_address) else address
-                    raise ConfigError(
-                        f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
-                        hint="give each domain its own listen address for that port",
-                    )
+                if port != other_port or (address != other_address and "*" not in (address, other_address)):
+                    continue
+                shown = "any address" if "*" in (address, other_address) else address
+                if port.proto == "udp":
+                    raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
+                                      hint="a UDP port cannot be shared (no server name to route by): "
+                                           "give each domain its own listen address for it")
+                if address != other_address:
+                    raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
+                                      hint="to share the port (routed by SNI), give both domains the same listen "
+                                           "addresses; else give each its own")
         taken += [(address, port, dom.name) for address, port in mine]
 
 

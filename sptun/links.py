@@ -18,6 +18,8 @@ from sptun.errors import SptunError
 
 log = logging.getLogger("sptun")
 IFF_UP = 0x1
+RTN_LOCAL = 2  # a route of type local (rtnetlink)
+RT_SCOPE_HOST = 254
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,21 @@ class Links:
         self._call(f"ip route replace default dev {name} table {table}", self.ipr.route, "replace",
                    dst="0.0.0.0/0", oif=index, table=table)
         return True
+
+    def local_route(self, table: int) -> bool:
+        """Whether `table` has `local 0.0.0.0/0 dev lo`: everything it routes is for this host."""
+        return any(route["dst_len"] == 0 and route["type"] == RTN_LOCAL and route.get_attr("RTA_TABLE") == table
+                   for route in self.ipr.get_routes(family=socket.AF_INET, table=table))
+
+    def set_local_route(self, table: int) -> None:
+        if not self.local_route(table):
+            self._call(f"ip route replace local 0.0.0.0/0 dev lo table {table}", self.ipr.route, "replace",
+                       dst="0.0.0.0/0", type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table)
+
+    def delete_local_route(self, table: int) -> None:
+        if self.local_route(table):
+            self._call(f"ip route del local 0.0.0.0/0 table {table}", self.ipr.route, "del",
+                       dst="0.0.0.0/0", type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table)
 
     def flush_table(self, table: int) -> None:
         for route in self.ipr.get_routes(family=socket.AF_INET, table=table):

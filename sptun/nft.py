@@ -113,7 +113,7 @@ def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
-def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]]) -> str:
+def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]], proxy_mark: int | None) -> str:
     dev = _q(interface)
     ours = f"ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x}"
     maps = []
@@ -129,6 +129,20 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
     # set for a moment. A backend in it (and not in SUSPECTS) passes its health check without
     # a probe: a backend under load is never probed, however many there are.
     maps.append(f"\tset {ANSWERED} {{ type ipv4_addr; flags dynamic, timeout; timeout {ANSWERED_FOR}s; size 65536; }}")
+    proxied_in: list[str] = []
+    proxy_chains: list[tuple[str, str, list[str]]] = []
+    if proxy_mark is not None:
+        # The SNI proxy (sptun.sni) connects to clients from the browser's address:
+        # a client's reply to it comes back through the tunnel to an address that is not
+        # local. This mark (and sni's rule and local route) deliver it to the proxy's socket.
+        proxy_chains.append(("proxy", "type filter hook prerouting priority mangle; policy accept;", [
+            f"iifname {dev} meta l4proto tcp socket transparent 1 meta mark set {proxy_mark:#010x} accept"]))
+        # Passive health for the proxy's connections, as the forward chain has it for DNAT's.
+        proxy_chains.append(("output", "type filter hook output priority filter; policy accept;", [
+            f"oifname {dev} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
+            f"update @{SUSPECTS} {{ ip daddr }}"]))
+        proxied_in = [f"iifname {dev} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}",
+                      f"iifname {dev} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}"]
     chains = _chains([
         *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]))) for i, f in enumerate(forwards)],
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
@@ -150,23 +164,27 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
             f'oifname {dev} counter drop comment "nothing else enters the overlay"',
         ]),
         ("input", "type filter hook input priority filter; policy accept;", [
+            *proxied_in,
             f"iifname {dev} ct state established,related accept",
             f'iifname {dev} counter drop comment "clients cannot reach the server itself"',
         ]),
+        *proxy_chains,
     ])
     return "\n".join(maps + [chains])
 
 
-def render_server(interface: str, forwards: list[Forward], rotations: list[list[str]]) -> str:
+def render_server(interface: str, forwards: list[Forward], rotations: list[list[str]],
+                  proxy_mark: int | None = None) -> str:
     """DNAT round-robin into the overlay, and isolation: through the overlay a client reaches
     nothing but the connections forwarded to it. Each forward's backends live in a named map
-    that changes in place; the comment hashes the structure only, not who is in rotation."""
-    structure = _server_body(interface, forwards, [[] for _ in forwards])
-    return _wrap("server", _server_body(interface, forwards, rotations), structure)
+    that changes in place; the comment hashes the structure only, not who is in rotation.
+    proxy_mark: an SNI proxy runs (sptun.sni); the mark that brings replies to it."""
+    structure = _server_body(interface, forwards, [[] for _ in forwards], proxy_mark)
+    return _wrap("server", _server_body(interface, forwards, rotations, proxy_mark), structure)
 
 
-def server_comment(interface: str, forwards: list[Forward]) -> str | None:
-    return comment_of(render_server(interface, forwards, [[] for _ in forwards]))
+def server_comment(interface: str, forwards: list[Forward], proxy_mark: int | None = None) -> str | None:
+    return comment_of(render_server(interface, forwards, [[] for _ in forwards], proxy_mark))
 
 
 def next_rotation(current: list[str], wanted: set[str]) -> list[str]:

@@ -7,6 +7,7 @@ the kernel would refuse, so that a role test fails where the real thing would.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from sptun.discovery import Discovery, ServerRecord
 from sptun.errors import SptunError
 from sptun.keys import public_key
 from sptun.links import LinkInfo
+from sptun import sni
 from sptun.wg import Device, Peer, PeerChange, PeerState
 
 
@@ -54,10 +56,17 @@ class FakeKernel:
         self.handshakes: dict[str, float] = {}  # peer key -> last handshake, as the kernel would report it
         self.connections: Counter[str] = Counter()  # conntrack: open connections by backend address
         self.counters: dict[str, tuple[int, int]] = {}  # nft rule counters, by the rule's comment
+        self.local_routes: set[int] = set()  # tables with `local default dev lo`
+        self.proxy_pid: int | None = None  # the SNI proxy, when it runs
+        self.proxy_config = ""
+        self.proxy_servers: dict[str, dict[str, sni.ProxyServer]] = {}  # backend -> server name -> server
+        self.proxy_starts: list[str] = []  # every config it was started (or reloaded) with
+        self.proxy_commands: list[str] = []  # every runtime command it got
 
     def edges(self, kind: str = "kernel") -> Edges:
         links = FakeLinks(self)
-        return Edges(links, FakeWireGuard(self, kind), FakeFirewall(self), FakeSysctls(self), FakeConntrack(self))  # type: ignore[arg-type]
+        return Edges(links, FakeWireGuard(self, kind), FakeFirewall(self), FakeSysctls(self), FakeConntrack(self),  # type: ignore[arg-type]
+                     FakeProxy(self))
 
 
 class FakeLinks:
@@ -135,6 +144,64 @@ class FakeLinks:
 
     def overlapping_routes(self, network: Any, except_dev: str) -> list[str]:
         return []
+
+    def local_route(self, table: int) -> bool:
+        return table in self.k.local_routes
+
+    def set_local_route(self, table: int) -> None:
+        self.k.local_routes.add(table)
+
+    def delete_local_route(self, table: int) -> None:
+        self.k.local_routes.discard(table)
+
+
+class FakeProxy:
+    """The SNI proxy: its config's digest, and each backend's servers, changed by the
+    runtime commands sptun sends (as HAProxy 2.6 answers them)."""
+
+    def __init__(self, k: FakeKernel) -> None:
+        self.k = k
+
+    def read(self) -> sni.ProxyState:
+        if self.k.proxy_pid is None:
+            return sni.ProxyState()
+        return sni.ProxyState(self.k.proxy_pid, sni.digest_of(self.k.proxy_config),
+                              {b: dict(servers) for b, servers in self.k.proxy_servers.items()})
+
+    def start(self, config: str, replacing: int | None) -> None:
+        self.k.proxy_config = config
+        self.k.proxy_pid = (self.k.proxy_pid or 1000) + 1
+        self.k.proxy_starts.append(config)
+        self.k.proxy_servers = {}
+        backend = ""
+        for line in config.splitlines():
+            words = line.split()
+            if words and words[0] == "backend":
+                backend = words[1]
+                self.k.proxy_servers[backend] = {}
+            elif words[:1] == ["server"]:
+                self.k.proxy_servers[backend][words[1]] = sni.ProxyServer(words[2].rsplit(":", 1)[0], True, 0)
+
+    def run(self, commands: list[str]) -> None:
+        for line in commands:
+            self.k.proxy_commands.append(line)
+            words = line.split()
+            backend, name = words[2].split("/") if words[0] in ("add", "del", "enable", "set") else ("", "")
+            servers = self.k.proxy_servers[backend]
+            if words[0] == "add":
+                assert name not in servers, line
+                servers[name] = sni.ProxyServer(words[3].rsplit(":", 1)[0], False, 0)  # added in maintenance
+            elif words[0] == "del":
+                server = servers[name]
+                if server.ready or server.sessions:
+                    raise SptunError(f"SNI proxy refused `{line}`")
+                del servers[name]
+            else:  # enable server B/S, set server B/S state ready|maint
+                servers[name] = dataclasses.replace(servers[name], ready=words[0] == "enable" or words[-1] == "ready")
+
+    def stop(self) -> None:
+        self.k.proxy_pid = None
+        self.k.proxy_servers = {}
 
 
 class FakeWireGuard:

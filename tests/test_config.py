@@ -183,27 +183,31 @@ def two_domains(first: str, second: str) -> str:
     ('ports = ["tcp/443"]', 'ports = ["tcp/80"]'),
     ('ports = ["tcp/443"]', 'ports = ["udp/443"]'),
     ('listen = ["198.51.100.10"]\nports = ["tcp/443"]', 'ports = ["tcp/8443"]'),
+    ('listen = ["198.51.100.10"]', 'listen = ["198.51.100.10"]'),
+    ('listen = ["198.51.100.10", "198.51.100.11"]\nports = ["tcp/80", "tcp/443"]',
+     'listen = ["198.51.100.11"]\nports = ["tcp/443"]'),
+    ('', ''),
 ], ids=["same-address-other-port", "other-address-same-port", "any-address-other-ports",
-        "any-address-tcp-vs-udp", "any-and-specific-other-ports"])
+        "any-address-tcp-vs-udp", "any-and-specific-other-ports", "shared-by-sni", "shared-in-lists-by-sni",
+        "shared-any-address-by-sni"])
 def test_domains_that_do_not_clash(tmp_path: Path, first: str, second: str) -> None:
     cfg = load_server(write(tmp_path, two_domains(first, second)))
     assert [d.name for d in cfg.domains] == ["a.example.test", "b.example.test"]
 
 
-@pytest.mark.parametrize("first, second, shown", [
-    ('listen = ["198.51.100.10"]', 'listen = ["198.51.100.10"]', "198.51.100.10"),
-    ('listen = ["198.51.100.10", "198.51.100.11"]\nports = ["tcp/80", "tcp/443"]',
-     'listen = ["198.51.100.11"]\nports = ["tcp/443"]', "198.51.100.11"),
-    ('', 'listen = ["198.51.100.10"]', "any address"),
-    ('listen = ["198.51.100.10"]', '', "any address"),
-    ('', '', "any address"),
-], ids=["same-address", "overlap-in-lists", "any-then-specific", "specific-then-any", "both-any"])
-def test_domains_that_clash(tmp_path: Path, first: str, second: str, shown: str) -> None:
+@pytest.mark.parametrize("first, second, shown, hint", [
+    ('', 'listen = ["198.51.100.10"]', "any address", "same listen addresses"),
+    ('listen = ["198.51.100.10"]', '', "any address", "same listen addresses"),
+    ('listen = ["198.51.100.10"]\nports = ["udp/443"]', 'listen = ["198.51.100.10"]\nports = ["udp/443"]',
+     "198.51.100.10", "UDP port cannot be shared"),
+    ('ports = ["tcp/443", "udp/443"]', 'ports = ["udp/443"]', "any address", "UDP port cannot be shared"),
+], ids=["any-then-specific", "specific-then-any", "udp-shared", "udp-shared-any-address"])
+def test_domains_that_clash(tmp_path: Path, first: str, second: str, shown: str, hint: str) -> None:
     path = write(tmp_path, two_domains(first, second))
     error = config_error(load_server, path)
     assert_clear(error, path, "domains[1]")
     assert "a.example.test" in error.message and "b.example.test" in error.message
-    assert "tcp/443" in error.message and shown in error.message
+    assert shown in error.message and hint in (error.hint or "")
 
 
 def test_duplicate_domain_names(tmp_path: Path) -> None:

@@ -82,8 +82,10 @@ def test_units_match_sptun(role: str) -> None:
     # ip_forward (server), rp_filter (agent) under a read-only /proc/sys.
     assert s["ProtectKernelTunables"] == ["yes"] and "/proc/sys/net" in writable
     assert s["DeviceAllow"] == ["/dev/net/tun rw"] and s["DevicePolicy"] == ["closed"]
-    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
-    # wireguard-go must outlive a restart of the daemon.
+    # The server's SNI proxy binds the public ports (443): it inherits the server's set.
+    wanted_caps = "CAP_NET_ADMIN CAP_NET_BIND_SERVICE" if role == "server" else "CAP_NET_ADMIN"
+    assert s["CapabilityBoundingSet"] == [wanted_caps]
+    # wireguard-go (and the SNI proxy) must outlive a restart of the daemon.
     assert s["KillMode"] == ["process"]
     # SIGHUP reloads the config with no teardown (tests/test_faults.py checks the daemon side).
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]

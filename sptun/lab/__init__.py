@@ -30,6 +30,7 @@ from sptun.lab.net import (
     LAB_ROOT,
     NAT_RULESET,
     NGINX_CONF,
+    SNI_DOMAINS,
     ZONE,
     Arg,
     CurlResult,
@@ -49,6 +50,7 @@ from sptun.lab.net import (
 __all__ = [
     # the namespace lab (sptun.lab.net)
     "DNS_ADDRESS",
+    "SNI_DOMAINS",
     "DOMAIN",
     "KNOT_CONF",
     "LAB_ROOT",

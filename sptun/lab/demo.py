@@ -119,8 +119,8 @@ def status_cli(host: Host) -> dict[str, Any]:
 
 
 def wait_served(lab: Lab, timeout: float | None = None) -> None:
-    """Until every server forwards the domain to every client: healthy, and in the rotation
-    the kernel holds. timeout defaults to 120 s (times slow())."""
+    """Until every server forwards every client's domain to it: healthy, and in the rotation
+    the kernel (or the SNI proxy) holds. timeout defaults to 120 s (times slow())."""
     if timeout is None:
         timeout = 120 * slow()
     deadline = time.monotonic() + timeout
@@ -130,8 +130,7 @@ def wait_served(lab: Lab, timeout: float | None = None) -> None:
         for server in lab.servers:
             try:
                 domains = status(server)["domains"]
-                counts[server.name] = sum(b["healthy"] and b["in_rotation"]
-                                          for d in domains if d["name"] == DOMAIN for b in d["backends"])
+                counts[server.name] = sum(b["healthy"] and b["in_rotation"] for d in domains for b in d["backends"])
             except (SptunError, ValueError, KeyError):
                 counts[server.name] = 0
         if all(n == want for n in counts.values()):

@@ -31,6 +31,9 @@ from sptun.run import run
 
 LAB_ROOT = Path("/run/sptun-lab")
 DOMAIN = "app.example.test"
+# More domains, published in DNS as DOMAIN is (the same servers) and named in every client's
+# certificate: the SNI tests and the demo serve them on the servers' one address beside DOMAIN.
+SNI_DOMAINS = ("blue.example.test", "green.example.test")
 ZONE = "example.test"
 DNS_ADDRESS = "192.0.2.53"
 
@@ -310,7 +313,8 @@ umount -l {shlex.quote(str(self.dir))}
              "-subj", "/O=sptun lab/CN=sptun lab CA", "-days", "30"])  # fmt: skip
         key.chmod(0o600)
         ext = ca / "leaf.ext"
-        ext.write_text(f"subjectAltName=DNS:{DOMAIN}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        names = ",".join(f"DNS:{d}" for d in (DOMAIN, *SNI_DOMAINS))
+        ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
         for client in self.clients:
             self._make_cert(client.name, key, ext)
         # One session-ticket key for every client's nginx, as a pool behind any L4 balancer
@@ -365,16 +369,16 @@ umount -l {shlex.quote(str(self.dir))}
         return int(match.group(1))
 
     def write_zone(self, txt: Sequence[str | Sequence[str]], a: list[str], serial: int) -> None:
-        """Write the zone file for ZONE, with DOMAIN's A and TXT records (txt as in set_txt).
-        Knot is not told: set_txt() reloads it."""
+        """Write the zone file for ZONE, with DOMAIN's A and TXT records (txt as in set_txt),
+        and the same for SNI_DOMAINS. Knot is not told: set_txt() reloads it."""
         lines = [
             f"$ORIGIN {ZONE}.",
             f"$TTL {self.ttl}",
             f"@ SOA ns.{ZONE}. hostmaster.{ZONE}. {serial} 60 60 3600 {self.ttl}",
             "@ NS ns",
             f"ns A {DNS_ADDRESS}",
-            *(f"{DOMAIN}. A {ip}" for ip in a),
-            *(f"{DOMAIN}. TXT {_txt_rdata(record)}" for record in txt),
+            *(f"{name}. A {ip}" for name in (DOMAIN, *SNI_DOMAINS) for ip in a),
+            *(f"{name}. TXT {_txt_rdata(record)}" for name in (DOMAIN, *SNI_DOMAINS) for record in txt),
         ]
         tmp = self.zone_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -408,9 +412,10 @@ umount -l {shlex.quote(str(self.dir))}
 
     # use
 
-    def curl(self, server_ip: str, path: str = "/", timeout: float | None = None, source: Host | None = None) -> CurlResult:
-        """Fetch https://DOMAIN/path from the browser (or source), DOMAIN resolved to server_ip;
-        timeout defaults to 5 s (times slow())."""
+    def curl(self, server_ip: str, path: str = "/", timeout: float | None = None, source: Host | None = None,
+             domain: str = DOMAIN, args: Sequence[str] = ()) -> CurlResult:
+        """Fetch https://DOMAIN/path (or another domain's) from the browser (or source), the
+        domain resolved to server_ip; timeout defaults to 5 s (times slow()); args: curl's."""
         if timeout is None:
             timeout = 5 * slow()
         host = source or self.browser
@@ -419,7 +424,7 @@ umount -l {shlex.quote(str(self.dir))}
         out = host.run(
             ["curl", "-sS", "-v", "--stderr", "-", "-o", body, "-w", "\nsptun-curl-exit=%{exitcode}\n",
              "--max-time", f"{timeout:g}", "--cacert", self.ca_cert,
-             "--resolve", f"{DOMAIN}:443:{server_ip}", f"https://{DOMAIN}{path}"],
+             "--resolve", f"{domain}:443:{server_ip}", *args, f"https://{domain}{path}"],
             check=False, timeout=timeout + 10,
         )  # fmt: skip
         try:
@@ -675,7 +680,7 @@ http {{
 
     server {{
         listen 80;
-        listen 443 ssl;
+        listen 443 ssl http2;
         server_name {domain};
         ssl_certificate {cert};
         ssl_certificate_key {key};

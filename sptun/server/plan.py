@@ -6,39 +6,75 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 from sptun import nft
 from sptun.changes import (
     Change,
     CreateLink,
     DeleteLink,
+    DeleteProxyRouting,
     DeleteTable,
     LinkState,
     LinkUp,
     LoadTable,
+    ProxyCommands,
     ReleaseUnreplied,
     SetAddresses,
     SetKey,
+    SetProxyRouting,
     SetSysctl,
+    StartProxy,
+    StopProxy,
     UpdatePeer,
     UpdateRotation,
 )
 from sptun.config import MTU, ServerConfig
 from sptun.leases import Lease
+from sptun import sni
 from sptun.wg import Peer, plan_peers
 
 IP_FORWARD = "net/ipv4/ip_forward"
 
 
 def forwards(cfg: ServerConfig) -> list[nft.Forward]:
-    """Each domain's public addresses and ports, in config order."""
+    """Each domain's public addresses and ports that the kernel DNATs, in config order: all
+    but those shared with other domains (routed by SNI: sni.groups)."""
+    shared = {(g.listen, g.port) for g in sni.groups(cfg)}
     result = []
     for domain in cfg.domains:
         addresses: list[str | None] = [str(a) for a in domain.listen] or [None]  # None: any local address
         for address in addresses:
             for port in domain.ports:
-                result.append(nft.Forward(domain.name, address, port))
+                if (address, port) not in shared:
+                    result.append(nft.Forward(domain.name, address, port))
     return result
+
+
+@dataclass(frozen=True)
+class SniWanted:
+    """The SNI proxy as it should be: its config (with the servers to have in rotation) and,
+    per backend, its port and who should be in its rotation."""
+
+    config: str
+    backends: tuple[tuple[str, int, frozenset[str]], ...]
+    summary: str
+
+    @property
+    def digest(self) -> str | None:
+        return sni.digest_of(self.config)
+
+
+def sni_wanted(groups: list[sni.SniGroup], rotation: dict[str, frozenset[str]], socket_path: Path) -> SniWanted | None:
+    """rotation: each domain's backends in rotation. None when no address is shared."""
+    if not groups:
+        return None
+    backends = tuple((sni.backend_name(gi, d), g.port.number, rotation.get(d, frozenset()))
+                     for gi, g in enumerate(groups) for d in g.domains)
+    config = sni.render(groups, {name: sorted(ips, key=ipaddress.IPv4Address) for name, _, ips in backends},
+                        socket_path)
+    summary = ", ".join(f"{g.key}: {len(g.domains)} domains" for g in groups)
+    return SniWanted(config, backends, summary)
 
 
 def peer_of(lease: Lease) -> Peer:
@@ -55,6 +91,11 @@ class ServerWanted:
     peers: tuple[Peer, ...]
     forwards: tuple[nft.Forward, ...]
     rotations: tuple[frozenset[str], ...]  # per forward: the backends that should get connections
+    sni: SniWanted | None = None
+
+    @property
+    def proxy_mark(self) -> int | None:
+        return sni.PROXY_MARK if self.sni else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,8 @@ class ServerKernel:
     link: LinkState | None
     ip_forward: str
     nft_table: nft.TableState
+    proxy: sni.ProxyState = sni.ProxyState()
+    proxy_routing: bool = False  # the rule and the local route that bring replies to the proxy
 
 
 def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
@@ -81,12 +124,33 @@ def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
         changes.append(SetSysctl(IP_FORWARD, "1"))
     changes += [UpdatePeer(name, c) for c in plan_peers(list(wanted.peers), link.device)]
     changes += plan_table(wanted, kernel.nft_table)
+    changes += plan_proxy(wanted.sni, kernel)
     return changes
 
 
-def plan_teardown(interface: str, has_link: bool, has_table: bool) -> list[Change]:
-    """What `down` removes: the table first (no more DNAT into the overlay), then the interface."""
-    changes: list[Change] = [DeleteTable()] if has_table else []
+def plan_proxy(wanted: SniWanted | None, kernel: ServerKernel) -> list[Change]:
+    """The SNI proxy: started (or reloaded) when its structure changes; otherwise who is in
+    its rotations changes through its runtime API. After the table, whose mark it needs."""
+    proxy = kernel.proxy
+    changes: list[Change] = []
+    if wanted is None:
+        changes += [StopProxy()] if proxy.pid is not None else []
+        return changes + ([DeleteProxyRouting()] if kernel.proxy_routing else [])
+    changes += [] if kernel.proxy_routing else [SetProxyRouting()]
+    if proxy.pid is None or proxy.digest != wanted.digest:
+        return changes + [StartProxy(wanted.config, proxy.pid, wanted.summary)]
+    commands = [c for name, port, ips in wanted.backends
+                for c in sni.rotation_commands(name, port, proxy.backends.get(name, {}), ips)]
+    return changes + ([ProxyCommands(tuple(commands))] if commands else [])
+
+
+def plan_teardown(interface: str, has_link: bool, has_table: bool, proxy: bool = False,
+                  proxy_routing: bool = False) -> list[Change]:
+    """What `down` removes: the SNI proxy and the table first (no more connections into the
+    overlay), then the interface."""
+    changes: list[Change] = [StopProxy()] if proxy else []
+    changes += [DeleteTable()] if has_table else []
+    changes += [DeleteProxyRouting()] if proxy_routing else []
     return changes + ([DeleteLink(interface, "down")] if has_link else [])
 
 
@@ -94,10 +158,11 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
     """A new structure (domains, addresses, ports) reloads the table; a change of who is in
     rotation is made in place: map elements and one rule, atomically, no reload."""
     fwds = list(wanted.forwards)
-    if table.comment != nft.server_comment(wanted.interface, fwds) or set(table.handles) != {f.key for f in fwds}:
+    mark = wanted.proxy_mark
+    if table.comment != nft.server_comment(wanted.interface, fwds, mark) or set(table.handles) != {f.key for f in fwds}:
         rotations = [sorted(w, key=ipaddress.IPv4Address) for w in wanted.rotations]
         summary = ", ".join(f"{f.domain} {f.port}: {len(r)}" for f, r in zip(fwds, rotations, strict=True))
-        return [LoadTable(nft.render_server(wanted.interface, fwds, rotations), summary or "no domains",
+        return [LoadTable(nft.render_server(wanted.interface, fwds, rotations, mark), summary or "no domains",
                           fresh=not table.exists)]
     changes: list[Change] = []
     gone: set[str] = set()

@@ -27,7 +27,18 @@ from sptun.proto import canonical_key
 from sptun.server.api import RegistrationApi
 from sptun.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
-from sptun.server.plan import IP_FORWARD, ServerKernel, ServerWanted, forwards, peer_of, plan, plan_table, plan_teardown
+from sptun import sni
+from sptun.server.plan import (
+    IP_FORWARD,
+    ServerKernel,
+    ServerWanted,
+    forwards,
+    peer_of,
+    plan,
+    plan_table,
+    plan_teardown,
+    sni_wanted,
+)
 from sptun.tokens import valid_tokens
 from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, RegistrationCounts, ServerStatus
 from sptun.wg import Device, handshake_fresh
@@ -45,6 +56,9 @@ class Server(Role):
         super().__init__(cfg.state_dir, cfg.wireguard, edges, read_only)
         self.cfg = cfg
         self.conntrack = conntrack
+        if self.edges.proxy is None:
+            self.edges.proxy = sni.HAProxy(cfg.state_dir)
+        self.proxy = sni.ProxyState()  # the SNI proxy as the last pass read it
         self.store = LeaseStore(cfg.state_dir)
         self.leases = Leases(cfg.overlay, self.store.load(), seen_step=min(SEEN_STEP, cfg.lease_ttl / 4))
         self.leases.evicted = self.store.evicted
@@ -82,12 +96,14 @@ class Server(Role):
     def wanted(self) -> ServerWanted:
         assert self.public_key is not None
         fwds = forwards(self.cfg)
+        rotation = {d.name: frozenset(lease.overlay_ip for lease in self.leases.for_domain(d.name) if self.in_rotation(lease))
+                    for d in self.cfg.domains}
         return ServerWanted(
             self.cfg.interface, self.public_key, self.cfg.listen_port,
             f"{self.cfg.server_ip}/{self.cfg.overlay.prefixlen}",
             tuple(peer_of(lease) for lease in self.leases.all()), tuple(fwds),
-            tuple(frozenset(lease.overlay_ip for lease in self.leases.for_domain(f.domain) if self.in_rotation(lease))
-                  for f in fwds))
+            tuple(rotation[f.domain] for f in fwds),
+            sni_wanted(sni.groups(self.cfg), rotation, sni.socket_path(self.cfg.state_dir)))
 
     def read_nft_table(self) -> nft.TableState:
         """The table as sptun believes it is: read from the kernel on the first pass and at
@@ -95,13 +111,21 @@ class Server(Role):
         if self.nft_table is None:
             self.nft_table = self.edges.firewall.read()
             fwds = forwards(self.cfg)
-            self.health.adopt(self.leases.all(), {ip for r in self.nft_table.rotations(fwds) for ip in r})
+            proxied = {s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready}
+            self.health.adopt(self.leases.all(), {ip for r in self.nft_table.rotations(fwds) for ip in r} | proxied)
         return self.nft_table
 
     def observe(self) -> ServerKernel:
         link = observe_link(self.edges, self.cfg.interface)
         self.device = link.device if link is not None else Device()
-        return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), self.read_nft_table())
+        assert self.edges.proxy is not None
+        self.proxy = self.edges.proxy.read()  # first: read_nft_table adopts its rotations' health too
+        table = self.read_nft_table()
+        return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), table, self.proxy, self.proxy_routing())
+
+    def proxy_routing(self) -> bool:
+        links = self.edges.links
+        return bool(links.rules(sni.PROXY_RULE_PRIORITY)) and links.local_route(sni.PROXY_TABLE)
 
     def apply(self, applier: Applier, changes: list[Change]) -> list[str]:
         """Apply, then believe the table's new state, only once the kernel has it: status
@@ -244,7 +268,9 @@ class Server(Role):
 
     def teardown(self) -> list[str]:
         name = self.cfg.interface
-        removal = plan_teardown(name, self.edges.links.info(name) is not None, self.edges.firewall.read().exists)
+        assert self.edges.proxy is not None
+        removal = plan_teardown(name, self.edges.links.info(name) is not None, self.edges.firewall.read().exists,
+                                self.edges.proxy.read().pid is not None, self.proxy_routing())
         changes = Applier(self.edges, self.private_key).apply(removal)
         self.nft_table, self.device = None, Device()
         self.health.clear()
@@ -315,16 +341,21 @@ class Server(Role):
         """What this role now holds, as plain values, for status; under the lock. A pass has
         just read the device and believes the table; read_kernel: read both afresh (no pass
         has run: `status` with no daemon)."""
+        assert self.edges.proxy is not None
         if read_kernel:
             link = observe_link(self.edges, self.cfg.interface)
             device = link.device if link is not None and link.ours else Device()
             table: nft.TableState | None = self.edges.firewall.read()
+            proxy = self.edges.proxy.read()
         else:
-            device, table = self.device, self.nft_table
+            device, table, proxy = self.device, self.nft_table, self.proxy
         fwds = forwards(self.cfg)
         health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
-        self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device,
-                               tuple(frozenset(r) for r in table.rotations(fwds)) if table else (), bool(table and table.exists))
+        rotations = [(f.domain, frozenset(r)) for f, r in zip(fwds, table.rotations(fwds))] if table else []
+        rotations += [(d, frozenset(s.address for s in proxy.backends.get(sni.backend_name(gi, d), {}).values() if s.ready))
+                      for gi, g in enumerate(sni.groups(self.cfg)) for d in g.domains]
+        self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device, tuple(rotations),
+                               bool(table and table.exists))
         return self.view
 
     async def status(self) -> ServerStatus:
@@ -343,7 +374,7 @@ class Server(Role):
                   registrations: RegistrationCounts) -> ServerStatus:
         now = time.time()
         fwds = forwards(self.cfg)
-        rotating = [(f.domain, rotation) for f, rotation in zip(fwds, view.rotations)]
+        rotating = view.rotations
         domains = []
         for domain in self.cfg.domains:
             backends = []
@@ -385,5 +416,5 @@ class ServerView:
     health: dict[str, tuple[bool, str]]  # public key -> up, and why
     draining: frozenset[str]
     device: Device
-    rotations: tuple[frozenset[str], ...]  # per forward: the backends in the kernel's map
+    rotations: tuple[tuple[str, frozenset[str]], ...]  # per forward, then per SNI backend: its domain, who is in rotation
     table_loaded: bool

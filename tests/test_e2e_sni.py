@@ -1,0 +1,229 @@
+"""Three domains on each server's one public address and port 443, routed by SNI through the
+SNI proxy (HAProxy, started and driven by sptun), end to end in a namespace lab: two servers,
+six clients, two per domain (c1, c2: app; c3, c4: blue; c5, c6: green).
+
+Each request is checked for what a browser and a web server would see: the page of a client
+of the domain asked for (never another domain's), the client's own certificate (TLS passes
+through), and at the client the browser's own address (transparent proxying: no PROXY
+protocol). Then the awkward ClientHellos: an unknown name, none, one split over several
+segments, one that never completes."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import LAB_TOOLS, netns_marks
+
+from sptun.keys import new_token, write_file_atomic
+from sptun.lab import (
+    DOMAIN,
+    SNI_DOMAINS,
+    Host,
+    Lab,
+    config_path,
+    slow,
+    sptun,
+    start_daemons,
+    status,
+    wait_served,
+    write_configs,
+)
+
+pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go", "haproxy")
+
+BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
+PREFIX = f"sni{os.getpid() % 100000}"
+DOMAINS = (DOMAIN, *SNI_DOMAINS)
+PER_DOMAIN = 2  # clients
+
+
+def domain_of(client: Host) -> str:
+    return DOMAINS[(int(client.name[1:]) - 1) // PER_DOMAIN]
+
+
+def share_by_sni(lab: Lab) -> None:
+    """After write_configs: every server also serves SNI_DOMAINS on its address and port 443
+    (so all three share it), each with a token of its own; clients join their domain."""
+    tokens = {d: new_token() for d in SNI_DOMAINS}
+    for server in lab.servers:
+        extra = "".join(f'\n[[domains]]\nname = "{d}"\nlisten = ["{server.address}"]\nports = ["tcp/443"]\n'
+                        f'token_file = "{server.dir}/tokens/{d}"\n' for d in SNI_DOMAINS)
+        path = Path(config_path(server))
+        path.write_text(path.read_text() + extra)
+        for d, token in tokens.items():
+            write_file_atomic(server.dir / "tokens" / d, token + "\n")
+    for client in lab.clients:
+        if (d := domain_of(client)) != DOMAIN:
+            path = Path(config_path(client))
+            path.write_text(path.read_text().replace(f'domain = "{DOMAIN}"', f'domain = "{d}"'))
+            write_file_atomic(client.dir / "tokens" / "token", tokens[d] + "\n")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(PREFIX, servers=2, clients=PER_DOMAIN * len(DOMAINS))
+    try:
+        lab.up()
+        write_configs(lab, BACKEND)
+        share_by_sni(lab)
+        start_daemons(lab)
+        wait_served(lab)
+        yield lab
+    finally:
+        lab.down()
+
+
+def clients_of(lab: Lab, domain: str) -> set[str]:
+    return {c.name for c in lab.clients if domain_of(c) == domain}
+
+
+def test_each_domain_is_split_evenly_over_its_own_clients_with_its_certificate_and_the_browsers_address(lab: Lab) -> None:
+    rounds = 4
+    for server in lab.servers:
+        for domain in DOMAINS:
+            mine = clients_of(lab, domain)
+            served: Counter[str] = Counter()
+            for _ in range(rounds * len(mine)):
+                got = lab.curl(server.address, domain=domain)
+                assert got.ok, f"{domain} through {server.name}: {got.error}"
+                page = re.fullmatch(r"client=(\S+) remote=(\S+)\n", got.body)
+                assert page, got.body
+                client, remote = page.groups()
+                assert client in mine, f"{domain} through {server.name} answered by {client}, not one of {mine}"
+                assert remote == lab.browser.address  # the browser's own address, not the proxy's
+                assert got.subject and f"OU={client}" in got.subject  # the client's own certificate
+                served[client] += 1
+            assert served == Counter(dict.fromkeys(mine, rounds)), f"{domain} through {server.name}: {served}"
+
+
+def test_http2_and_keep_alive_pass_through(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    got = lab.curl(s1.address, domain=SNI_DOMAINS[0], args=["--http2"])
+    assert got.ok and "< HTTP/2 200" in got.log, got.log[-2000:]
+    # Two requests on one connection: keep-alive through the proxy.
+    body = lab.browser.run(["curl", "-sS", "--cacert", lab.ca_cert, "--http1.1", "--resolve",
+                            f"{DOMAIN}:443:{s1.address}", f"https://{DOMAIN}/", f"https://{DOMAIN}/", "-w",
+                            "%{num_connects}\n"])
+    assert body.count("client=") == 2 and body.splitlines()[-1] == "0", body  # the second reused the connection
+
+
+def test_an_unknown_name_and_no_name_are_closed(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    unknown = lab.curl(s1.address, domain="unknown.example.test", args=["--insecure"])
+    assert not unknown.ok and unknown.exit_code in (35, 56), unknown.log[-1500:]
+    started = time.monotonic()
+    reply = hello(lab, s1.address, None, [None])
+    assert reply == b"" and time.monotonic() - started < 3 * slow()  # closed at once, not after the wait
+
+
+def test_a_client_hello_split_over_segments_is_routed(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    domain = SNI_DOMAINS[1]
+    page = hello(lab, s1.address, domain, [5, 40, 100, None], pause=0.2)
+    assert page.startswith(b"client=") and page.split()[0].decode()[len("client="):] in clients_of(lab, domain), page
+
+
+def test_a_client_hello_that_never_completes_is_closed_after_the_wait(lab: Lab) -> None:
+    s1 = lab.servers[0]
+    started = time.monotonic()
+    assert hello(lab, s1.address, DOMAIN, [20], stop=True) == b""
+    waited = time.monotonic() - started
+    assert 4 <= waited <= 5 + 5 * slow(), waited
+
+
+def test_status_shows_the_proxy_rotation_and_down_removes_it(lab: Lab) -> None:
+    s2 = lab.servers[1]
+    st = status(s2)
+    for d in st["domains"]:
+        backends = d["backends"]
+        assert len(backends) == PER_DOMAIN and all(b["in_rotation"] for b in backends), d
+    pid = int((s2.dir / "state" / "sni" / "haproxy.pid").read_text())
+    s2.run(sptun("down", "-c", config_path(s2)), timeout=60 * slow())
+    assert not Path(f"/proc/{pid}").exists() or "haproxy" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    assert "51830" not in s2.run(["ip", "rule"]) and s2.run(["ip", "route", "show", "table", "51830"]).strip() == ""
+    assert not lab.curl(s2.address, domain=SNI_DOMAINS[0], timeout=2).ok
+    s2.run(sptun("up", "-c", config_path(s2)), timeout=60 * slow())
+    wait_served(lab)
+    assert lab.curl(s2.address, domain=SNI_DOMAINS[0]).ok
+
+
+# --- a ClientHello by hand ------------------------------------------------------------------------
+
+HELLO = r'''
+import socket, ssl, sys, time
+server, name, sizes, pause, stop, ca = sys.argv[1], sys.argv[2] or None, sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = name is not None
+if name is None:
+    ctx.verify_mode = ssl.CERT_NONE
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+data = outgoing.read()
+s = socket.create_connection((server, 443), timeout=20)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+at = 0
+for size in [int(x) if x != "rest" else None for x in sizes.split(",")]:
+    piece = data[at:] if size is None else data[at:at + size]
+    at += len(piece)
+    s.sendall(piece)
+    time.sleep(pause)
+if stop:  # the ClientHello never completes: wait for the server to give up
+    print(repr(s.recv(65536)))
+    sys.exit()
+def pump():
+    chunk = s.recv(65536)
+    if not chunk:
+        raise EOFError
+    incoming.write(chunk)
+try:
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if out := outgoing.read():
+                s.sendall(out)
+            pump()
+    s.sendall(outgoing.read())
+    tls.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.sendall(outgoing.read())
+    reply = b""
+    while True:
+        try:
+            chunk = tls.read(65536)
+            if not chunk:  # the server's close_notify
+                break
+            reply += chunk
+        except ssl.SSLWantReadError:
+            pump()
+        except (ssl.SSLZeroReturnError, EOFError):
+            break
+except (EOFError, ConnectionResetError, ssl.SSLError):
+    reply = b""
+print(repr(reply.split(b"\r\n\r\n", 1)[-1]))
+'''
+
+
+def hello(lab: Lab, server: str, name: str | None, sizes: list[int | None], pause: float = 0.0,
+          stop: bool = False) -> bytes:
+    """A TLS connection whose ClientHello goes out in pieces of these sizes (None: the rest),
+    `pause` apart; the page it gets (b"" if the connection was closed). stop: send only the
+    pieces, then wait for the server to close."""
+    script = lab.browser.dir / "hello.py"
+    script.write_text(HELLO)
+    out = lab.browser.run(["python3", script, server, name or "", ",".join("rest" if s is None else str(s) for s in sizes),
+                           str(pause), "1" if stop else "0", lab.ca_cert], timeout=60 * slow())
+    value = ast.literal_eval(out.strip().splitlines()[-1])  # the bytes literal it printed
+    assert isinstance(value, bytes)
+    return value
