@@ -52,9 +52,9 @@ class RoleCollector(Collector):
                                 labels=labels)
         rx = CounterMetricFamily("sptun_backend_received_bytes", "Bytes received from the backend", labels=labels)
         tx = CounterMetricFamily("sptun_backend_sent_bytes", "Bytes sent to the backend", labels=labels)
-        conns = CounterMetricFamily("sptun_forwarded_connections", "Connections forwarded (nft rule counter)",
+        conns = CounterMetricFamily("sptun_forwarded_connections", "Connections forwarded (nft rule counter, or the SNI proxy's)",
                                     labels=["domain", "listen", "port"])
-        fbytes = CounterMetricFamily("sptun_forwarded_first_packet_bytes", "Bytes of the first packets counted by the rule",
+        fbytes = CounterMetricFamily("sptun_forwarded_first_packet_bytes", "Bytes of the first packets counted by the rule (0 through the SNI proxy)",
                                      labels=["domain", "listen", "port"])
         for d in status["domains"]:
             for b in d["backends"]:

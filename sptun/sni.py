@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ PROXY_TABLE = 51830  # the routing table that delivers them locally (wg-quick us
 PROXY_RULE_PRIORITY = 5160  # the rule `fwmark PROXY_MARK lookup PROXY_TABLE`, ahead of main
 HELLO_WAIT = 5  # s a connection may take to send its whole ClientHello
 CONNECT_TIMEOUT = 1  # s for a connect to a client; then the proxy retries another one
-STATS_FIELDS = ("pxname", "svname", "scur", "status", "addr")
+STATS_FIELDS = ("pxname", "svname", "scur", "stot", "status", "addr")
 
 
 @dataclass(frozen=True)
@@ -146,27 +147,41 @@ class ProxyState:
     pid: int | None = None
     digest: str | None = None  # of the running config's structure
     backends: dict[str, dict[str, ProxyServer]] = field(default_factory=dict)  # backend -> server name -> server
+    totals: dict[str, int] = field(default_factory=dict)  # backend -> connections it has forwarded
+
+    def sessions(self) -> Counter[str]:
+        """Connections open through the proxy now, by client overlay address."""
+        out: Counter[str] = Counter()
+        for servers in self.backends.values():
+            for server in servers.values():
+                out[server.address] += server.sessions
+        return out
 
 
-def parse_stat(text: str) -> dict[str, dict[str, ProxyServer]]:
-    """`show stat -1 4 -1` (the servers, as CSV) by backend and server name. Pure."""
+def parse_stat(text: str) -> tuple[dict[str, dict[str, ProxyServer]], dict[str, int]]:
+    """`show stat -1 6 -1` (backends and servers, as CSV): the servers by backend and name,
+    and each backend's total of forwarded connections. Pure."""
     rows = list(csv.reader(io.StringIO(text.lstrip("# "))))
     if not rows:
-        return {}
+        return {}, {}
     header = rows[0]
     try:
         col = {name: header.index(name) for name in STATS_FIELDS}
     except ValueError:
         raise SptunError(f"unexpected HAProxy stats header: {','.join(header)[:200]}") from None
     out: dict[str, dict[str, ProxyServer]] = {}
+    totals: dict[str, int] = {}
     for row in rows[1:]:
-        if len(row) < len(header) or row[col["svname"]] in ("FRONTEND", "BACKEND"):
+        if len(row) < len(header) or row[col["svname"]] == "FRONTEND":
+            continue
+        if row[col["svname"]] == "BACKEND":
+            totals[row[col["pxname"]]] = int(row[col["stot"]] or 0)
             continue
         address = row[col["addr"]].rsplit(":", 1)[0]
         status = row[col["status"]]
         out.setdefault(row[col["pxname"]], {})[row[col["svname"]]] = ProxyServer(
             address, not status.startswith(("MAINT", "DRAIN")), int(row[col["scur"]] or 0))
-    return out
+    return out, totals
 
 
 def rotation_commands(backend: str, port: int, current: dict[str, ProxyServer], wanted: Iterable[str]) -> list[str]:
@@ -227,11 +242,11 @@ class HAProxy:
             return ProxyState()
         try:
             digest = digest_of(self.config.read_text())
-            backends = parse_stat(self.command("show stat -1 4 -1"))
+            backends, totals = parse_stat(self.command("show stat -1 6 -1"))  # 2: backends, 4: servers
         except (OSError, SptunError) as e:
             log.warning("cannot read the SNI proxy's state: %s", e)
             return ProxyState(pid)
-        return ProxyState(pid, digest, backends)
+        return ProxyState(pid, digest, backends, totals)
 
     def command(self, line: str, timeout: float = 5.0) -> str:
         """One runtime API command; its answer."""

@@ -384,7 +384,9 @@ def test_a_drain_of_the_streams_own_client_waits_for_it_up_to_drain_timeout(lab:
                f"; sptun down took {took:.1f} s; the stream's last bytes came {flowed:.1f} s after the down began, "
                f"{got['bytes']} of {got['expected']} bytes ({got['error'] or 'completed'})")
     wait_served(lab)
-    assert drain_timeout - 1 <= took <= drain_timeout + 10
+    logs = "".join(f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+                   for log in sorted(host.dir.glob("sptun*.log")))
+    assert drain_timeout - 1 <= took <= drain_timeout + 10, f"sptun down took {took:.1f} s; {client}'s logs:{logs}"
     assert flowed >= drain_timeout - 1.5, "the download stopped before drain_timeout"
     assert not got["completed"]
     assert s["failed"] == 0

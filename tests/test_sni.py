@@ -66,21 +66,21 @@ def test_the_digest_covers_the_structure_not_who_is_in_rotation() -> None:
     assert f"use_backend g0_{A} if {{ req.ssl_sni -i {A} }}" in one and "usesrc clientip" in one
 
 
-def stat_line(backend: str, server: str, scur: int, status: str, addr: str) -> str:
+def stat_line(backend: str, server: str, scur: int, status: str, addr: str, total: int = 0) -> str:
     fields = STAT_HEADER[2:].split(",")
     row = dict.fromkeys(fields, "")
-    row.update(pxname=backend, svname=server, scur=str(scur), status=status, addr=addr)
+    row.update(pxname=backend, svname=server, scur=str(scur), stot=str(total), status=status, addr=addr)
     return ",".join(row[f] for f in fields)
 
 
 def test_stats_parse_into_servers_by_backend() -> None:
     text = "\n".join([STAT_HEADER, stat_line("g0_a", "c10_99_0_2", 3, "no check", "10.99.0.2:443"),
                       stat_line("g0_a", "c10_99_0_3", 0, "MAINT", "10.99.0.3:443"),
-                      stat_line("g0_a", "BACKEND", 3, "UP", ""),
+                      stat_line("g0_a", "BACKEND", 3, "UP", "", total=17),
                       stat_line("g0_b", "c10_99_0_4", 1, "DRAIN", "10.99.0.4:443")]) + "\n"
-    assert sni.parse_stat(text) == {
+    assert sni.parse_stat(text) == ({
         "g0_a": {"c10_99_0_2": sni.ProxyServer("10.99.0.2", True, 3), "c10_99_0_3": sni.ProxyServer("10.99.0.3", False, 0)},
-        "g0_b": {"c10_99_0_4": sni.ProxyServer("10.99.0.4", False, 1)}}
+        "g0_b": {"c10_99_0_4": sni.ProxyServer("10.99.0.4", False, 1)}}, {"g0_a": 17})
 
 
 def test_rotation_commands_add_enable_retire_and_delete_only_when_idle() -> None:

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
-from sptun.lab.net import DNS_ADDRESS, DOMAIN, Host, Lab, destroy, slow
+from sptun.lab.net import DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, slow
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 REQUESTS_PER_SERVER = 12
@@ -95,6 +96,28 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
         write_file_atomic(host.dir / "tokens" / "token", token + "\n")
 
 
+def share_by_sni(lab: Lab, client_domains: dict[str, str], address: Callable[[Host], str] = lambda s: s.address) -> None:
+    """After write_configs: every server also serves SNI_DOMAINS on address(server), port 443,
+    and DOMAIN there too, so all three share it (routed by SNI), each with a token of its
+    own. client_domains: the clients that join another domain than DOMAIN, by name."""
+    tokens = {d: new_token() for d in SNI_DOMAINS}
+    for server in lab.servers:
+        path = server.dir / "server.toml"
+        text = path.read_text()
+        if address(server) != server.address:  # a second public address: DOMAIN there as well
+            text = text.replace(f'listen = ["{server.address}"]', f'listen = ["{server.address}", "{address(server)}"]', 1)
+        text += "".join(f'\n[[domains]]\nname = "{d}"\nlisten = ["{address(server)}"]\nports = ["tcp/443"]\n'
+                        f'token_file = "{server.dir}/tokens/{d}"\n' for d in SNI_DOMAINS)
+        path.write_text(text)
+        for d, token in tokens.items():
+            write_file_atomic(server.dir / "tokens" / d, token + "\n")
+    for client in lab.clients:
+        if (d := client_domains.get(client.name, DOMAIN)) != DOMAIN:
+            path = client.dir / "agent.toml"
+            path.write_text(path.read_text().replace(f'domain = "{DOMAIN}"', f'domain = "{d}"'))
+            write_file_atomic(client.dir / "tokens" / "token", tokens[d] + "\n")
+
+
 def start_daemons(lab: Lab, hosts: list[Host] | None = None) -> None:
     for host in hosts or lab.servers + lab.clients:
         role = host.spec.role if host.spec.role == "server" else "agent"
@@ -157,13 +180,42 @@ def parse_body(body: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in body.split() if "=" in part)
 
 
-def browse(lab: Lab, server: Host, n: int) -> list[Hit]:
+def browse(lab: Lab, address: str, n: int, domain: str = DOMAIN) -> list[Hit]:
     hits = []
     for _ in range(n):
-        r = lab.curl(server.address)
+        r = lab.curl(address, domain=domain)
         page = parse_body(r.body)
-        hits.append(Hit(server.address, r.ok, page.get("client", "-"), page.get("remote", "-"), r.subject or "-", r.error))
+        hits.append(Hit(address, r.ok, page.get("client", "-"), page.get("remote", "-"), r.subject or "-", r.error))
     return hits
+
+
+# The demo's clients of the SNI domains (the others join DOMAIN), and each server's second
+# public address, where DOMAIN and SNI_DOMAINS share port 443: s1 198.51.100.110, s2 .111.
+DEMO_SNI_CLIENTS = {"c4": SNI_DOMAINS[0], "c5": SNI_DOMAINS[1]}
+
+
+def sni_address(server: Host) -> str:
+    a, b, c, d = server.address.split(".")
+    return f"{a}.{b}.{c}.{int(d) + 100}"
+
+
+def show_sni(lab: Lab, console: Console, server: Host) -> bool:
+    """Three domains through the server's one SNI address: each answered by a client of its
+    own, with that client's certificate, the browser's address seen."""
+    address = sni_address(server)
+    table = Table("domain", "answering client", "source seen by client", "certificate subject",
+                  title=f"three domains through {server.name}'s one address {address}:443, routed by SNI")
+    ok = True
+    for domain in (DOMAIN, *SNI_DOMAINS):
+        mine = [c.name for c in lab.clients if DEMO_SNI_CLIENTS.get(c.name, DOMAIN) == domain]
+        for h in browse(lab, address, len(mine), domain):
+            good = h.ok and h.client in mine and h.source == lab.browser.address and f"OU={h.client}" in h.subject
+            table.add_row(domain, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
+            ok = ok and good
+    console.print(table)
+    console.print(f"{server.name} {address}: " + ("each domain answered by its own clients, with their certificates; "
+                                                  "browser address kept" if ok else "[red]SNI routing failed[/]"))
+    return ok
 
 
 def even(hits: list[Hit], clients: list[str]) -> bool:
@@ -173,26 +225,30 @@ def even(hits: list[Hit], clients: list[str]) -> bool:
 
 def demo(prefix: str, wireguard: str = "auto") -> int:
     console = Console(width=120)
-    lab = Lab(prefix)
+    lab = Lab(prefix, clients=3 + len(DEMO_SNI_CLIENTS))
     try:
         console.print(f"[bold]building lab {prefix}[/]: DNS (knot), {len(lab.servers)} tunnel servers, "
                       f"{len(lab.clients)} clients behind NAT with nginx, a browser")
         lab.up()
+        for server in lab.servers:  # a second public address, shared by three domains
+            server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, wireguard)
+        share_by_sni(lab, DEMO_SNI_CLIENTS, sni_address)
         start_daemons(lab)
         started = time.monotonic()
         wait_served(lab)
         console.print(f"served through every server after {time.monotonic() - started:.1f} s")
         ok = True
+        names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS]  # DOMAIN's
         for server in lab.servers:
-            hits = browse(lab, server, REQUESTS_PER_SERVER)
+            hits = browse(lab, server.address, REQUESTS_PER_SERVER)
             table = Table("#", "server", "answering client", "source seen by client", "certificate subject",
-                          title=f"{REQUESTS_PER_SERVER} HTTPS requests through {server.name} ({server.address})")
+                          title=f"{REQUESTS_PER_SERVER} HTTPS requests to {DOMAIN} through {server.name} "
+                                f"({server.address}: kernel DNAT)")
             for i, h in enumerate(hits, 1):
                 table.add_row(str(i), h.server, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
             console.print(table)
             counts = Counter(h.client for h in hits if h.ok)
-            names = [c.name for c in lab.clients]
             balanced = even(hits, names)
             failed = sum(not h.ok for h in hits)
             sources_ok = all(h.source == lab.browser.address for h in hits if h.ok)
@@ -201,6 +257,8 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
                           + (" [green](even)[/]" if balanced else " [red](uneven)[/]")
                           + ("; browser address kept" if sources_ok else " [red]; browser address NOT kept[/]"))
             ok = ok and not failed and balanced and sources_ok
+        for server in lab.servers:
+            ok = show_sni(lab, console, server) and ok
         console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
         return 0 if ok else 1
     except SptunError as e:

@@ -360,7 +360,7 @@ class Server(Role):
 
     async def status(self) -> ServerStatus:
         """From the last pass's view, with no lock: a pass over 10k peers must not delay it.
-        Only the nft counters and the connection counts are read now."""
+        Only the counters (nft's, the SNI proxy's) and the connection counts are read now."""
         view = self.view
         if view is None:
             async with self.lock:
@@ -368,12 +368,19 @@ class Server(Role):
         registrations = RegistrationCounts(self.api.accepted, dict(self.api.rejected))
         counters = (await asyncio.to_thread(self.edges.firewall.read, "prerouting")).counters
         active = await asyncio.to_thread(self.conntrack)  # a big conntrack table takes up to its 2 s
-        return self.status_of(view, counters, active, registrations)
+        assert self.edges.proxy is not None
+        proxy = await asyncio.to_thread(self.edges.proxy.read) if sni.groups(self.cfg) else sni.ProxyState()
+        return self.status_of(view, counters, active, registrations, proxy)
 
     def status_of(self, view: ServerView, counters: dict[str, tuple[int, int]], active: Counter[str] | None,
-                  registrations: RegistrationCounts) -> ServerStatus:
+                  registrations: RegistrationCounts, proxy: sni.ProxyState = sni.ProxyState()) -> ServerStatus:
+        """proxy: the SNI proxy's counters and open connections (its connections to a client
+        are its own, not DNAT's: conntrack's count leaves them out)."""
         now = time.time()
         fwds = forwards(self.cfg)
+        groups = sni.groups(self.cfg)
+        if active is not None and proxy.backends:
+            active = active + proxy.sessions()
         rotating = view.rotations
         domains = []
         for domain in self.cfg.domains:
@@ -399,6 +406,8 @@ class Server(Role):
                     active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since))
             forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
+            forwarded += [ForwardStatus(g.listen or "*", str(g.port), proxy.totals.get(sni.backend_name(gi, domain.name), 0), 0)
+                          for gi, g in enumerate(groups) if domain.name in g.domains]
             domains.append(DomainStatus(domain.name, [str(a) for a in domain.listen] or ["*"],
                                         [str(p) for p in domain.ports], backends, forwarded))
         return ServerStatus(
