@@ -28,6 +28,7 @@ import pytest
 from support import LAB_TOOLS, netns_marks
 from test_faults import BACKEND, _pids, daemon_pid, in_rotation, wait_for
 
+from sptun.control import control_request
 from sptun.lab import DOMAIN, Host, Lab, config_path, slow, sptun, start_daemons, status, wait_served, write_configs
 
 pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
@@ -373,8 +374,11 @@ def test_a_drain_of_the_streams_own_client_waits_for_it_up_to_drain_timeout(lab:
     try:
         time.sleep(3)
         fault = time.monotonic()
-        host.run(sptun("down", "-c", config_path(host)), timeout=60)
+        # Straight to the daemon's control socket, as `sptun down` does: a Python start of the
+        # CLI takes seconds in the VM tier, and the drain is what is timed here.
+        reply = control_request(host.dir / "state", "down", timeout=60 * slow())
         took = time.monotonic() - fault
+        assert reply is not None and reply["ok"], reply
         got = download.result()
         result = browsers.result()
     finally:
@@ -386,7 +390,7 @@ def test_a_drain_of_the_streams_own_client_waits_for_it_up_to_drain_timeout(lab:
     wait_served(lab)
     logs = "".join(f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
                    for log in sorted(host.dir.glob("sptun*.log")))
-    assert drain_timeout - 1 <= took <= drain_timeout + 10, f"sptun down took {took:.1f} s; {client}'s logs:{logs}"
+    assert drain_timeout - 1 <= took <= drain_timeout + 5 * slow(), f"sptun down took {took:.1f} s; {client}'s logs:{logs}"
     assert flowed >= drain_timeout - 1.5, "the download stopped before drain_timeout"
     assert not got["completed"]
     assert s["failed"] == 0
