@@ -180,7 +180,9 @@ def parse_body(body: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in body.split() if "=" in part)
 
 
-def browse(lab: Lab, address: str, n: int, domain: str = DOMAIN) -> list[Hit]:
+def browse(lab: Lab, server: Host, n: int, domain: str = DOMAIN, address: str | None = None) -> list[Hit]:
+    """n requests to domain through server (at address, by default its own)."""
+    address = address or server.address
     hits = []
     for _ in range(n):
         r = lab.curl(address, domain=domain)
@@ -208,7 +210,7 @@ def show_sni(lab: Lab, console: Console, server: Host) -> bool:
     ok = True
     for domain in (DOMAIN, *SNI_DOMAINS):
         mine = [c.name for c in lab.clients if DEMO_SNI_CLIENTS.get(c.name, DOMAIN) == domain]
-        for h in browse(lab, address, len(mine), domain):
+        for h in browse(lab, server, len(mine), domain, address):
             good = h.ok and h.client in mine and h.source == lab.browser.address and f"OU={h.client}" in h.subject
             table.add_row(domain, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
             ok = ok and good
@@ -241,7 +243,7 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
         ok = True
         names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS]  # DOMAIN's
         for server in lab.servers:
-            hits = browse(lab, server.address, REQUESTS_PER_SERVER)
+            hits = browse(lab, server, REQUESTS_PER_SERVER)
             table = Table("#", "server", "answering client", "source seen by client", "certificate subject",
                           title=f"{REQUESTS_PER_SERVER} HTTPS requests to {DOMAIN} through {server.name} "
                                 f"({server.address}: kernel DNAT)")
