@@ -1,6 +1,7 @@
 """The benchmarks' lab: `sptun lab`'s topology with three tunnel servers, of which DNS lists
 two at first (the third is for the DNS-change timing), three clients running nginx on 80
-and 443, and sptun publishing both ports."""
+and 443, and sptun publishing both ports. Each server also has a second address, where the
+domain shares :443 with two others, routed by SNI (sptun.lab.share_by_sni)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bench.common import log, note_command
-from sptun.lab import Host, Lab, config_path, sptun, start_daemons, status, wait_served, write_configs
+from sptun.lab import (
+    Host,
+    Lab,
+    config_path,
+    share_by_sni,
+    sni_address,
+    sptun,
+    start_daemons,
+    status,
+    wait_served,
+    write_configs,
+)
 
 PORTS = ("tcp/443", "tcp/80")
 WIREGUARD = "auto"  # wireguard-go on this host: the kernel has no module
@@ -31,7 +43,10 @@ def bench_lab(prefix: str) -> Iterator[Lab]:
         started = time.monotonic()
         lab.up()
         lab.set_txt([f"r=superprotocol;ip={s.address}" for s in lab.servers[:2]], a=[s.address for s in lab.servers[:2]])
+        for server in lab.servers:
+            server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, WIREGUARD, ports=PORTS)
+        share_by_sni(lab, {}, sni_address)
         start_daemons(lab)
         for host in lab.servers + lab.clients:
             note_command("lab", sptun("server" if host.spec.role == "server" else "agent", "run", "-c", config_path(host)))

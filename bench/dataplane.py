@@ -4,7 +4,10 @@
 (b) HAProxy 2.6 in TCP mode, balance roundrobin, in s1's namespace on :8443/:8080, to the
     clients' overlay addresses over the same tunnels;
 (c) wrk inside s1's namespace straight to one client's overlay address (the tunnel's ceiling);
-(d) wrk from the NAT router's namespace to one client's LAN address over a plain veth.
+(d) wrk from the NAT router's namespace to one client's LAN address over a plain veth;
+(e) sptun's SNI path (HTTPS only): s1's second address, where DOMAIN shares :443 with two other
+    domains, so the connection goes through the HAProxy that sptun runs, routed by the
+    ClientHello's server name, to the same three clients, from the browser's own address.
 
 Runs interleave (every path once per mode, then again), so that the machine's noise hits
 all paths alike; figures are medians of the runs, and ratios of those medians.
@@ -16,6 +19,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from bench import rcvbuf
@@ -35,7 +39,7 @@ from bench.common import (
     wait_for,
     wrk_argv,
 )
-from sptun.lab import DOMAIN, Arg, Host, Lab
+from sptun.lab import DOMAIN, Arg, Host, Lab, sni_address
 
 MODES = [("keep-alive", "http"), ("keep-alive", "https"), ("close", "http"), ("close", "https")]
 PATHS = {
@@ -43,6 +47,7 @@ PATHS = {
     "haproxy": "(b) HAProxy 2.6, TCP mode, same tunnels",
     "overlay": "(c) direct to a client's overlay address over WireGuard",
     "veth": "(d) direct to a client over a plain veth",
+    "sni": "(e) sptun's SNI path: HAProxy run by sptun, routed by server name, browser address kept (HTTPS only)",
 }
 CONNECTIONS = {"keep-alive": 64, "close": 32}
 HAPROXY_PORTS = {"https": 8443, "http": 8080}
@@ -76,7 +81,15 @@ backend {scheme}_out
 class Target:
     name: str
     host: Host  # where wrk runs
-    urls: dict[str, str]  # scheme -> URL
+    urls: dict[str, str]  # scheme -> URL; a path without a scheme skips its modes
+    hosts: Path | None = None  # an /etc/hosts for wrk: a URL's name (and so its SNI) to an address
+
+    def argv(self, wrk: list[str]) -> list[Arg]:
+        if self.hosts is None:
+            return [*wrk]
+        # wrk takes the SNI from the URL's name and resolves it itself: give it a private /etc/hosts.
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', self.hosts, *wrk]
 
 
 def start_haproxy(lab: Lab, server: Host, overlay: dict[str, str]) -> None:
@@ -103,11 +116,14 @@ def start_haproxy(lab: Lab, server: Host, overlay: dict[str, str]) -> None:
 def targets(lab: Lab, server: Host, overlay: dict[str, str]) -> list[Target]:
     first = lab.clients[0]
     nat = lab.hosts["nat"]
+    hosts = lab.browser.dir / "hosts.sni"
+    hosts.write_text(f"127.0.0.1 localhost\n{sni_address(server)} {DOMAIN}\n")
     return [
         Target("sptun", lab.browser, {s: f"{s}://{server.address}/" for s in ("http", "https")}),
         Target("haproxy", lab.browser, {s: f"{s}://{server.address}:{p}/" for s, p in HAPROXY_PORTS.items()}),
         Target("overlay", server, {s: f"{s}://{overlay[first.name]}/" for s in ("http", "https")}),
         Target("veth", nat, {s: f"{s}://{first.address}/" for s in ("http", "https")}),
+        Target("sni", lab.browser, {"https": f"https://{DOMAIN}/"}, hosts),
     ]
 
 
@@ -135,7 +151,7 @@ class AccessLogs:
 
 def run_wrk(target: Target, server: Host, keep: str, scheme: str, seconds: float,
             logs: AccessLogs | None, settle: float) -> dict[str, Any]:
-    argv = wrk_argv(target.urls[scheme], seconds, CONNECTIONS[keep], close=keep == "close")
+    argv = target.argv(wrk_argv(target.urls[scheme], seconds, CONNECTIONS[keep], close=keep == "close"))
     note_command("data plane", [f"[{target.host.name}]", *argv])
     if logs:
         logs.take()
@@ -164,8 +180,9 @@ def dataplane(lab: Lab, server: Host, repeats: int, seconds: float, split_logs: 
     for rep in range(repeats):
         for keep, scheme in MODES:
             order = paths[rep % len(paths):] + paths[:rep % len(paths)]  # each path first in turn
-            for target in order:
-                row = run_wrk(target, server, keep, scheme, seconds, logs if target.name in ("sptun", "haproxy") else None,
+            for target in (t for t in order if scheme in t.urls):
+                row = run_wrk(target, server, keep, scheme, seconds,
+                              logs if target.name in ("sptun", "haproxy", "sni") else None,
                               settle=1.2 if split_logs else 0.3)
                 row["repeat"] = rep
                 rows.append(row)
@@ -245,10 +262,11 @@ def one_backend(lab: Lab, server: Host, repeats: int, seconds: float) -> dict[st
 
 
 def split_check(lab: Lab, server: Host, n: int, concurrency: int = 8) -> dict[str, dict[str, int]]:
-    """n new TLS connections through sptun and through HAProxy; who answered each."""
+    """n new TLS connections through sptun (DNAT), HAProxy and sptun's SNI path; who answered each."""
     result = {}
-    for name, port in (("sptun", 443), ("haproxy", HAPROXY_PORTS["https"])):
-        argv: list[Arg] = [PY, BENCH_DIR / "splitclient.py", server.address, str(port), lab.ca_cert, DOMAIN, str(n), str(concurrency)]
+    for name, address, port in (("sptun", server.address, 443), ("haproxy", server.address, HAPROXY_PORTS["https"]),
+                                ("sni", sni_address(server), 443)):
+        argv: list[Arg] = [PY, BENCH_DIR / "splitclient.py", address, str(port), lab.ca_cert, DOMAIN, str(n), str(concurrency)]
         note_command("split", argv)
         result[name] = json.loads(lab.browser.run(argv, timeout=300))
     return result
