@@ -13,7 +13,7 @@ from typing import Protocol
 
 from sptun import nft
 from sptun.errors import SptunError
-from sptun.links import LinkInfo, Links, read_sysctl, sysctl
+from sptun.links import LinkInfo, Links, family_of, read_sysctl, sysctl
 from sptun.conntrack import ConntrackTable
 from sptun.sni import PROXY_MARK, PROXY_RULE_PRIORITY, PROXY_TABLE, ProxyState
 from sptun.wg import Device, PeerChange, WireGuard
@@ -33,10 +33,11 @@ class LinkState:
     ours: bool  # a WireGuard device of this host's backend; else a stale link in our name
     up: bool
     mtu: int
-    addresses: tuple[str, ...] = ()  # IPv4 CIDRs
+    addresses: tuple[str, ...] = ()  # CIDRs of both families, sorted
     device: Device = field(default_factory=Device)
     rp_filter: str = ""
     default_route: int | None = None  # output ifindex of the default route in the link's table, if asked
+    default_route6: int | None = None  # the same, IPv6's
 
 
 class Sysctls(Protocol):
@@ -89,9 +90,10 @@ def observe_link(edges: Edges, name: str, tunnel: bool = False) -> LinkState | N
     ours = edges.wg.is_ours(name)
     device = edges.wg.device(name) if ours else Device()
     route = edges.links.default_route(nft.client_mark(info.index)) if tunnel else None
+    route6 = edges.links.default_route(nft.client_mark(info.index), 6) if tunnel else None
     rp_filter = edges.sysctls.get(f"net/ipv4/conf/{name}/rp_filter") if tunnel else ""
     return LinkState(name, info.index, ours, info.up, info.mtu, tuple(edges.links.addresses(info.index)),
-                     device, rp_filter, route)
+                     device, rp_filter, route, route6)
 
 
 # --- changes -----------------------------------------------------------------------------
@@ -157,20 +159,27 @@ class SetSysctl:
 class SetDefaultRoute:
     route_table: int
     name: str
+    family: int = 4
 
     def __str__(self) -> str:
-        return f"route default dev {self.name} table {self.route_table:#x}"
+        return f"route{'' if self.family == 4 else ' -6'} default dev {self.name} table {self.route_table:#x}"
 
 
 @dataclass(frozen=True)
 class AddRule:
     priority: int
-    mark: int
+    mark: int  # 0: any mark
     src: str
     name: str
+    table: int | None = None  # default: the mark's number
+
+    @property
+    def route_table(self) -> int:
+        return self.table if self.table is not None else self.mark
 
     def __str__(self) -> str:
-        return f"add rule from {self.src} fwmark {self.mark:#x} lookup {self.mark:#x} ({self.name})"
+        mark = f" fwmark {self.mark:#x}" if self.mark else ""
+        return f"add rule from {self.src}{mark} lookup {self.route_table:#x} ({self.name})"
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,7 @@ class UpdateRotation:
     key: str
     current: tuple[str, ...]
     new: tuple[str, ...]
+    family: int = 4  # of the forward's addresses
 
     def __str__(self) -> str:
         came = sorted(set(self.new) - set(self.current))
@@ -331,14 +341,14 @@ class Applier:
                 e.links.up(name, mtu)
             case SetSysctl(path=path, value=value):
                 e.sysctls.set(path, value)
-            case SetDefaultRoute(route_table=route_table, name=name):
-                e.links.set_default_route(route_table, name)
-            case AddRule(priority=priority, mark=mark, src=src):
-                e.links.add_rule(priority, mark, src, mark)
-                self.undo.append(DeleteRule(priority, mark, src, mark))
+            case SetDefaultRoute(route_table=route_table, name=name, family=family):
+                e.links.set_default_route(route_table, name, family)
+            case AddRule(priority=priority, mark=mark, src=src, route_table=table):
+                e.links.add_rule(priority, mark, src, table)
+                self.undo.append(DeleteRule(priority, mark, src, table))
             case DeleteRule(priority=priority, mark=mark, src=src, route_table=route_table):
                 e.links.delete_rule(priority, mark, src, route_table)
-                e.links.flush_table(route_table)
+                e.links.flush_table(route_table, family_of(src) if src else 4)
             case UpdatePeer(name=name, change=peer):
                 e.wg.apply(name, [peer])
             case LoadTable(ruleset=ruleset, fresh=fresh):
@@ -347,8 +357,8 @@ class Applier:
                     self.undo.append(DeleteTable())
             case DeleteTable():
                 e.firewall.write(nft.delete_table())
-            case UpdateRotation(index=index, current=current, new=new):
-                e.firewall.write("\n".join(nft.rotation_update(index, list(current), list(new))))
+            case UpdateRotation(index=index, current=current, new=new, family=family):
+                e.firewall.write("\n".join(nft.rotation_update(index, list(current), list(new), family)))
             case ReleaseUnreplied(backend=backend):
                 if released := e.conntrack.release_unreplied(backend):
                     log.info("released %d unanswered connections to %s: their next SYN goes to another backend",

@@ -22,6 +22,7 @@ WIREGUARD_MODES = ("auto", "kernel", "userspace")
 MTU = 1420  # of every sptun tunnel: WireGuard's own default (1500 less its 80 bytes of headers)
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, order=True)
@@ -36,7 +37,7 @@ class Port:
 @dataclass(frozen=True)
 class Domain:
     name: str
-    listen: tuple[ipaddress.IPv4Address, ...]  # empty = any local address
+    listen: tuple[IPAddress, ...]  # empty = any local address (of each family the server has)
     ports: tuple[Port, ...]
     token_file: Path
     max_clients: int = 1024  # leases this domain may hold at once
@@ -66,6 +67,7 @@ class ServerConfig:
     health: HealthConfig = HealthConfig()
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
     lease_ttl: float = 24 * 3600.0  # s: a client with no registration nor handshake this long loses its lease
+    overlay6: ipaddress.IPv6Network | None = None  # IPv6 overlay: each client's /128 mirrors its IPv4 lease
 
     role = "server"
 
@@ -73,6 +75,29 @@ class ServerConfig:
     def server_ip(self) -> ipaddress.IPv4Address:
         """The server takes the first address of the overlay."""
         return self.overlay.network_address + 1
+
+    @property
+    def server_ip6(self) -> ipaddress.IPv6Address | None:
+        return self.overlay6.network_address + 1 if self.overlay6 else None
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The address families the server forwards: 4, and 6 with an IPv6 overlay."""
+        return (4, 6) if self.overlay6 else (4,)
+
+    def ip6_of(self, ip4: str) -> str | None:
+        """A client's IPv6 overlay address: the one at its IPv4 lease's offset in overlay6, so
+        that the IPv4 lease is the one fact (load_server checks that overlay6 is big enough)."""
+        if self.overlay6 is None:
+            return None
+        return str(self.overlay6.network_address + (int(ipaddress.IPv4Address(ip4)) - int(self.overlay.network_address)))
+
+    def ip4_of(self, ip6: str) -> str | None:
+        """The converse of ip6_of: the IPv4 lease an IPv6 overlay address mirrors, or None."""
+        if self.overlay6 is None:
+            return None
+        offset = int(ipaddress.IPv6Address(ip6)) - int(self.overlay6.network_address)
+        return str(self.overlay.network_address + offset) if 0 <= offset < self.overlay.num_addresses else None
 
     def domain(self, name: str) -> Domain | None:
         return next((d for d in self.domains if d.name == name), None)
@@ -226,16 +251,34 @@ def load_server(path: Path) -> ServerConfig:
     health = _load_health(path, r.get("health", dict, {}, "use a [health] table"))
     metrics = r.metrics()
     lease_ttl = _duration(r, "lease_ttl", "24h", MIN_LEASE_TTL)
+    overlay6 = _overlay6(r, overlay)
     r.finish()
 
     domains: list[Domain] = []
     for i, raw in enumerate(raw_domains):
         if not isinstance(raw, dict):
             raise r.error("domains", f"entry {i} is not a table", "use [[domains]] tables")
-        domains.append(_load_domain(path, i, raw, overlay))
-    _check_domains(path, domains)
+        domains.append(_load_domain(path, i, raw, overlay, overlay6))
+    _check_domains(path, domains, overlay6 is not None)
     return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health,
-                        metrics, lease_ttl)
+                        metrics, lease_ttl, overlay6)
+
+
+def _overlay6(r: _Reader, overlay: ipaddress.IPv4Network) -> ipaddress.IPv6Network | None:
+    fix = 'use a unique local IPv6 network like "fd99::/64", or leave it out'
+    text = r.get("overlay6", str, None, fix)
+    if text is None:
+        return None
+    try:
+        overlay6 = ipaddress.IPv6Network(text)
+    except ValueError:
+        raise r.error("overlay6", f"{text!r} is not an IPv6 network", fix + " (host bits zero)") from None
+    if overlay6.num_addresses < overlay.num_addresses:  # each IPv4 lease has its mirror in it (ip6_of)
+        raise r.error("overlay6", f"{overlay6} is smaller than the overlay {overlay}",
+                      f"use a /{128 - (32 - overlay.prefixlen)} or larger network")
+    if overlay6.is_multicast or overlay6.is_loopback or overlay6.is_link_local or overlay6.is_unspecified:
+        raise r.error("overlay6", f"{overlay6} is not a unicast network", fix)
+    return overlay6
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -286,22 +329,30 @@ def _load_health(path: Path, raw: dict[str, Any]) -> HealthConfig:
     return health
 
 
-def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv4Network) -> Domain:
+def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv4Network,
+                 overlay6: ipaddress.IPv6Network | None) -> Domain:
     d = _Reader(path, raw, f"domains[{i}].")
     d.used.add("name")
     if "name" not in raw:
         raise d.error("name", "is missing", 'add name = "app.example.com"')
     name = d.domain_name("name", raw["name"])
-    listen: list[ipaddress.IPv4Address] = []
-    for value in d.get("listen", list, [], 'use a list of IPv4 addresses like ["198.51.100.10"]'):
+    listen: list[IPAddress] = []
+    for value in d.get("listen", list, [], 'use a list of IP addresses like ["198.51.100.10", "2001:db8::10"]'):
         try:
-            if not isinstance(value, str):  # IPv4Address(3325256714) would take a number
+            if not isinstance(value, str):  # ip_address(3325256714) would take a number
                 raise ValueError(value)
-            address = ipaddress.IPv4Address(value)
+            address = ipaddress.ip_address(value)
         except ValueError:
-            raise d.error("listen", f"{value!r} is not an IPv4 address", 'use addresses like "198.51.100.10"') from None
-        if address in overlay:
-            raise d.error("listen", f"{address} is inside the overlay {overlay}", "use a public address, or move the overlay")
+            raise d.error("listen", f"{value!r} is not an IP address", 'use addresses like "198.51.100.10"') from None
+        if address.version == 6 and overlay6 is None:
+            raise d.error("listen", f"{address} is IPv6, but the server has no IPv6 overlay",
+                          'add overlay6 = "fd99::/64" (a unique local network) to the server\'s config')
+        if address.version == 6 and (address.is_link_local or address.is_multicast or address.is_loopback
+                                     or address.is_unspecified or address.ipv4_mapped):
+            raise d.error("listen", f"{address} is not a public unicast address", 'use addresses like "2001:db8::10"')
+        for net in (overlay, overlay6):
+            if net is not None and address in net:
+                raise d.error("listen", f"{address} is inside the overlay {net}", "use a public address, or move the overlay")
         if address in listen:
             raise d.error("listen", f"{address} is listed twice", "list each address once")
         listen.append(address)
@@ -314,10 +365,12 @@ def _load_domain(path: Path, i: int, raw: dict[str, Any], overlay: ipaddress.IPv
     return Domain(name, tuple(listen), ports, token_file, max_clients)
 
 
-def _check_domains(path: Path, domains: list[Domain]) -> None:
+def _check_domains(path: Path, domains: list[Domain], ipv6: bool = False) -> None:
     """Two domains cannot share a name. They may share an address and a TCP port (sptun then
     routes by SNI: sptun.sni), but not a UDP port (a datagram names no domain), and
-    not a port on "any address" beside one on a specific address (which one would win?)."""
+    not a port on "any address" beside one on a specific address (which one would win?).
+    SNI routing is IPv4 only for now: not on an IPv6 address, nor on "any address" of a
+    server with IPv6 (ipv6)."""
     taken: list[tuple[str, Port, str]] = []  # (address, or "*" for any, port, domain)
     for i, dom in enumerate(domains):
         if dom.name in [d.name for d in domains[:i]]:
@@ -336,6 +389,11 @@ def _check_domains(path: Path, domains: list[Domain]) -> None:
                     raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
                                       hint="to share the port (routed by SNI), give both domains the same listen "
                                            "addresses; else give each its own")
+                if ":" in address or (address == "*" and ipv6):
+                    raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}, "
+                                      "and SNI routing is not available over IPv6 yet",
+                                      hint="share only IPv4 addresses (list them in listen), or give each domain "
+                                           "its own IPv6 address")
         taken += [(address, port, dom.name) for address, port in mine]
 
 

@@ -19,6 +19,15 @@ from sptun.errors import SptunError
 log = logging.getLogger("sptun")
 IFF_UP = 0x1
 RTN_LOCAL = 2  # a route of type local (rtnetlink)
+RT_SCOPE_LINK = 253  # an address's scope: fe80::/10 (and IPv4's link scope)
+IFA_F_NODAD = 0x02  # an address flag: no duplicate address detection (it would leave it tentative)
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_ANY = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+def family_of(address: str) -> int:
+    """4 or 6, of an address or CIDR (IPv6 has colons)."""
+    return 6 if ":" in address else 4
 RT_SCOPE_HOST = 254
 
 
@@ -70,9 +79,10 @@ class Links:
         return LinkInfo(int(link["index"]), kind, bool(link["flags"] & IFF_UP), int(link.get_attr("IFLA_MTU") or 0))
 
     def addresses(self, index: int) -> list[str]:
-        """The interface's IPv4 addresses as CIDRs, sorted."""
-        return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                      for a in self.ipr.get_addr(family=socket.AF_INET, index=index))
+        """The interface's IPv4 and IPv6 addresses as CIDRs, sorted; not the link-local ones the
+        kernel makes for itself."""
+        return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in self.ipr.get_addr(index=index)
+                      if a["family"] in (socket.AF_INET, socket.AF_INET6) and a["scope"] != RT_SCOPE_LINK)
 
     def index(self, name: str) -> int | None:
         link = self._get(name)
@@ -118,7 +128,8 @@ class Links:
         return int(self._link_or_fail(name)["index"])
 
     def set_addresses(self, name: str, wanted: list[str]) -> list[str]:
-        """Make the interface's IPv4 addresses exactly `wanted` (CIDRs); return what changed."""
+        """Make the interface's addresses exactly `wanted` (CIDRs); return what changed. IPv6
+        ones skip duplicate address detection: the overlay's addresses are sptun's to give."""
         index = self._index_or_fail(name)
         have = self.addresses(index)
         changes = []
@@ -131,41 +142,48 @@ class Links:
         for cidr in wanted:
             if cidr not in have:
                 address, prefixlen = cidr.split("/")
+                flags = {"flags": IFA_F_NODAD} if ":" in address else {}
                 self._call(f"ip addr add {cidr} dev {name}", self.ipr.addr, "add", index=index,
-                           address=address, prefixlen=int(prefixlen))
+                           address=address, prefixlen=int(prefixlen), **flags)
                 changes.append(f"add address {cidr} to {name}")
         return changes
 
-    def overlapping_routes(self, network: ipaddress.IPv4Network, except_dev: str) -> list[str]:
-        """Routes of the main table that overlap network, other than through except_dev."""
+    def overlapping_routes(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, except_dev: str) -> list[str]:
+        """Routes of the main table (of network's family) that overlap network, other than
+        through except_dev."""
         ours = self.index(except_dev)
         found = []
-        for route in self.ipr.get_routes(family=socket.AF_INET, table=254):
+        for route in self.ipr.get_routes(family=_AF[network.version], table=254):
             if route["dst_len"] == 0 or route.get_attr("RTA_OIF") == ours:
                 continue
-            dst = ipaddress.IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
-            if dst.overlaps(network):
+            dst = ipaddress.ip_network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
+            if dst.overlaps(network):  # the same family: the dump is of network's
                 found.append(f"{dst} dev {self.name_of(route.get_attr('RTA_OIF'))}")
         return found
+
+    def local_addresses(self) -> set[str]:
+        """Every address of this host (this network namespace), of both families."""
+        return {str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr()
+                if a["family"] in (socket.AF_INET, socket.AF_INET6)}
 
     def name_of(self, index: int | None) -> str:
         links = self.ipr.get_links(index) if index else []
         return str(links[0].get_attr("IFLA_IFNAME")) if links else "?"
 
-    def default_route(self, table: int) -> int | None:
-        """The output interface index of the default route in `table`, if any."""
-        for route in self.ipr.get_routes(family=socket.AF_INET, table=table):
+    def default_route(self, table: int, family: int = 4) -> int | None:
+        """The output interface index of the family's default route in `table`, if any."""
+        for route in self.ipr.get_routes(family=_AF[family], table=table):
             if route["dst_len"] == 0 and route.get_attr("RTA_TABLE") == table:
                 oif = route.get_attr("RTA_OIF")
                 return int(oif) if oif is not None else None
         return None
 
-    def set_default_route(self, table: int, name: str) -> bool:
+    def set_default_route(self, table: int, name: str, family: int = 4) -> bool:
         index = self._index_or_fail(name)
-        if self.default_route(table) == index:
+        if self.default_route(table, family) == index:
             return False
-        self._call(f"ip route replace default dev {name} table {table}", self.ipr.route, "replace",
-                   dst="0.0.0.0/0", oif=index, table=table)
+        self._call(f"ip -{family} route replace default dev {name} table {table}", self.ipr.route, "replace",
+                   dst=_ANY[family], oif=index, table=table, family=_AF[family])
         return True
 
     def local_route(self, table: int) -> bool:
@@ -183,41 +201,51 @@ class Links:
             self._call(f"ip route del local 0.0.0.0/0 table {table}", self.ipr.route, "del",
                        dst="0.0.0.0/0", type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table)
 
-    def flush_table(self, table: int) -> None:
-        for route in self.ipr.get_routes(family=socket.AF_INET, table=table):
+    def flush_table(self, table: int, family: int = 4) -> None:
+        for route in self.ipr.get_routes(family=_AF[family], table=table):
             if route.get_attr("RTA_TABLE") == table:
                 try:
-                    self.ipr.route("del", table=table, dst=f"{route.get_attr('RTA_DST') or '0.0.0.0'}/{route['dst_len']}")
+                    self.ipr.route("del", table=table, family=_AF[family],
+                                   dst=f"{route.get_attr('RTA_DST') or _ANY[family].split('/')[0]}/{route['dst_len']}")
                 except NetlinkError as e:
                     if e.code not in (errno.ESRCH, errno.ENOENT):
-                        raise _netlink_error(f"ip route flush table {table}", e) from None
+                        raise _netlink_error(f"ip -{family} route flush table {table}", e) from None
 
     def rules(self, priority: int) -> list[dict[str, Any]]:
-        """Our IPv4 rules: the ones at `priority`, as {fwmark, src, table}."""
+        """Our rules of both families: the ones at `priority`, as {fwmark, src, table, family}."""
         found = []
-        for rule in self.ipr.get_rules(family=socket.AF_INET):
-            if rule.get_attr("FRA_PRIORITY") == priority:
-                table = rule.get_attr("FRA_TABLE") or rule["table"]
-                src = rule.get_attr("FRA_SRC")
-                found.append({"fwmark": rule.get_attr("FRA_FWMARK") or 0, "table": table,
-                              "src": f"{src}/{rule['src_len']}" if src else None})
+        for family, af in _AF.items():
+            for rule in self.ipr.get_rules(family=af):
+                if rule.get_attr("FRA_PRIORITY") == priority:
+                    table = rule.get_attr("FRA_TABLE") or rule["table"]
+                    src = rule.get_attr("FRA_SRC")
+                    found.append({"fwmark": rule.get_attr("FRA_FWMARK") or 0, "table": table,
+                                  "src": f"{src}/{rule['src_len']}" if src else None, "family": family})
         return found
 
     def add_rule(self, priority: int, fwmark: int, src: str, table: int) -> None:
+        """fwmark 0: a rule for packets of any mark."""
         address, prefixlen = src.split("/")
-        self._call(f"ip rule add priority {priority} from {src} fwmark {fwmark:#x} lookup {table}",
-                   self.ipr.rule, "add", priority=priority, fwmark=fwmark, fwmask=0xFFFFFFFF,
-                   src=address, src_len=int(prefixlen), table=table, family=socket.AF_INET)
+        family = family_of(src)
+        marked = {"fwmark": fwmark, "fwmask": 0xFFFFFFFF} if fwmark else {}
+        self._call(f"ip -{family} rule add priority {priority} from {src}{f' fwmark {fwmark:#x}' if fwmark else ''} "
+                   f"lookup {table}", self.ipr.rule, "add", priority=priority, src=address, src_len=int(prefixlen),
+                   table=table, family=_AF[family], **marked)
 
     def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int) -> None:
-        spec: dict[str, Any] = {"priority": priority, "fwmark": fwmark, "table": table, "family": socket.AF_INET}
+        """A rule from src (its family's), or with no src an IPv4 one."""
+        family = family_of(src) if src else 4
+        spec: dict[str, Any] = {"priority": priority, "table": table, "family": _AF[family]}
+        if fwmark:
+            spec["fwmark"] = fwmark
         if src:
             address, prefixlen = src.split("/")
             spec.update(src=address, src_len=int(prefixlen))
         try:
-            self._call(f"ip rule del priority {priority} fwmark {fwmark:#x} lookup {table}", self.ipr.rule, "del", **spec)
+            self._call(f"ip -{family} rule del priority {priority} fwmark {fwmark:#x} lookup {table}", self.ipr.rule,
+                       "del", **spec)
         except SptunError:
-            if any(r["table"] == table and r["fwmark"] == fwmark for r in self.rules(priority)):
+            if any(r["table"] == table and r["fwmark"] == fwmark and r["family"] == family for r in self.rules(priority)):
                 raise
 
 

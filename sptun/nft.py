@@ -41,22 +41,29 @@ SUSPECTS = "suspects"  # server: backends whose connections go unanswered, as th
 SUSPECT_FOR = 2  # s an unanswered SYN keeps a backend in SUSPECTS
 ANSWERED = "answered"  # server: backends that answered a forwarded connection (a SYN-ACK), as the kernel saw it
 ANSWERED_FOR = 2  # s a SYN-ACK keeps a backend in ANSWERED
+SUSPECTS6, ANSWERED6 = "suspects6", "answered6"  # the same, of IPv6 forwards (by their IPv6 overlay addresses)
 CLIENT_PREFIX = "sptun-"
-TUNNEL_MSS = MTU - 40  # the tunnel's MTU less the IPv4 and TCP headers
+TUNNEL_MSS = {4: MTU - 40, 6: MTU - 60}  # the tunnel's MTU less the IP (by family) and TCP headers
 
 
 @dataclass(frozen=True)
 class Forward:
-    """One public address (None = any local address) and port of a domain."""
+    """One public address (None = any local address of the family) and port of a domain."""
 
     domain: str
     listen: str | None
     port: Port
+    family: int = 4  # of the address, and of the overlay addresses in its rotation
 
     @property
     def key(self) -> str:
         """Names its rule (as the rule's comment), so an update finds it again."""
-        return f"{self.domain} {self.listen or '*'} {self.port}"
+        return f"{self.domain} {self.listen or ('*' if self.family == 4 else '*6')} {self.port}"
+
+    @property
+    def ip(self) -> str:
+        """nft's word for the family's header: ip or ip6."""
+        return "ip" if self.family == 4 else "ip6"
 
 
 def _q(name: str) -> str:
@@ -70,11 +77,16 @@ _IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def _ip(address: str) -> str:
-    """An IPv4 address in canonical dotted form, checked: nothing else goes into a rule unquoted.
-    (A regular expression: ipaddress.IPv4Address costs most of a 10k-backend render.)"""
-    if not isinstance(address, str) or not _IPV4.fullmatch(address):
-        raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IPv4 address")
-    return address
+    """An IP address in canonical form, checked: nothing else goes into a rule unquoted.
+    (IPv4 by a regular expression: ipaddress.IPv4Address costs most of a 10k-backend render.)"""
+    if isinstance(address, str) and _IPV4.fullmatch(address):
+        return address
+    try:
+        if isinstance(address, str) and ":" in address and str(ipaddress.IPv6Address(address)) == address:
+            return address
+    except ValueError:
+        pass
+    raise ValueError(f"refusing to put {address!r} in an nft ruleset as an IP address")
 
 
 def server_rule(interface: str, index: int, f: Forward, size: int) -> str:
@@ -85,15 +97,16 @@ def server_rule(interface: str, index: int, f: Forward, size: int) -> str:
     # Not from the overlay: a client sending to the server's overlay address (a local address)
     # or to a public address through its tunnel would otherwise be forwarded on to other clients.
     match = f"iifname != {_q(interface)} " + (
-        f"ip daddr {_ip(f.listen)}" if f.listen else "meta nfproto ipv4 fib daddr type local")
+        f"{f.ip} daddr {_ip(f.listen)}" if f.listen else f"meta nfproto ipv{f.family} fib daddr type local")
     return f"{match} {f.port.proto} dport {f.port.number} counter jump fwd{index} comment {_q(f.key)}"
 
 
-def dnat_rule(index: int, size: int) -> list[str]:
+def dnat_rule(index: int, size: int, family: int = 4) -> list[str]:
     """The rules of chain fwdINDEX: mark the connection as sptun's (DNAT_MARK), then DNAT over
     the first `size` elements of map @rrINDEX. The mark is set on the connection, so its
     replies carry it too."""
-    return [f"ct mark set ct mark or {DNAT_MARK:#010x} dnat ip to numgen inc mod {size} map @rr{index}"] if size else []
+    ip = "ip" if family == 4 else "ip6"
+    return [f"ct mark set ct mark or {DNAT_MARK:#010x} dnat {ip} to numgen inc mod {size} map @rr{index}"] if size else []
 
 
 def _wrap(kind: str, body: str, digest_of: str) -> str:
@@ -115,11 +128,12 @@ def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
 
 def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]], proxy_mark: int | None) -> str:
     dev = _q(interface)
+    v6 = any(f.family == 6 for f in forwards)  # IPv4-only servers keep the ruleset (and digest) they had
     ours = f"ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x}"
     maps = []
-    for i, backends in enumerate(rotations):
+    for i, (f, backends) in enumerate(zip(forwards, rotations, strict=True)):
         elements = f" elements = {{ {', '.join(f'{n} : {_ip(ip)}' for n, ip in enumerate(backends))} }}" if backends else ""
-        maps.append(f"\tmap rr{i} {{ typeof numgen inc mod 2 : ip daddr;{elements} }}")
+        maps.append(f"\tmap rr{i} {{ typeof numgen inc mod 2 : {f.ip} daddr;{elements} }}")
     # Passive health, in the kernel: a SYN retransmitted on a connection DNATed to a backend
     # that never answered it (confirmed: not the first SYN; no reply seen), or a reset from a
     # backend on a connection it never established, puts the backend in this set for a
@@ -129,6 +143,15 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
     # set for a moment. A backend in it (and not in SUSPECTS) passes its health check without
     # a probe: a backend under load is never probed, however many there are.
     maps.append(f"\tset {ANSWERED} {{ type ipv4_addr; flags dynamic, timeout; timeout {ANSWERED_FOR}s; size 65536; }}")
+    if v6:
+        maps.append(f"\tset {SUSPECTS6} {{ type ipv6_addr; flags dynamic, timeout; timeout {SUSPECT_FOR}s; size 65536; }}")
+        maps.append(f"\tset {ANSWERED6} {{ type ipv6_addr; flags dynamic, timeout; timeout {ANSWERED_FOR}s; size 65536; }}")
+
+    def passive(rule: str) -> list[str]:
+        """A passive-health rule (written for IPv4), and its IPv6 twin if the server has IPv6."""
+        twin = (rule.replace(f"@{SUSPECTS} ", f"@{SUSPECTS6} ").replace(f"@{ANSWERED} ", f"@{ANSWERED6} ")
+                .replace("{ ip daddr }", "{ ip6 daddr }").replace("{ ip saddr }", "{ ip6 saddr }"))
+        return [rule, twin] if v6 else [rule]
     proxied_in: list[str] = []
     proxy_chains: list[tuple[str, str, list[str]]] = []
     if proxy_mark is not None:
@@ -138,25 +161,26 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
         proxy_chains.append(("proxy", "type filter hook prerouting priority mangle; policy accept;", [
             f"iifname {dev} meta l4proto tcp socket transparent 1 meta mark set {proxy_mark:#010x} accept"]))
         # Passive health for the proxy's connections, as the forward chain has it for DNAT's.
-        proxy_chains.append(("output", "type filter hook output priority filter; policy accept;", [
+        proxy_chains.append(("output", "type filter hook output priority filter; policy accept;", passive(
             f"oifname {dev} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
-            f"update @{SUSPECTS} {{ ip daddr }}"]))
-        proxied_in = [f"iifname {dev} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}",
-                      f"iifname {dev} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}"]
+            f"update @{SUSPECTS} {{ ip daddr }}")))
+        proxied_in = [*passive(f"iifname {dev} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}"),
+                      *passive(f"iifname {dev} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}")]
     chains = _chains([
-        *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]))) for i, f in enumerate(forwards)],
+        *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]), f.family)) for i, f in enumerate(forwards)],
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
          [server_rule(interface, i, f, len(rotations[i])) for i, f in enumerate(forwards)]),
         ("forward", "type filter hook forward priority filter; policy accept;", [
             # The tunnel's MTU is lower than the browsers' and the clients' own links: clamp the MSS of
             # forwarded connections both ways, so no end relies on ICMP "fragmentation needed".
             f"oifname {dev} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
-            f"iifname {dev} tcp flags syn / syn,rst tcp option maxseg size > {TUNNEL_MSS} "
-            f"tcp option maxseg size set {TUNNEL_MSS}",
-            f"oifname {dev} {ours} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
-            f"update @{SUSPECTS} {{ ip daddr }}",
-            f"iifname {dev} {ours} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}",
-            f"iifname {dev} {ours} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}",
+            *[f"iifname {dev} {'' if not v6 else f'meta nfproto ipv{family} '}tcp flags syn / syn,rst "
+              f"tcp option maxseg size > {TUNNEL_MSS[family]} tcp option maxseg size set {TUNNEL_MSS[family]}"
+              for family in ((4, 6) if v6 else (4,))],
+            *passive(f"oifname {dev} {ours} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
+                     f"update @{SUSPECTS} {{ ip daddr }}"),
+            *passive(f"iifname {dev} {ours} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}"),
+            *passive(f"iifname {dev} {ours} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}"),
             # Only sptun's own forwards, by its mark: not `ct status dnat`, which any DNAT sets.
             f"iifname {dev} {ours} accept",
             f'iifname {dev} counter drop comment "clients reach only their forwarded connections"',
@@ -187,6 +211,12 @@ def server_comment(interface: str, forwards: list[Forward], proxy_mark: int | No
     return comment_of(render_server(interface, forwards, [[] for _ in forwards], proxy_mark))
 
 
+def ip_key(ip: str) -> tuple[int, int]:
+    """Sorts addresses of both families: IPv4 first, then by number."""
+    address = ipaddress.ip_address(ip)
+    return address.version, int(address)
+
+
 def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
     """The rotation after a change, moving as few map elements as possible: a leaving backend's
     slot takes the last backend; newcomers are appended. Pure."""
@@ -196,10 +226,10 @@ def next_rotation(current: list[str], wanted: set[str]) -> list[str]:
             i = order.index(ip)
             order[i] = order[-1]
             order.pop()
-    return order + sorted(wanted - set(order), key=ipaddress.IPv4Address)
+    return order + sorted(wanted - set(order), key=ip_key)
 
 
-def rotation_update(index: int, current: list[str], new: list[str]) -> list[str]:
+def rotation_update(index: int, current: list[str], new: list[str], family: int = 4) -> list[str]:
     """nft commands that turn map @rrINDEX from current into new, in place. Pure.
 
     A change of size remakes chain fwdINDEX (`flush chain` + `add rule`): unlike `replace rule
@@ -214,7 +244,7 @@ def rotation_update(index: int, current: list[str], new: list[str]) -> list[str]
         lines.append(f"add element {FAMILY} {TABLE} rr{index} {{ {', '.join(f'{i} : {_ip(new[i])}' for i in came)} }}")
     if len(new) != len(current):  # numgen's modulus lives in the rule
         lines.append(f"flush chain {FAMILY} {TABLE} fwd{index}")
-        lines += [f"add rule {FAMILY} {TABLE} fwd{index} {rule}" for rule in dnat_rule(index, len(new))]
+        lines += [f"add rule {FAMILY} {TABLE} fwd{index} {rule}" for rule in dnat_rule(index, len(new), family)]
     return lines
 
 
@@ -318,8 +348,11 @@ def _attrs(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     return found
 
 
+_FAMILY_OF_SIZE = {4: socket.AF_INET, 16: socket.AF_INET6}  # an address key's length: its family
+
+
 def parse_set_dump(data: bytes, seq: int, into: set[str]) -> bool:
-    """One read of a set-element dump's replies: adds the IPv4 keys to `into`; True once the
+    """One read of a set-element dump's replies: adds the address keys to `into`; True once the
     dump is done. An error reply raises OSError (ENOENT: no such table or set). Pure."""
     unpack_u16, inet_ntoa = struct.Struct("=H").unpack_from, socket.inet_ntoa
     offset = 0
@@ -348,8 +381,9 @@ def parse_set_dump(data: bytes, seq: int, into: set[str]) -> bool:
                     else:
                         for k_kind, k_start, k_end in _attrs(data, e_start + 4, e_start + e_length):
                             if k_kind == _ELEM_KEY:
-                                into.update(inet_ntoa(data[v_start:v_end]) for v_kind, v_start, v_end
-                                            in _attrs(data, k_start, k_end) if v_kind == _DATA_VALUE and v_end - v_start == 4)
+                                into.update(socket.inet_ntop(_FAMILY_OF_SIZE[v_end - v_start], data[v_start:v_end])
+                                            for v_kind, v_start, v_end in _attrs(data, k_start, k_end)
+                                            if v_kind == _DATA_VALUE and v_end - v_start in _FAMILY_OF_SIZE)
                                 break
                     e_start += (e_length + 3) & ~3
         offset += (length + 3) & ~3
@@ -357,7 +391,7 @@ def parse_set_dump(data: bytes, seq: int, into: set[str]) -> bool:
 
 
 def read_sets(table: str, names: tuple[str, ...], timeout: float = 5.0) -> list[set[str]]:
-    """The IPv4 elements of some sets of table inet `table`, through one netlink socket. A set
+    """The address elements of some sets of table inet `table`, through one netlink socket. A set
     (or table) that does not exist is empty; any other failure raises OSError."""
     found: list[set[str]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12) as sock:  # NETLINK_NETFILTER
@@ -388,8 +422,8 @@ class Firewall(Protocol):
         ...
 
     def passive(self) -> tuple[set[str], set[str]]:
-        """The backends in the server table's SUSPECTS and ANSWERED sets now, in one read
-        (none if there is no table)."""
+        """The backends in the server table's SUSPECTS and ANSWERED sets now (and their IPv6
+        twins: addresses of both families), in one read (none if there is no table)."""
         ...
 
 
@@ -412,12 +446,12 @@ class Nft:
             return TableState()
 
     def passive(self) -> tuple[set[str], set[str]]:
-        try:
-            suspects, answered = read_sets(TABLE, (SUSPECTS, ANSWERED))
+        try:  # a server with no IPv6 forward has no SUSPECTS6 and ANSWERED6: they read as empty
+            suspects, answered, suspects6, answered6 = read_sets(TABLE, (SUSPECTS, ANSWERED, SUSPECTS6, ANSWERED6))
         except OSError as e:  # as if nobody were suspect or answering: every backend is probed
             log.debug("cannot read the passive-health sets: %s", e)
             return set(), set()
-        return suspects, answered
+        return suspects | suspects6, answered | answered6
 
     def write(self, text: str) -> None:
         if not text.endswith("\n"):

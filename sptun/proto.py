@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import functools
 import hashlib
 import hmac
@@ -97,6 +98,11 @@ class Assignment:
     # Whether the server has a fresh handshake from this client. False on a tunnel that the
     # agent thinks is up means the server lost the session (its interface was recreated).
     seen: bool = field(default=True, compare=False)
+    # With the server's IPv6 overlay (overlay6): the client's /128 and the server's address
+    # there, and its prefix length. None from a server without one (or an older sptun).
+    overlay_ip6: str | None = None
+    server_ip6: str | None = None
+    prefixlen6: int | None = None
 
 
 def _b64(raw: bytes) -> str:
@@ -209,8 +215,13 @@ def accept(assignment: Assignment | None, server_private: str, client_key: str, 
     """A sealed answer to this challenge and op: the assignment for a registration, none
     for a deregistration."""
     box = _box(server_private, client_key, "key")
-    body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
-            "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen} if assignment else None
+    body: dict[str, Any] | None = None
+    if assignment:
+        body = {"overlay_ip": assignment.overlay_ip, "server_ip": assignment.server_ip,
+                "server_key": assignment.server_key, "prefixlen": assignment.prefixlen, "seen": assignment.seen}
+        if assignment.overlay_ip6:
+            body |= {"overlay_ip6": assignment.overlay_ip6, "server_ip6": assignment.server_ip6,
+                     "prefixlen6": assignment.prefixlen6}
     return _line({"ok": True, **_seal(box, {"op": op, "challenge": _b64(challenge), "assignment": body})})
 
 
@@ -257,8 +268,10 @@ def open_reply(line: bytes, client_private: str, server_key: str, challenge: byt
     if not isinstance(body, dict):
         raise ProtocolError("assignment is not an object")
     try:
+        v6 = body.get("overlay_ip6") is not None
         return Assignment(str(body["overlay_ip"]), str(body["server_ip"]), str(body["server_key"]), int(body["prefixlen"]),
-                          body.get("seen") is not False)
+                          body.get("seen") is not False, str(body["overlay_ip6"]) if v6 else None,
+                          str(body["server_ip6"]) if v6 else None, int(body["prefixlen6"]) if v6 else None)
     except (KeyError, ValueError, TypeError, OverflowError):  # OverflowError: int(Infinity)
         raise ProtocolError("assignment is incomplete") from None
 
@@ -278,6 +291,11 @@ def _check_pinned(host: str, server_key: str, pin: Pin | None) -> None:
 
 def _unreachable(host: str, port: int, e: OSError | TimeoutError) -> SptunError:
     detail = getattr(e, "strerror", None) or str(e) or "timed out"
+    if getattr(e, "errno", None) == errno.ENETUNREACH:  # no route of that family: an IPv6-only network, say
+        family = "IPv6" if ":" in host else "IPv4"
+        return SptunError(f"cannot reach {host}:{port}: this host has no {family} route there",
+                          hint=f"this server is published by an {family} address only; give it a record "
+                               "of this host's family in DNS, or give this host that family")
     return SptunError(f"cannot reach {host}:{port}: {detail}",
                       hint="is `sptun server run` up there, and the api port open?")
 

@@ -24,6 +24,8 @@ class TunnelStatus:
     rx_bytes: int
     tx_bytes: int
     error: str | None
+    overlay_ip6: str | None = None  # with a dual-stack server: ours and its, in its IPv6 overlay
+    server_overlay_ip6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class BackendStatus:
     tx_bytes: int
     active_connections: int | None
     since: float
+    overlay_ip6: str | None = None  # its mirror in the IPv6 overlay, on a dual-stack server
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class ServerStatus:
     registrations: RegistrationCounts
     domains: list[DomainStatus]
     role: str = "server"
+    overlay6: str | None = None  # the IPv6 overlay, and the server's address there
+    overlay_ip6: str | None = None
 
 
 @dataclass(frozen=True)

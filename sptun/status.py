@@ -52,11 +52,12 @@ def view(status: dict[str, Any]) -> Group:
             parts.append(f"{alarm}DNS: {escape(status['dns']['error'])}[/]")
         table = Table("server", "interface", "overlay address", "handshake", "rx", "tx", "registered", "health")
         for t in status["tunnels"]:
-            table.add_row(t["server"], t["interface"], t["overlay_ip"] or "-", _age(t["handshake_age"]),
+            table.add_row(t["server"], t["interface"], _both(t["overlay_ip"], t.get("overlay_ip6")), _age(t["handshake_age"]),
                           _bytes(t["rx_bytes"]), _bytes(t["tx_bytes"]), "yes" if t["registered"] else
                           f"[red]no[/] {t.get('error') or ''}", _health(t["healthy"]))
     else:
-        parts.append(f"server [bold]{status['interface']}[/] {status['overlay_ip']} ({status['wireguard']} WireGuard, "
+        parts.append(f"server [bold]{status['interface']}[/] {_both(status['overlay_ip'], status.get('overlay_ip6'))} "
+                     f"({status['wireguard']} WireGuard, "
                      f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
         table = Table("domain", "listen", "forwarded", "backend", "health", "why", "handshake", "rx", "tx", "active")
         for d in status["domains"]:
@@ -67,10 +68,15 @@ def view(status: dict[str, Any]) -> Group:
             for i, b in enumerate(d["backends"]):
                 first = i == 0
                 table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
-                              b["overlay_ip"], _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
+                              _both(b["overlay_ip"], b.get("overlay_ip6")), _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
                               _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b["active_connections"]) if b.get("active_connections") is not None else "?")
     parts += [table, _daemon(status)]
     return Group(*parts)
+
+
+def _both(ip: str | None, ip6: str | None) -> str:
+    """An overlay address, and its IPv6 twin on a dual-stack tunnel."""
+    return f"{ip or '-'} {ip6}" if ip6 else ip or "-"
 
 
 def _console() -> Console:

@@ -40,6 +40,8 @@ class FakeKernel:
         self.links: dict[str, FakeLink] = {}
         self.next_index = 10
         self.routes: dict[int, int] = {}  # table -> default route's output ifindex
+        self.routes6: dict[int, int] = {}  # the same, IPv6's
+        self.public: set[str] = {"198.51.100.10", "2001:db8::10"}  # the host's own addresses beyond its links
         self.rules: list[dict[str, Any]] = []  # {priority, fwmark, src, table}
         self.sysctls: dict[str, str] = {"net/ipv4/ip_forward": "0"}
         self.devices: dict[str, Device] = {}
@@ -105,6 +107,7 @@ class FakeLinks:
         self.k.devices.pop(name, None)
         self.k.sysctls.pop(f"net/ipv4/conf/{name}/rp_filter", None)
         self.k.routes = {t: oif for t, oif in self.k.routes.items() if oif != link.index}  # routes die with the link
+        self.k.routes6 = {t: oif for t, oif in self.k.routes6.items() if oif != link.index}
         return True
 
     def _link(self, name: str) -> FakeLink:
@@ -120,18 +123,22 @@ class FakeLinks:
         self._link(name).addresses = list(wanted)
         return []
 
-    def default_route(self, table: int) -> int | None:
-        return self.k.routes.get(table)
+    def _routes(self, family: int) -> dict[int, int]:
+        return self.k.routes if family == 4 else self.k.routes6
 
-    def set_default_route(self, table: int, name: str) -> bool:
-        self.k.routes[table] = self._link(name).index
+    def default_route(self, table: int, family: int = 4) -> int | None:
+        return self._routes(family).get(table)
+
+    def set_default_route(self, table: int, name: str, family: int = 4) -> bool:
+        self._routes(family)[table] = self._link(name).index
         return True
 
-    def flush_table(self, table: int) -> None:
-        self.k.routes.pop(table, None)
+    def flush_table(self, table: int, family: int = 4) -> None:
+        self._routes(family).pop(table, None)
 
     def rules(self, priority: int) -> list[dict[str, Any]]:
-        return [{k: r[k] for k in ("fwmark", "src", "table")} for r in self.k.rules if r["priority"] == priority]
+        return [{**{k: r[k] for k in ("fwmark", "src", "table")}, "family": 6 if ":" in (r["src"] or "") else 4}
+                for r in self.k.rules if r["priority"] == priority]
 
     def add_rule(self, priority: int, fwmark: int, src: str, table: int) -> None:
         rule = {"priority": priority, "fwmark": fwmark, "src": src, "table": table}
@@ -140,10 +147,15 @@ class FakeLinks:
         self.k.rules.append(rule)
 
     def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int) -> None:
-        self.k.rules = [r for r in self.k.rules if (r["priority"], r["fwmark"], r["table"]) != (priority, fwmark, table)]
+        family = 6 if ":" in (src or "") else 4  # as the real one: one family's rule
+        self.k.rules = [r for r in self.k.rules if (r["priority"], r["fwmark"], r["table"]) != (priority, fwmark, table)
+                        or (6 if ":" in (r["src"] or "") else 4) != family]
 
     def overlapping_routes(self, network: Any, except_dev: str) -> list[str]:
         return []
+
+    def local_addresses(self) -> set[str]:
+        return {a.split("/")[0] for link in self.k.links.values() for a in link.addresses} | self.k.public
 
     def local_route(self, table: int) -> bool:
         return table in self.k.local_routes

@@ -85,6 +85,17 @@ def test_server_example_loads_exactly(tmp_path: Path) -> None:
     )
 
 
+def test_an_ipv6_overlay_mirrors_each_ipv4_lease(tmp_path: Path) -> None:
+    cfg = load_server(write(tmp_path, 'overlay = "10.7.0.0/24"\noverlay6 = "fd99:7::/120"\n' + DOMAIN +
+                            'listen = ["198.51.100.10", "2001:db8::10"]\n'))
+    assert cfg.families == (4, 6) and cfg.server_ip6 == ipaddress.IPv6Address("fd99:7::1")
+    assert cfg.domains[0].listen == (ipaddress.IPv4Address("198.51.100.10"), ipaddress.IPv6Address("2001:db8::10"))
+    assert cfg.ip6_of("10.7.0.2") == "fd99:7::2" and cfg.ip6_of("10.7.0.255") == "fd99:7::ff"
+    assert cfg.ip4_of("fd99:7::2") == "10.7.0.2" and cfg.ip4_of("fd99:7::1:0") is None  # outside the mirror
+    v4 = load_server(write(tmp_path, DOMAIN, "v4.toml"))
+    assert v4.families == (4,) and v4.overlay6 is None and v4.ip6_of("10.99.0.2") is None
+
+
 def test_server_ip_is_the_first_overlay_address(tmp_path: Path) -> None:
     cfg = load_server(write(tmp_path, 'overlay = "10.7.0.0/24"\n'))
     assert cfg.server_ip == ipaddress.IPv4Address("10.7.0.1")
@@ -210,6 +221,16 @@ def test_domains_that_clash(tmp_path: Path, first: str, second: str, shown: str,
     assert shown in error.message and hint in (error.hint or "")
 
 
+@pytest.mark.parametrize("text", [
+    'overlay6 = "fd99::/64"\n' + two_domains('listen = ["2001:db8::10"]', 'listen = ["2001:db8::10"]'),
+    'overlay6 = "fd99::/64"\n' + two_domains("", ""),
+], ids=["ipv6-address", "any-address-with-ipv6"])
+def test_sni_sharing_over_ipv6_is_refused_for_now(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    error = config_error(load_server, path)
+    assert "IPv6" in error.message and error.hint and "\n" not in str(error)
+
+
 def test_duplicate_domain_names(tmp_path: Path) -> None:
     path = write(tmp_path, two_domains('listen = ["198.51.100.10"]', 'listen = ["198.51.100.11"]').replace(
         "b.example.test", "A.example.test."))
@@ -258,7 +279,16 @@ SERVER_ERRORS = [
     ("domain-name-too-long", f'[[domains]]\nname = "{".".join(["a" * 63] * 4)}"\n', "domains[0].name"),
     ("domain-name-ip-port", '[[domains]]\nname = "198.51.100.10:443"\n', "domains[0].name"),
     ("listen-string", DOMAIN + 'listen = "198.51.100.10"\n', "domains[0].listen"),
-    ("listen-ipv6", DOMAIN + 'listen = ["2001:db8::1"]\n', "domains[0].listen"),
+    ("listen-ipv6-without-overlay6", DOMAIN + 'listen = ["2001:db8::1"]\n', "domains[0].listen"),
+    ("listen-in-overlay6", 'overlay6 = "fd99::/64"\n' + DOMAIN + 'listen = ["fd99::5"]\n', "domains[0].listen"),
+    ("listen-link-local", 'overlay6 = "fd99::/64"\n' + DOMAIN + 'listen = ["fe80::1"]\n', "domains[0].listen"),
+    ("listen-v4-mapped", 'overlay6 = "fd99::/64"\n' + DOMAIN + 'listen = ["::ffff:198.51.100.1"]\n', "domains[0].listen"),
+    ("overlay6-garbage", 'overlay6 = "fd99::/ab"\n', "overlay6"),
+    ("overlay6-ipv4", 'overlay6 = "10.98.0.0/16"\n', "overlay6"),
+    ("overlay6-host-bits", 'overlay6 = "fd99::1/64"\n', "overlay6"),
+    ("overlay6-smaller-than-overlay", 'overlay6 = "fd99::/113"\n', "overlay6"),
+    ("overlay6-multicast", 'overlay6 = "ff05::/64"\n', "overlay6"),
+    ("overlay6-type", "overlay6 = 64\n", "overlay6"),
     ("listen-garbage", DOMAIN + 'listen = ["example.test"]\n', "domains[0].listen"),
     ("listen-cidr", DOMAIN + 'listen = ["198.51.100.0/24"]\n', "domains[0].listen"),
     ("listen-int", DOMAIN + "listen = [3325256714]\n", "domains[0].listen"),

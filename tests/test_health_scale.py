@@ -224,7 +224,8 @@ def test_the_request_names_the_table_and_the_set() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft for a scratch namespace")
 def test_the_real_reader_in_a_namespace() -> None:
     """Nft.passive against the kernel: no table, the server table with elements in both sets
-    (and 3,000 in ANSWERED: several dump messages), and an older table with no ANSWERED."""
+    (and 3,000 in ANSWERED: several dump messages), an older table with no ANSWERED, and a
+    dual-stack table with IPv6 sets."""
     ns = f"spth{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     read = [sys.executable, "-c", "from sptun.nft import Nft; print([sorted(s) for s in Nft().passive()])"]
@@ -245,5 +246,11 @@ def test_the_real_reader_in_a_namespace() -> None:
         older = "\n".join(line for line in golden.splitlines() if "answered" not in line) + "\n"
         in_ns(["nft", "-f", "-"], older + "add element inet sptun suspects { 10.99.0.4 timeout 1h }\n")
         assert in_ns(read) == "[['10.99.0.4'], []]"
+        # A dual-stack server: the IPv6 sets' elements come back beside the IPv4 ones.
+        dual = (Path(__file__).parent / "golden" / "server_dual_stack.nft").read_text()
+        in_ns(["nft", "-f", "-"], dual + "add element inet sptun suspects6 { fd99::3 timeout 1h }\n"
+                                         "add element inet sptun answered6 { fd99::2 timeout 1h, fd99::4 timeout 1h }\n"
+                                         "add element inet sptun answered { 10.99.0.2 timeout 1h }\n")
+        assert in_ns(read) == "[['fd99::3'], ['10.99.0.2', 'fd99::2', 'fd99::4']]"
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)

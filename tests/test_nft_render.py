@@ -42,6 +42,7 @@ GOLDEN = Path(__file__).parent / "golden"
 TCP443, UDP443, TCP80 = Port("tcp", 443), Port("udp", 443), Port("tcp", 80)
 APP = "app.example.test"
 B3 = ("10.99.0.2", "10.99.0.3", "10.99.0.4")
+B3_6 = ("fd99::2", "fd99::3", "fd99::4")  # the same clients in the IPv6 overlay
 
 # Each case: the interface, and each forward with the backends in its rotation.
 SERVER_CASES: dict[str, tuple[str, list[tuple[Forward, tuple[str, ...]]]]] = {
@@ -55,6 +56,12 @@ SERVER_CASES: dict[str, tuple[str, list[tuple[Forward, tuple[str, ...]]]]] = {
         (Forward(APP, "198.51.100.10", TCP80), B3),
         (Forward("shop.example.test", "198.51.100.11", TCP443), ("10.99.0.9", "10.99.0.5")),
         (Forward("idle.example.test", None, Port("tcp", 8443)), ()),
+    ]),
+    "server_dual_stack": ("sptun0", [
+        (Forward(APP, "198.51.100.10", TCP443), B3),
+        (Forward(APP, "2001:db8::10", TCP443, 6), B3_6),
+        (Forward(APP, None, TCP80, 4), B3),
+        (Forward(APP, None, TCP80, 6), ()),
     ]),
 }
 
@@ -111,6 +118,27 @@ def dnat_rules(ruleset: str) -> list[str]:
         if "dnat" in target:
             rules.append(f"{r} {target}")
     return rules
+
+
+def test_an_ipv6_forward_dnats_into_the_ipv6_overlay() -> None:
+    text = server(*SERVER_CASES["server_dual_stack"])
+    assert 'iifname != "sptun0" ip6 daddr 2001:db8::10 tcp dport 443 counter jump fwd1' in text
+    assert "map rr1 { typeof numgen inc mod 2 : ip6 daddr; elements = { 0 : fd99::2, 1 : fd99::3, 2 : fd99::4 } }" in text
+    assert "dnat ip6 to numgen inc mod 3 map @rr1" in text
+    assert 'iifname != "sptun0" meta nfproto ipv6 fib daddr type local tcp dport 80 counter jump fwd3 comment "app.example.test *6 tcp/80"' in text
+    # Per family: the MSS clamp (IPv6's header is 20 bytes longer) and the passive-health sets.
+    assert "meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size > 1360 tcp option maxseg size set 1360" in text
+    assert "meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1380 tcp option maxseg size set 1380" in text
+    assert "set suspects6 { type ipv6_addr;" in text and "update @answered6 { ip6 saddr }" in text
+    assert "update @suspects6 { ip6 daddr }" in text
+    # An IPv4-only server renders no IPv6 at all: its digest, and so its table, stay as they were.
+    v4 = server(*SERVER_CASES["server_two_domains"])
+    assert "ip6" not in v4 and "suspects6" not in v4 and "nfproto ipv4 tcp flags" not in v4
+
+
+def test_an_ipv6_rotation_update() -> None:
+    lines = rotation_update(1, ["fd99::2", "fd99::3"], ["fd99::2"], 6)
+    assert lines[-1] == "add rule inet sptun fwd1 ct mark set ct mark or 0x08000000 dnat ip6 to numgen inc mod 1 map @rr1"
 
 
 def test_round_robin_over_the_backends_in_order() -> None:
@@ -186,13 +214,13 @@ def test_passive_health_sets_and_the_rule_that_fills_answered(name: str) -> None
                 in ruleset)
     assert (nft.ANSWERED, nft.ANSWERED_FOR) == ("answered", 2)
     rules = chain(ruleset, "forward")
-    updates = [i for i, rule in enumerate(rules) if f"@{nft.ANSWERED}" in rule]
+    updates = [i for i, rule in enumerate(rules) if f"@{nft.ANSWERED} " in rule]
     assert [rules[i] for i in updates] == [
         f'iifname "{interface}" ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x} '
         f"tcp flags syn,ack / syn,ack update @answered {{ ip saddr }}"]
     first_accept = min(i for i, rule in enumerate(rules) if rule.endswith(" accept"))
     assert updates[0] < first_accept
-    assert ruleset.count("@answered") == 1  # nothing else reads or writes it
+    assert ruleset.count("@answered ") == 1  # nothing else reads or writes it
 
 
 @pytest.mark.parametrize("name", SERVER_CASES)
@@ -206,7 +234,7 @@ def test_the_forward_chain_trusts_only_sptuns_own_mark(name: str) -> None:
     accepts = [r for r in chain(ruleset, "forward") if r.endswith(" accept")]
     assert accepts == [f'{d}ifname "{interface}" ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x} accept' for d in "io"]
     for rule in dnat_rules(ruleset):
-        assert "jump fwd" in rule and f" ct mark set ct mark or {DNAT_MARK:#010x} dnat ip to " in rule, rule
+        assert "jump fwd" in rule and re.search(f" ct mark set ct mark or {DNAT_MARK:#010x} dnat ip6? to ", rule), rule
     assert ruleset.count("ct mark set") == len(dnat_rules(ruleset))  # only where sptun DNATs
 
 
@@ -424,7 +452,7 @@ def test_quote_accepts_safe_names(name: str) -> None:
     lambda: server("sptun0", [(Forward(APP, "198.51.100.10 accept; flush ruleset;", TCP443), B3)]),
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2 }; flush ruleset; {",))]),
     lambda: server("sptun0", [(Forward(APP, None, TCP443), ("10.99.0.2", "10.99.0.3, 3 : 1.2.3.4"))]),
-    lambda: server("sptun0", [(Forward(APP, "2001:db8::1", TCP443), B3)]),
+    lambda: server("sptun0", [(Forward(APP, "2001:db8::1 } ; flush ruleset", TCP443, 6), B3)]),
     lambda: rotation_update(0, [], ["10.99.0.2 } ; flush ruleset"]),
     lambda: render_client({"sptun-a; flush ruleset": 1}, (TCP443,)),
 ], ids=["interface", "domain", "listen", "backend", "backend-in-map", "listen-ipv6", "update", "client-interface"])

@@ -3,10 +3,13 @@ converged. No root, no kernel: each case is plain values."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sptun import nft
 from sptun.agent.plan import (
+    FALLBACK_PRIORITY,
     RULE_PRIORITY,
     AgentKernel,
     AgentWanted,
@@ -68,15 +71,16 @@ def link(t: TunnelWanted, index: int, with_peer: bool = True, **kw: object) -> L
     return LinkState(**base)  # type: ignore[arg-type]
 
 
-def rule(t: TunnelWanted, index: int) -> Rule:
+def rules(t: TunnelWanted, index: int) -> tuple[Rule, ...]:
+    """Its two rules: with its mark, and the fallback with none."""
     mark = nft.client_mark(index)
-    return Rule(mark, f"{t.overlay_ip}/32", mark)
+    return Rule(mark, f"{t.overlay_ip}/32", mark), Rule(0, f"{t.overlay_ip}/32", mark, FALLBACK_PRIORITY)
 
 
 def converged(*tunnels_with_index: tuple[TunnelWanted, int]) -> AgentKernel:
     marks = {t.ifname: nft.client_mark(i) for t, i in tunnels_with_index}
     return AgentKernel({t.ifname: link(t, i) for t, i in tunnels_with_index},
-                       tuple(rule(t, i) for t, i in tunnels_with_index),
+                       tuple(r for t, i in tunnels_with_index for r in rules(t, i)),
                        nft.comment_of(nft.render_client(marks, PORTS)), True)
 
 
@@ -101,10 +105,12 @@ def test_agent_join_from_nothing_goes_in_rounds_link_then_rules_then_peer() -> N
     empty_table = nft.comment_of(nft.render_client({}, PORTS))
     second = plan_agent(wanted(T1), AgentKernel({N1: fresh_link}, (), empty_table, True))
     mark = nft.client_mark(11)
-    assert kinds(second) == ["SetKey", "SetAddresses", "LinkUp", "SetSysctl", "SetDefaultRoute", "AddRule", "LoadTable"]
-    assert second[:6] == [SetKey(N1, ME), SetAddresses(N1, ("10.99.0.2/32",)), LinkUp(N1, MTU),
+    assert kinds(second) == ["SetKey", "SetAddresses", "LinkUp", "SetSysctl", "SetDefaultRoute", "AddRule", "AddRule",
+                             "LoadTable"]
+    assert second[:7] == [SetKey(N1, ME), SetAddresses(N1, ("10.99.0.2/32",)), LinkUp(N1, MTU),
                           SetSysctl(f"net/ipv4/conf/{N1}/rp_filter", "2"), SetDefaultRoute(mark, N1),
-                          AddRule(RULE_PRIORITY, mark, "10.99.0.2/32", N1)]
+                          AddRule(RULE_PRIORITY, mark, "10.99.0.2/32", N1, mark),
+                          AddRule(FALLBACK_PRIORITY, 0, "10.99.0.2/32", N1, mark)]
     assert not any(isinstance(c, UpdatePeer) for c in second)  # no rule in the kernel yet: no peer
     ready = converged((T1, 11))
     ready.links[N1] = link(T1, 11, with_peer=False)
@@ -116,14 +122,20 @@ def test_agent_a_server_gone_from_dns_loses_its_link_and_rule() -> None:
     kernel = converged((T1, 11), (T2, 12))
     changes = plan_agent(wanted(T1), kernel)
     mark = nft.client_mark(12)
-    assert changes[:2] == [DeleteLink(N2, "no tunnel wants it"), DeleteRule(RULE_PRIORITY, mark, "10.99.0.2/32", mark)]
-    assert kinds(changes) == ["DeleteLink", "DeleteRule", "LoadTable"]
+    assert changes[:3] == [DeleteLink(N2, "no tunnel wants it"), DeleteRule(RULE_PRIORITY, mark, "10.99.0.2/32", mark),
+                           DeleteRule(FALLBACK_PRIORITY, 0, "10.99.0.2/32", mark)]
+    assert kinds(changes) == ["DeleteLink", "DeleteRule", "DeleteRule", "LoadTable"]
 
 
 def test_agent_overlapping_overlays_get_a_rule_each_told_apart_by_mark() -> None:
     changes = plan_agent(wanted(T1, T2), AgentKernel({N1: link(T1, 11), N2: link(T2, 12)}, (), None, False))
-    rules = [c for c in changes if isinstance(c, AddRule)]
-    assert [(r.mark, r.src) for r in rules] == [(nft.client_mark(11), "10.99.0.2/32"), (nft.client_mark(12), "10.99.0.2/32")]
+    added = [c for c in changes if isinstance(c, AddRule) and c.mark]
+    assert [(r.mark, r.src) for r in added] == [(nft.client_mark(11), "10.99.0.2/32"), (nft.client_mark(12), "10.99.0.2/32")]
+    # The fallbacks (no mark) only route a reply's first lookup: after the marked rules, each to its own table.
+    fallbacks = [c for c in changes if isinstance(c, AddRule) and not c.mark]
+    assert {(r.priority, r.route_table) for r in fallbacks} == {(FALLBACK_PRIORITY, nft.client_mark(11)),
+                                                                 (FALLBACK_PRIORITY, nft.client_mark(12))}
+    assert FALLBACK_PRIORITY > RULE_PRIORITY
 
 
 @pytest.mark.parametrize("drift, expected", [
@@ -162,8 +174,27 @@ def test_agent_a_foreign_rule_at_our_priority_goes() -> None:
 def test_agent_teardown_removes_everything_of_ours() -> None:
     kernel = converged((T1, 11), (T2, 12))
     changes = plan_teardown(kernel)
-    assert kinds(changes) == ["DeleteLink", "DeleteLink", "DeleteRule", "DeleteRule", "DeleteTable"]
+    assert kinds(changes) == ["DeleteLink", "DeleteLink", "DeleteRule", "DeleteRule", "DeleteRule", "DeleteRule", "DeleteTable"]
     assert plan_teardown(AgentKernel()) == []
+
+
+def test_agent_a_dual_stack_tunnel_gets_both_addresses_rules_and_routes() -> None:
+    """With an IPv6 overlay the tunnel carries both families: its /128 beside its /32, a rule
+    and a default route in its table for each family (the same mark), and ::/0 from the server."""
+    dual = TunnelWanted(S1, "10.99.0.2", S1_KEY, overlay_ip6="fd99::2")
+    mark = nft.client_mark(11)
+    v4_only = converged((T1, 11))
+    changes = plan_agent(wanted(dual), v4_only)
+    assert changes == [SetAddresses(N1, ("10.99.0.2/32", "fd99::2/128")), SetDefaultRoute(mark, N1, 6),
+                       AddRule(RULE_PRIORITY, mark, "fd99::2/128", N1, mark),
+                       AddRule(FALLBACK_PRIORITY, 0, "fd99::2/128", N1, mark)]  # the peer waits for them
+    both = AgentKernel({N1: link(dual, 11, addresses=("10.99.0.2/32", "fd99::2/128"), default_route6=11)},
+                       v4_only.rules + (Rule(mark, "fd99::2/128", mark), Rule(0, "fd99::2/128", mark, FALLBACK_PRIORITY)),
+                       v4_only.nft_digest, True)
+    assert [str(c) for c in plan_agent(wanted(dual), both)] == [
+        f"{N1}: update peer {S1_KEY} allowed-ips 0.0.0.0/0,::/0 at {S1.ip}:51820"]
+    teardown = plan_teardown(both)
+    assert DeleteRule(RULE_PRIORITY, mark, "fd99::2/128", mark) in teardown
 
 
 def test_every_change_is_one_line() -> None:
@@ -180,7 +211,7 @@ B1, B2 = "10.99.0.2", "10.99.0.3"
 
 def server_wanted(rotation: frozenset[str] = frozenset({B1, B2}), peers: tuple[str, ...] = (K1, K2)) -> ServerWanted:
     ips = {K1: B1, K2: B2}
-    return ServerWanted("sptun0", ME, 51820, "10.99.0.1/16", tuple(Peer(k, (f"{ips[k]}/32",)) for k in peers),
+    return ServerWanted("sptun0", ME, 51820, ("10.99.0.1/16",), tuple(Peer(k, (f"{ips[k]}/32",)) for k in peers),
                         (FWD,), (rotation,))
 
 
@@ -253,3 +284,28 @@ def test_server_teardown_removes_the_table_then_the_interface() -> None:
     assert plan_teardown_server("sptun0", True, True) == [DeleteTable(), DeleteLink("sptun0", "down")]
     assert plan_teardown_server("sptun0", False, False) == []
     assert str(DeleteTable()) == "delete table inet sptun"
+
+
+# --- dual stack: each IPv4 lease mirrored in the IPv6 overlay ---------------------------------------
+
+
+def test_a_dual_stack_server_forwards_each_family_to_the_same_clients(tmp_path: Path) -> None:
+    from sptun.config import load_server
+    from sptun.leases import Lease
+    from sptun.server.plan import by_lease, forwards, in_family, peer_of
+
+    path = tmp_path / "server.toml"
+    path.write_text('overlay6 = "fd99::/64"\n[[domains]]\nname = "a.test"\nlisten = ["198.51.100.10", "2001:db8::10"]\n'
+                    '[[domains]]\nname = "b.test"\nports = ["tcp/8443"]\n')
+    cfg = load_server(path)
+    fwds = forwards(cfg)
+    assert [(f.domain, f.listen, f.family, f.key) for f in fwds] == [
+        ("a.test", "198.51.100.10", 4, "a.test 198.51.100.10 tcp/443"),
+        ("a.test", "2001:db8::10", 6, "a.test 2001:db8::10 tcp/443"),
+        ("b.test", None, 4, "b.test * tcp/8443"),
+        ("b.test", None, 6, "b.test *6 tcp/8443"),  # any address: once per family, under keys of their own
+    ]
+    rotation = frozenset({"10.99.0.2", "10.99.0.3"})
+    assert in_family(cfg, 4, rotation) == rotation and in_family(cfg, 6, rotation) == {"fd99::2", "fd99::3"}
+    assert by_lease(cfg, ["fd99::2", "10.99.0.3"]) == {"10.99.0.2", "10.99.0.3"}
+    assert peer_of(Lease(K1, "a.test", "10.99.0.2", 0.0), cfg).allowed_ips == ("10.99.0.2/32", "fd99::2/128")

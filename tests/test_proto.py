@@ -103,6 +103,16 @@ def test_seen_flag_round_trip(seen: bool) -> None:
     assert got is not None and got.seen is seen
 
 
+def test_the_ipv6_overlay_round_trip() -> None:
+    """A dual-stack server's assignment carries the IPv6 overlay too; an IPv4-only one, none."""
+    dual = Assignment("10.99.0.2", "10.99.0.1", SERVER_PUB, 16, True, "fd99::2", "fd99::1", 64)
+    for sent in (dual, ASSIGNMENT):
+        got = open_reply(accept(sent, SERVER_PRIV, CLIENT_PUB, CHALLENGE, "register"), CLIENT_PRIV, SERVER_PUB, CHALLENGE,
+                         "register")
+        assert got == sent
+    assert ASSIGNMENT.overlay_ip6 is None
+
+
 # --- the token never crosses the wire ----------------------------------------------------------
 
 

@@ -159,7 +159,8 @@ def test_an_agent_joins_converges_and_leaves_when_the_server_leaves_dns(tmp_path
             assert changes[-1] == f"{name}: add peer {server.public_key} allowed-ips 0.0.0.0/0 at 127.0.0.1:51820"
             assert ak.links[name].addresses == ["10.99.0.2/32"]
             mark = nft.client_mark(ak.links[name].index)
-            assert ak.rules == [{"priority": 5170, "fwmark": mark, "src": "10.99.0.2/32", "table": mark}]
+            assert ak.rules == [{"priority": 5170, "fwmark": mark, "src": "10.99.0.2/32", "table": mark},
+                                {"priority": 5171, "fwmark": 0, "src": "10.99.0.2/32", "table": mark}]  # the fallback
             assert ak.routes == {mark: ak.links[name].index}
             assert agent.public_key in sk.devices["sptun0"].peers  # committed before the agent heard back
             agent.last_wanted = None  # force a full read of the kernel

@@ -296,6 +296,7 @@ def test_forget_through_the_agent(tmp_path: Path) -> None:
 SERVER = ServerRecord("198.51.100.10")
 KEY = public_key(generate_private_key())
 GOOD = proto.Assignment("10.99.0.2", "10.99.0.1", KEY, 16)
+V6 = {"overlay_ip6": "fd99::2", "server_ip6": "fd99::1", "prefixlen6": 64}
 
 
 @pytest.mark.parametrize("change, taken, problem", [
@@ -310,6 +311,15 @@ GOOD = proto.Assignment("10.99.0.2", "10.99.0.1", KEY, 16)
     ({"overlay_ip": "198.51.100.11", "server_ip": "198.51.100.1", "prefixlen": 24}, (), "holds its own endpoint"),
     ({"overlay_ip": "fd00::2"}, (), "not IPv4"),
     ({}, ("10.99.0.2",), "already uses"),
+    # The IPv6 half, from a dual-stack server:
+    ({**V6, "prefixlen6": 128}, (), "IPv6 overlay prefix of /128"),
+    ({**V6, "prefixlen6": None}, (), "IPv6 overlay prefix"),
+    ({**V6, "overlay_ip6": "10.99.0.3"}, (), "not IPv6"),
+    ({**V6, "overlay_ip6": "fe80::2", "server_ip6": "fe80::1"}, (), "special address"),
+    ({**V6, "overlay_ip6": "::ffff:10.99.0.2"}, (), "special address"),
+    ({**V6, "overlay_ip6": "2001:db8::53"}, (), "not a client address in its IPv6 overlay"),
+    ({**V6, "overlay_ip6": "fd99::1"}, (), "not a client address in its IPv6 overlay"),  # the server's own
+    ({**V6}, ("fd99::2",), "already uses"),
 ])
 def test_a_hostile_assignment_is_refused(change: dict[str, object], taken: tuple[str, ...], problem: str) -> None:
     with pytest.raises(ProtocolError, match=problem) as info:
@@ -319,6 +329,10 @@ def test_a_hostile_assignment_is_refused(change: dict[str, object], taken: tuple
 
 def test_a_sane_assignment_passes() -> None:
     check_assignment(GOOD, SERVER, KEY, ("192.0.2.53", "10.99.0.3"))
+    check_assignment(dataclasses.replace(GOOD, **V6), SERVER, KEY, ("192.0.2.53", "fd99::3"))  # type: ignore[arg-type]
+    endpoint_inside = ServerRecord("fd99::7")  # an IPv6 endpoint inside the IPv6 overlay it assigns
+    with pytest.raises(ProtocolError, match="holds its own endpoint"):
+        check_assignment(dataclasses.replace(GOOD, **V6), endpoint_inside, KEY, ())  # type: ignore[arg-type]
 
 
 def test_a_rogue_server_fails_only_its_own_tunnel(tmp_path: Path) -> None:

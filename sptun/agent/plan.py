@@ -29,6 +29,11 @@ from sptun.discovery import ServerRecord
 from sptun.wg import Peer, PeerChange, plan_peers
 
 RULE_PRIORITY = 5170  # our `ip rule`s sit at this priority, and only ours
+# And, after them, one rule per tunnel and family with no mark: a reply's first route lookup
+# happens before nft restores its mark (then the output chain routes it again, by the mark).
+# Without it, that first lookup needs a default route in the main table, which a host with
+# no IPv6 (or no IPv4) uplink lacks: the reply to a browser of that family would never leave.
+FALLBACK_PRIORITY = 5171
 PREFIX = nft.CLIENT_PREFIX
 LOOSE_RP_FILTER = "2"  # a browser's address routes out by the default route, not by the tunnel
 
@@ -53,10 +58,16 @@ class TunnelWanted:
     overlay_ip: str
     server_key: str
     kick: bool = False  # the server lost our session: re-add the peer for a fresh handshake
+    overlay_ip6: str | None = None  # with a dual-stack server: our /128 in its IPv6 overlay
 
     @property
     def ifname(self) -> str:
         return interface_name(self.server.ip)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Our addresses in its overlay, as CIDRs: the sources of each family's rule."""
+        return (f"{self.overlay_ip}/32",) + ((f"{self.overlay_ip6}/128",) if self.overlay_ip6 else ())
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,10 @@ class AgentWanted:
 
 @dataclass(frozen=True)
 class Rule:
-    mark: int  # also the number of the routing table
+    mark: int  # also the number of the routing table; 0: any mark (a fallback rule)
     src: str | None
     route_table: int
+    priority: int = RULE_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,13 @@ class AgentKernel:
 
 
 def peer_of(tunnel: TunnelWanted, keepalive: int) -> Peer:
-    return Peer(tunnel.server_key, ("0.0.0.0/0",), endpoint(tunnel.server), keepalive)
+    """The server as our peer: browsers' connections come through it from any address."""
+    return Peer(tunnel.server_key, ("0.0.0.0/0", "::/0") if tunnel.overlay_ip6 else ("0.0.0.0/0",),
+                endpoint(tunnel.server), keepalive)
+
+
+def rules_of(tunnel: TunnelWanted, mark: int) -> list[Rule]:
+    return [rule for src in tunnel.sources for rule in (Rule(mark, src, mark), Rule(0, src, mark, FALLBACK_PRIORITY))]
 
 
 def plan(wanted: AgentWanted, kernel: AgentKernel) -> list[Change]:
@@ -111,25 +129,26 @@ def plan(wanted: AgentWanted, kernel: AgentKernel) -> list[Change]:
         marks[name] = mark
         if link.device.public_key != wanted.public_key:
             changes.append(SetKey(name, wanted.public_key))
-        address = f"{tunnel.overlay_ip}/32"
-        if link.addresses != (address,):
-            changes.append(SetAddresses(name, (address,)))
+        if link.addresses != tuple(sorted(tunnel.sources)):
+            changes.append(SetAddresses(name, tuple(sorted(tunnel.sources))))
         if not link.up or link.mtu != MTU:
             changes.append(LinkUp(name, MTU))
         if link.rp_filter != LOOSE_RP_FILTER:
             changes.append(SetSysctl(f"net/ipv4/conf/{name}/rp_filter", LOOSE_RP_FILTER))
         if link.default_route != link.index:
             changes.append(SetDefaultRoute(mark, name))
+        if tunnel.overlay_ip6 and link.default_route6 != link.index:
+            changes.append(SetDefaultRoute(mark, name, 6))
 
-    # Exactly one rule per tunnel: from its overlay address with its mark, to its table.
-    wanted_rules = {Rule(marks[t.ifname], f"{t.overlay_ip}/32", marks[t.ifname]): t.ifname
-                    for t in wanted.tunnels if t.ifname in marks}
+    # Exactly two rules per tunnel and family: from its overlay address with its mark, to its
+    # table; and the fallback, with no mark.
+    wanted_rules = {rule: t.ifname for t in wanted.tunnels if t.ifname in marks for rule in rules_of(t, marks[t.ifname])}
     for rule in kernel.rules:
         if rule not in wanted_rules:
-            changes.append(DeleteRule(RULE_PRIORITY, rule.mark, rule.src, rule.route_table))
-    for rule, name in sorted(wanted_rules.items(), key=lambda item: item[1]):
+            changes.append(DeleteRule(rule.priority, rule.mark, rule.src, rule.route_table))
+    for rule, name in sorted(wanted_rules.items(), key=lambda item: (item[1], item[0].priority)):
         if rule not in kernel.rules:
-            changes.append(AddRule(RULE_PRIORITY, rule.mark, rule.src or "", name))
+            changes.append(AddRule(rule.priority, rule.mark, rule.src or "", name, rule.route_table))
 
     ruleset = nft.render_client(marks, wanted.ports)
     table_ready = kernel.nft_digest == nft.comment_of(ruleset)
@@ -140,7 +159,7 @@ def plan(wanted: AgentWanted, kernel: AgentKernel) -> list[Change]:
         ready = kernel.links.get(name)
         if ready is None or not ready.ours or not table_ready:
             continue
-        if Rule(marks[name], f"{tunnel.overlay_ip}/32", marks[name]) not in kernel.rules:
+        if any(rule not in kernel.rules for rule in rules_of(tunnel, marks[name])):
             continue  # its replies would not find their way back yet
         peer = peer_of(tunnel, wanted.keepalive)
         peer_changes = plan_peers([peer], ready.device)
@@ -154,7 +173,7 @@ def plan(wanted: AgentWanted, kernel: AgentKernel) -> list[Change]:
 def plan_teardown(kernel: AgentKernel) -> list[Change]:
     """Everything of ours goes: links, rules (and their tables), the nft table."""
     changes: list[Change] = [DeleteLink(name, "down") for name in sorted(kernel.links)]
-    changes += [DeleteRule(RULE_PRIORITY, r.mark, r.src, r.route_table) for r in kernel.rules]
+    changes += [DeleteRule(r.priority, r.mark, r.src, r.route_table) for r in kernel.rules]
     if kernel.nft_loaded:
         changes.append(DeleteTable())
     return changes

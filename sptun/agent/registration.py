@@ -165,6 +165,30 @@ def check_assignment(a: proto.Assignment, server: ServerRecord, presented_key: s
         raise bad(f"the overlay {overlay}, which holds its own endpoint {server.ip}")
     if str(mine) in set(taken):
         raise bad(f"{mine}, an address this host already uses")
+    if a.overlay_ip6 is not None:
+        _check_ipv6(a, server, taken, bad)
+
+
+def _check_ipv6(a: proto.Assignment, server: ServerRecord, taken: Iterable[str],
+                bad: Callable[[str], ProtocolError]) -> None:
+    """The IPv6 half of an assignment, checked as the IPv4 half is."""
+    if a.prefixlen6 is None or not 8 <= a.prefixlen6 <= 126:
+        raise bad(f"an IPv6 overlay prefix of /{a.prefixlen6}")
+    try:
+        mine, its = ipaddress.IPv6Address(a.overlay_ip6 or ""), ipaddress.IPv6Address(a.server_ip6 or "")
+    except ValueError:
+        raise bad("an IPv6 overlay address that is not IPv6") from None
+    overlay = ipaddress.IPv6Network(f"{its}/{a.prefixlen6}", strict=False)
+    for address in (mine, its):
+        if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
+                or address.is_reserved or address.ipv4_mapped or address.is_site_local:
+            raise bad(f"the special address {address}")
+    if mine not in overlay or mine in (its, overlay.network_address):
+        raise bad(f"{mine}, which is not a client address in its IPv6 overlay {overlay}")
+    if ipaddress.ip_address(server.ip) in overlay:
+        raise bad(f"the IPv6 overlay {overlay}, which holds its own endpoint {server.ip}")
+    if str(mine) in set(taken):
+        raise bad(f"{mine}, an address this host already uses")
 
 
 class Registrar:

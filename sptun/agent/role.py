@@ -16,6 +16,7 @@ from typing import Any
 
 from sptun.agent.plan import (
     PREFIX,
+    FALLBACK_PRIORITY,
     RULE_PRIORITY,
     AgentKernel,
     AgentWanted,
@@ -129,7 +130,7 @@ class Agent(Role):
         at most drain_timeout, for the connections in flight through these tunnels."""
         assert self.registrar is not None
         await self.registrar.deregister(regs)
-        addresses = {r.assignment.overlay_ip for r in regs if r.assignment}
+        addresses = {ip for r in regs if r.assignment for ip in (r.assignment.overlay_ip, r.assignment.overlay_ip6) if ip}
         deadline = self.clock() + self.cfg.drain_timeout
         left = 0
         while addresses:
@@ -146,7 +147,8 @@ class Agent(Role):
         """The tunnels to have now: registered ones while the service listens, and the ones
         draining (their connections finish through them)."""
         assert self.public_key is not None
-        tunnels = tuple(TunnelWanted(r.server, r.assignment.overlay_ip, r.assignment.server_key, r.kick)
+        tunnels = tuple(TunnelWanted(r.server, r.assignment.overlay_ip, r.assignment.server_key, r.kick,
+                                     r.assignment.overlay_ip6)
                         for ip, r in sorted(self.registrations.items())
                         if r.assignment is not None and not r.drained and (self.listening or ip in self.draining))
         return AgentWanted(self.public_key, self.cfg.ports, self.cfg.keepalive, tunnels)
@@ -158,7 +160,8 @@ class Agent(Role):
             link = observe_link(e, name, tunnel=True)
             if link is not None:
                 links[name] = link
-        rules = tuple(Rule(r["fwmark"], r["src"], r["table"]) for r in e.links.rules(RULE_PRIORITY))
+        rules = tuple(Rule(r["fwmark"], r["src"], r["table"], priority) for priority in (RULE_PRIORITY, FALLBACK_PRIORITY)
+                      for r in e.links.rules(priority))
         nft_table = e.firewall.read()
         return AgentKernel(links, rules, nft_table.comment, nft_table.exists)
 
@@ -288,7 +291,8 @@ class Agent(Role):
                 healthy=a is not None and handshake_fresh(handshake, now),
                 handshake_age=round(now - handshake, 1) if handshake else None,
                 rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
-                error=reg.error or None))
+                error=reg.error or None, overlay_ip6=a.overlay_ip6 if a else None,
+                server_overlay_ip6=a.server_ip6 if a else None))
         d = self.discovery
         return AgentStatus(
             domain=self.cfg.domain, public_key=self.public_key, wireguard=self.edges.wg.kind, down=self.is_down(),

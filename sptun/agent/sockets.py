@@ -60,9 +60,10 @@ def listening(ports: tuple[Port, ...]) -> bool:
 
 
 def in_flight(addresses: set[str], ports: tuple[Port, ...]) -> int:
-    """Established TCP connections to the service on these (overlay, IPv4) addresses."""
+    """Established TCP connections to the service on these (overlay) addresses, of both families."""
     tcp = {p.number for p in ports if p.proto == "tcp"}
-    return sum(1 for address, port in local_sockets("tcp", TCP_ESTABLISHED) if address in addresses and port in tcp)
+    return sum(1 for family in (socket.AF_INET, socket.AF_INET6) for address, port in local_sockets("tcp", TCP_ESTABLISHED, family)
+               if address in addresses and port in tcp)
 
 
 class Sockets(Protocol):

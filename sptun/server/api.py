@@ -93,14 +93,16 @@ class RegistrationApi:
                 log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
         # A refresh of a known client changes nothing: the last pass saw its peer.
         state = self.role.device.peers.get(lease.public_key)
-        peer = peer_of(lease)
+        peer = peer_of(lease, self.role.cfg)
         # The last pass found the interface (is_ours costs a netlink dump of every link).
         if (state is None or state.peer.allowed_ips != peer.allowed_ips) and self.role.device.public_key is not None:
             self.pending_peers[lease.public_key] = PeerChange("add" if state is None else "update", peer)
             self.change_version += 1
         seen = state is not None and handshake_fresh(state.last_handshake, time.time())
-        return proto.Assignment(lease.overlay_ip, str(self.role.cfg.server_ip), self.public_key,
-                                self.role.cfg.overlay.prefixlen, seen)
+        cfg = self.role.cfg
+        return proto.Assignment(lease.overlay_ip, str(cfg.server_ip), self.public_key, cfg.overlay.prefixlen, seen,
+                                cfg.ip6_of(lease.overlay_ip), str(cfg.server_ip6) if cfg.overlay6 else None,
+                                cfg.overlay6.prefixlen if cfg.overlay6 else None)
 
     def deregister(self, claim: proto.Claim) -> None:
         """Runs under the lock: out of the rotation now; the peer stays while its connections finish."""

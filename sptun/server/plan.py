@@ -5,6 +5,7 @@ the kernel has it all."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from sptun import sni
 from sptun.wg import Peer, plan_peers
 
 IP_FORWARD = "net/ipv4/ip_forward"
+IP6_FORWARD = "net/ipv6/conf/all/forwarding"  # a dual-stack server's; README: what it does to router advertisements
 
 
 def forwards(cfg: ServerConfig) -> list[nft.Forward]:
@@ -43,12 +45,26 @@ def forwards(cfg: ServerConfig) -> list[nft.Forward]:
     shared = {(g.listen, g.port) for g in sni.groups(cfg)}
     result = []
     for domain in cfg.domains:
-        addresses: list[str | None] = [str(a) for a in domain.listen] or [None]  # None: any local address
-        for address in addresses:
+        # None: any local address, once per family the server forwards
+        addresses: list[tuple[str | None, int]] = [(str(a), a.version) for a in domain.listen]
+        addresses = addresses or [(None, family) for family in cfg.families]
+        for address, family in addresses:
             for port in domain.ports:
                 if (address, port) not in shared:
-                    result.append(nft.Forward(domain.name, address, port))
+                    result.append(nft.Forward(domain.name, address, port, family))
     return result
+
+
+def in_family(cfg: ServerConfig, family: int, ips: frozenset[str]) -> frozenset[str]:
+    """Backends (by their IPv4 leases) as a forward of this family reaches them."""
+    if family == 4:
+        return ips
+    return frozenset(cfg.ip6_of(ip) or "" for ip in ips) - {""}
+
+
+def by_lease(cfg: ServerConfig, ips: Iterable[str]) -> set[str]:
+    """The converse of in_family: addresses of either family, as their IPv4 leases."""
+    return {ip if ":" not in ip else cfg.ip4_of(ip) or ip for ip in ips}
 
 
 @dataclass(frozen=True)
@@ -77,9 +93,10 @@ def sni_wanted(groups: list[sni.SniGroup], rotation: dict[str, frozenset[str]], 
     return SniWanted(config, backends, summary)
 
 
-def peer_of(lease: Lease) -> Peer:
-    """A client as a peer of the server: only its overlay address may come from it."""
-    return Peer(lease.public_key, (f"{lease.overlay_ip}/32",))
+def peer_of(lease: Lease, cfg: ServerConfig) -> Peer:
+    """A client as a peer of the server: only its overlay addresses may come from it."""
+    ip6 = cfg.ip6_of(lease.overlay_ip)
+    return Peer(lease.public_key, (f"{lease.overlay_ip}/32", f"{ip6}/128") if ip6 else (f"{lease.overlay_ip}/32",))
 
 
 @dataclass(frozen=True)
@@ -87,11 +104,16 @@ class ServerWanted:
     interface: str
     public_key: str
     listen_port: int
-    address: str  # the server's overlay address, as a CIDR
+    addresses: tuple[str, ...]  # the server's overlay addresses, as CIDRs, sorted (as links reads them)
     peers: tuple[Peer, ...]
     forwards: tuple[nft.Forward, ...]
     rotations: tuple[frozenset[str], ...]  # per forward: the backends that should get connections
     sni: SniWanted | None = None
+
+    @property
+    def ipv6(self) -> bool:
+        """A dual-stack server: it has an IPv6 overlay address."""
+        return any(":" in a for a in self.addresses)
 
     @property
     def proxy_mark(self) -> int | None:
@@ -105,6 +127,7 @@ class ServerKernel:
     nft_table: nft.TableState
     proxy: sni.ProxyState = sni.ProxyState()
     proxy_routing: bool = False  # the rule and the local route that bring replies to the proxy
+    ip6_forward: str = ""
 
 
 def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
@@ -116,12 +139,14 @@ def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
     changes: list[Change] = []
     if link.device.public_key != wanted.public_key or link.device.listen_port != wanted.listen_port:
         changes.append(SetKey(name, wanted.public_key, wanted.listen_port))
-    if link.addresses != (wanted.address,):
-        changes.append(SetAddresses(name, (wanted.address,)))
+    if link.addresses != wanted.addresses:
+        changes.append(SetAddresses(name, wanted.addresses))
     if not link.up or link.mtu != MTU:
         changes.append(LinkUp(name, MTU))
     if kernel.ip_forward != "1":
         changes.append(SetSysctl(IP_FORWARD, "1"))
+    if wanted.ipv6 and kernel.ip6_forward != "1":
+        changes.append(SetSysctl(IP6_FORWARD, "1"))
     changes += [UpdatePeer(name, c) for c in plan_peers(list(wanted.peers), link.device)]
     changes += plan_table(wanted, kernel.nft_table)
     changes += plan_proxy(wanted.sni, kernel)
@@ -160,7 +185,7 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
     fwds = list(wanted.forwards)
     mark = wanted.proxy_mark
     if table.comment != nft.server_comment(wanted.interface, fwds, mark) or set(table.handles) != {f.key for f in fwds}:
-        rotations = [sorted(w, key=ipaddress.IPv4Address) for w in wanted.rotations]
+        rotations = [sorted(w, key=nft.ip_key) for w in wanted.rotations]
         summary = ", ".join(f"{f.domain} {f.port}: {len(r)}" for f, r in zip(fwds, rotations, strict=True))
         return [LoadTable(nft.render_server(wanted.interface, fwds, rotations, mark), summary or "no domains",
                           fresh=not table.exists)]
@@ -169,8 +194,8 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
     for i, (f, current) in enumerate(zip(fwds, table.rotations(fwds), strict=True)):
         new = nft.next_rotation(current, set(wanted.rotations[i]))
         if new != current:
-            changes.append(UpdateRotation(i, f.key, tuple(current), tuple(new)))
+            changes.append(UpdateRotation(i, f.key, tuple(current), tuple(new), f.family))
             gone |= set(current) - set(new)
     # Then, with no new connection going there any more, those it never answered: a browser's
     # retransmitted SYN finds no entry pinning it to the backend that left.
-    return changes + [ReleaseUnreplied(ip) for ip in sorted(gone, key=ipaddress.IPv4Address)]
+    return changes + [ReleaseUnreplied(ip) for ip in sorted(gone, key=nft.ip_key)]

@@ -29,10 +29,13 @@ from sptun.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
 from sptun import sni
 from sptun.server.plan import (
+    IP6_FORWARD,
     IP_FORWARD,
     ServerKernel,
     ServerWanted,
+    by_lease,
     forwards,
+    in_family,
     peer_of,
     plan,
     plan_table,
@@ -78,11 +81,20 @@ class Server(Role):
         check_token_files(self.cfg)
 
     def check_overlay(self) -> None:
-        """The overlay must not cover a network this host already routes elsewhere."""
-        clash = self.edges.links.overlapping_routes(self.cfg.overlay, self.cfg.interface)
-        if clash:
-            raise ConfigError(f"{self.cfg.path}: overlay: {self.cfg.overlay} overlaps {clash[0]} on this host",
-                              hint="choose an overlay that no local network uses")
+        """The overlays must not cover a network this host already routes elsewhere, and each
+        listen address must be this host's: a DNAT for another address never matches."""
+        for key, network in (("overlay", self.cfg.overlay), ("overlay6", self.cfg.overlay6)):
+            clash = self.edges.links.overlapping_routes(network, self.cfg.interface) if network else []
+            if clash:
+                raise ConfigError(f"{self.cfg.path}: {key}: {network} overlaps {clash[0]} on this host",
+                                  hint="choose an overlay that no local network uses")
+        local = self.edges.links.local_addresses()
+        for i, domain in enumerate(self.cfg.domains):
+            for address in domain.listen:
+                if str(address) not in local:
+                    raise ConfigError(f"{self.cfg.path}: domains[{i}].listen: {address} is not an address of this host",
+                                      hint="list this host's own public addresses (ip addr), or leave listen out "
+                                           "for any of them")
 
     # --- observe, plan, apply ----------------------------------------------------------
 
@@ -98,11 +110,13 @@ class Server(Role):
         fwds = forwards(self.cfg)
         rotation = {d.name: frozenset(lease.overlay_ip for lease in self.leases.for_domain(d.name) if self.in_rotation(lease))
                     for d in self.cfg.domains}
+        cfg = self.cfg
+        addresses = [f"{cfg.server_ip}/{cfg.overlay.prefixlen}"]
+        addresses += [f"{cfg.server_ip6}/{cfg.overlay6.prefixlen}"] if cfg.overlay6 else []
         return ServerWanted(
-            self.cfg.interface, self.public_key, self.cfg.listen_port,
-            f"{self.cfg.server_ip}/{self.cfg.overlay.prefixlen}",
-            tuple(peer_of(lease) for lease in self.leases.all()), tuple(fwds),
-            tuple(rotation[f.domain] for f in fwds),
+            cfg.interface, self.public_key, cfg.listen_port, tuple(sorted(addresses)),
+            tuple(peer_of(lease, cfg) for lease in self.leases.all()), tuple(fwds),
+            tuple(in_family(cfg, f.family, rotation[f.domain]) for f in fwds),
             sni_wanted(sni.groups(self.cfg), rotation, sni.socket_path(self.cfg.state_dir)))
 
     def read_nft_table(self) -> nft.TableState:
@@ -112,7 +126,8 @@ class Server(Role):
             self.nft_table = self.edges.firewall.read()
             fwds = forwards(self.cfg)
             proxied = {s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready}
-            self.health.adopt(self.leases.all(), {ip for r in self.nft_table.rotations(fwds) for ip in r} | proxied)
+            self.health.adopt(self.leases.all(), by_lease(self.cfg, (ip for r in self.nft_table.rotations(fwds) for ip in r))
+                              | proxied)
         return self.nft_table
 
     def observe(self) -> ServerKernel:
@@ -121,7 +136,8 @@ class Server(Role):
         assert self.edges.proxy is not None
         self.proxy = self.edges.proxy.read()  # first: read_nft_table adopts its rotations' health too
         table = self.read_nft_table()
-        return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), table, self.proxy, self.proxy_routing())
+        return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), table, self.proxy, self.proxy_routing(),
+                            self.edges.sysctls.get(IP6_FORWARD) if self.cfg.overlay6 else "")
 
     def proxy_routing(self) -> bool:
         links = self.edges.links
@@ -186,8 +202,8 @@ class Server(Role):
         link = observe_link(self.edges, self.cfg.interface)
         changes = []
         for key, state in (link.device.peers.items() if link is not None else []):
-            ips = state.peer.allowed_ips
-            if key in self.leases.by_key or key in self.leases.evicted or len(ips) != 1 or not ips[0].endswith("/32"):
+            ips = [ip for ip in state.peer.allowed_ips if ip.endswith("/32")]  # its IPv4 lease (an IPv6 one mirrors it)
+            if key in self.leases.by_key or key in self.leases.evicted or len(ips) != 1:
                 continue
             address = ips[0].removesuffix("/32")
             if ipaddress.IPv4Address(address) in self.cfg.overlay and self.leases.adopt(Lease(key, "", address, time.time())):
@@ -295,7 +311,7 @@ class Server(Role):
         """One round of checks of every backend, after one read of the kernel's passive
         health (who left connections unanswered, who answered); a flip wakes the loop."""
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
-        suspects, answered = await asyncio.to_thread(self.edges.firewall.passive)
+        suspects, answered = (by_lease(self.cfg, ips) for ips in await asyncio.to_thread(self.edges.firewall.passive))
         if suspects and self.health.suspect(leases, suspects):
             self.wake.set()
         # The probes run beside the next rounds' passive reads: a probe of a dead backend
@@ -351,7 +367,7 @@ class Server(Role):
             device, table, proxy = self.device, self.nft_table, self.proxy
         fwds = forwards(self.cfg)
         health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
-        rotations = [(f.domain, frozenset(r)) for f, r in zip(fwds, table.rotations(fwds))] if table else []
+        rotations = [(f.domain, frozenset(by_lease(self.cfg, r))) for f, r in zip(fwds, table.rotations(fwds))] if table else []
         rotations += [(d, frozenset(s.address for s in proxy.backends.get(sni.backend_name(gi, d), {}).values() if s.ready))
                       for gi, g in enumerate(sni.groups(self.cfg)) for d in g.domains]
         self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device, tuple(rotations),
@@ -403,7 +419,8 @@ class Server(Role):
                     handshake_age=round(now - handshake, 1) if handshake else None,
                     endpoint=state.peer.endpoint if state else None,
                     rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
-                    active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since))
+                    active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since,
+                    overlay_ip6=self.cfg.ip6_of(lease.overlay_ip)))
             forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
             forwarded += [ForwardStatus(g.listen or "*", str(g.port), proxy.totals.get(sni.backend_name(gi, domain.name), 0), 0)
@@ -414,7 +431,9 @@ class Server(Role):
             interface=self.cfg.interface, public_key=self.public_key, listen_port=self.cfg.listen_port,
             api_port=self.cfg.api_port, overlay=str(self.cfg.overlay), overlay_ip=str(self.cfg.server_ip),
             wireguard=self.edges.wg.kind, down=self.is_down(), up=view.device.public_key is not None,
-            table_loaded=view.table_loaded, registrations=registrations, domains=domains)
+            table_loaded=view.table_loaded, registrations=registrations, domains=domains,
+            overlay6=str(self.cfg.overlay6) if self.cfg.overlay6 else None,
+            overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None)
 
 
 @dataclass(frozen=True)
