@@ -20,6 +20,7 @@ import pytest
 from support import LAB_TOOLS, netns_marks
 
 from sptun.agent import RULE_PRIORITY, interface_name
+from sptun.agent.plan import FALLBACK_PRIORITY
 from sptun.daemon import RMEM_WANTED, rmem_default
 from sptun.errors import CommandError
 from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
@@ -27,6 +28,7 @@ from sptun.daemon import SCRAPE_MAX_AGE
 from sptun.lab import (
     DOMAIN,
     LAB_OVERLAY,
+    LAB_OVERLAY6,
     Host,
     Lab,
     browse,
@@ -121,6 +123,21 @@ def test_requests_through_each_server_are_even_keep_the_source_and_pass_tls(lab:
             assert f"OU={h.client}" in h.subject, h
 
 
+def test_ipv6_browsers_are_even_keep_their_address_and_pass_tls(lab: Lab) -> None:
+    """The same over IPv6: each server's public IPv6 address DNATs into its IPv6 overlay, to
+    the same clients, round-robin; the client sees the browser's IPv6 address."""
+    names = [c.name for c in lab.clients]
+    assert lab.browser.address6
+    for server in lab.servers:
+        assert server.address6
+        hits = browse(lab, server, 4 * len(names), address=server.address6)
+        assert all(h.ok for h in hits), [h.error for h in hits if not h.ok]
+        assert Counter(h.client for h in hits) == {name: 4 for name in names}
+        assert {h.source for h in hits} == {lab.browser.address6}
+        for h in hits:
+            assert f"OU={h.client}" in h.subject, h
+
+
 def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
     names = [c.name for c in lab.clients]
     for server in lab.servers:
@@ -129,6 +146,12 @@ def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
         answers = [dict(part.split("=") for part in pair) for pair in zip(out[::2], out[1::2], strict=True)]
         assert Counter(a["client"] for a in answers) == {name: 2 for name in names}
         assert {a["remote"] for a in answers} == {lab.browser.address}
+
+
+def mirror6(ip: str) -> str:
+    """A lease's IPv6 twin: at its offset in LAB_OVERLAY, in LAB_OVERLAY6."""
+    offset = int(ipaddress.IPv4Address(ip)) - int(ipaddress.IPv4Network(LAB_OVERLAY).network_address)
+    return str(ipaddress.IPv6Network(LAB_OVERLAY6).network_address + offset)
 
 
 def test_status_json_follows_the_contract(lab: Lab) -> None:
@@ -153,6 +176,8 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
     assert len(domain["backends"]) == 3
     for b in domain["backends"]:
         assert b["healthy"] is True and b["overlay_ip"].startswith("10.99.0.") and len(b["public_key"]) == 44
+        assert b["overlay_ip6"] == mirror6(b["overlay_ip"])  # both families
+    assert (server["overlay6"], server["overlay_ip6"]) == ("fd99::/64", "fd99::1")
     agent = status(lab.clients[0])  # (the CLI's part is proven above: each start is costly in the VM)
     assert agent["role"] == "agent" and agent["domain"] == DOMAIN
     assert sorted(t["server"] for t in agent["tunnels"]) == [s.address for s in lab.servers]
@@ -161,6 +186,7 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
         server = next(s for s in lab.servers if s.address == t["server"])
         (backends,) = [d["backends"] for d in status(server)["domains"] if d["name"] == DOMAIN]
         assert t["overlay_ip"] in [b["overlay_ip"] for b in backends]
+        assert (t["overlay_ip6"], t["server_overlay_ip6"]) == (mirror6(t["overlay_ip"]), "fd99::1")
 
 
 def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
@@ -375,6 +401,27 @@ def test_a_client_reaches_nothing_through_the_overlay(lab: Lab) -> None:
     assert forward_drops(s1) > drops_before
 
 
+def test_a_client_reaches_nothing_through_the_overlay_over_ipv6_either(lab: Lab) -> None:
+    """As above, in the IPv6 overlay: not another client's /128, not the server's own overlay
+    address, not the server's public IPv6 network."""
+    c1, c2 = lab.clients[0], lab.clients[1]
+    s1 = lab.servers[0]
+    tunnel = tunnel_of(c1, s1)["interface"]
+    c2_overlay6, server6 = tunnel_of(c2, s1)["overlay_ip6"], tunnel_of(c1, s1)["server_overlay_ip6"]
+    router = "2001:db8::1"  # the inet router, on the servers' public IPv6 link
+    assert c2_overlay6 and server6
+    drops_before = forward_drops(s1)
+    in_ns(c1, "ip", "-6", "route", "add", f"{router}/128", "dev", tunnel)
+    try:
+        for url in (f"https://[{c2_overlay6}]/", f"http://[{server6}]:51821/", f"http://[{router}]/"):
+            with pytest.raises(CommandError) as err:
+                in_ns(c1, "curl", "-sk", "--max-time", "2", url)
+            assert err.value.returncode == 28, url  # silently dropped: not refused, not answered
+    finally:
+        in_ns(c1, "ip", "-6", "route", "del", f"{router}/128", "dev", tunnel, check=False)
+    assert forward_drops(s1) > drops_before
+
+
 def forward_drops(server: Host) -> int:
     ruleset = json.loads(server.run(["nft", "-j", "list", "table", "inet", "sptun"]))
     total = 0
@@ -466,22 +513,32 @@ def test_secrets_stay_in_their_files(lab: Lab) -> None:
         assert not any(secret in text for text in outputs), f"the secret in {path} leaked"
 
 
-def test_an_overlay_over_a_local_network_is_refused(lab: Lab) -> None:
+@pytest.mark.parametrize("config, error", [
+    ('overlay = "198.51.100.0/24"\n', "overlay: 198.51.100.0/24 overlaps 198.51.100.0/24 dev eth0"),
+    ('overlay = "10.98.0.0/16"\noverlay6 = "2001:db8::/64"\n', "overlay6: 2001:db8::/64 overlaps 2001:db8::/64 dev eth0"),
+    ('overlay = "10.98.0.0/16"\noverlay6 = "fd98::/64"\n[[domains]]\nname = "x.example.test"\nlisten = ["2001:db8::99"]\n',
+     "domains[0].listen: 2001:db8::99 is not an address of this host"),
+    ('overlay = "10.98.0.0/16"\n[[domains]]\nname = "x.example.test"\nlisten = ["198.51.100.99"]\n',
+     "domains[0].listen: 198.51.100.99 is not an address of this host"),
+], ids=["overlay", "overlay6", "listen6-not-local", "listen-not-local"])
+def test_an_overlay_over_a_local_network_or_a_foreign_listen_address_is_refused(lab: Lab, config: str, error: str) -> None:
     s2 = lab.servers[1]
     conf = s2.dir / "overlap.toml"
-    conf.write_text(f'interface = "sptest0"\noverlay = "198.51.100.0/24"\nstate_dir = "{s2.dir}/overlap-state"\n')
+    conf.write_text(f'interface = "sptest0"\nstate_dir = "{s2.dir}/overlap-state"\n{config}')
     with pytest.raises(CommandError) as err:
         s2.run(sptun("up", "-c", str(conf)))
     (line,) = err.value.stderr.strip().splitlines()
-    assert err.value.returncode == 2 and line.startswith("sptun: ") and "overlaps 198.51.100.0/24 dev eth0" in line
+    assert err.value.returncode == 2 and line.startswith("sptun: ") and error in line, line
     assert "sptest0" not in s2.run(["ip", "link"])  # nothing was made
 
 
 def sptun_leftovers(host: Host) -> dict[str, object]:
+    """What sptun makes on a host, in both families."""
     links = [link["ifname"] for link in json.loads(host.run(["ip", "-j", "link", "show"]))
              if link["ifname"].startswith("sptun")]
-    rules = [r for r in json.loads(host.run(["ip", "-j", "rule", "show"])) if r.get("priority") == RULE_PRIORITY]
-    routes = [r for r in json.loads(host.run(["ip", "-j", "route", "show", "table", "all"]))
+    rules = [r for family in ("-4", "-6") for r in json.loads(host.run(["ip", "-j", family, "rule", "show"]))
+             if r.get("priority") in (RULE_PRIORITY, FALLBACK_PRIORITY)]
+    routes = [r for family in ("-4", "-6") for r in json.loads(host.run(["ip", "-j", family, "route", "show", "table", "all"]))
               if str(r.get("table", "")).isdigit() and int(r["table"]) & MARK_MASK == MARK_BASE]
     tables = host.run(["nft", "list", "tables"]).split()
     return {"links": links, "rules": rules, "routes": routes, "nft": "sptun" in tables}

@@ -157,7 +157,7 @@ def test_provision_net_on_the_nat_router(netns: str) -> None:
         out = provision(netns, "nat")
     assert "NAT from eth1 out of eth2" in out  # nics: the LAN first, then the uplink
     ruleset = in_ns(netns, "nft", "list", "table", "inet", "lab")
-    assert 'iifname "eth2" oifname "eth1" drop' in ruleset and 'oifname "eth2" masquerade' in ruleset
+    assert 'iifname "eth2" oifname "eth1" drop' in ruleset and 'oifname "eth2" meta nfproto ipv4 masquerade' in ruleset
     assert in_ns(netns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
     routes = in_ns(netns, "ip", "-4", "route", "show")
     for dest, via in host["routes"]:

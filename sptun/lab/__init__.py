@@ -12,6 +12,7 @@ from __future__ import annotations
 from sptun.lab.demo import (
     AGENT_TOML,
     LAB_OVERLAY,
+    LAB_OVERLAY6,
     SERVER_TOML,
     browse,
     config_path,
@@ -31,6 +32,7 @@ from sptun.lab.net import (
     KNOT_CONF,
     LAB_ROOT,
     NAT_RULESET,
+    PUBLIC6,
     NGINX_CONF,
     SNI_DOMAINS,
     ZONE,
@@ -57,6 +59,7 @@ __all__ = [
     "KNOT_CONF",
     "LAB_ROOT",
     "NAT_RULESET",
+    "PUBLIC6",
     "NGINX_CONF",
     "ZONE",
     "Arg",
@@ -75,6 +78,7 @@ __all__ = [
     # sptun on top of it (sptun.lab.demo)
     "AGENT_TOML",
     "LAB_OVERLAY",
+    "LAB_OVERLAY6",
     "SERVER_TOML",
     "browse",
     "config_path",

@@ -16,9 +16,10 @@ from rich.table import Table
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
-from sptun.lab.net import DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, slow
+from sptun.lab.net import DNS6, DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, slow
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
+LAB_OVERLAY6 = "fd99::/64"  # each server's IPv6 overlay: each client's IPv4 lease mirrored in it
 REQUESTS_PER_SERVER = 12
 METRICS_PORT = 9586
 
@@ -28,12 +29,12 @@ interface = "sptun0"
 listen_port = 51820
 api_port = 51821
 overlay = "{overlay}"
-state_dir = "{home}/state"
+{overlay6}state_dir = "{home}/state"
 wireguard = "{wireguard}"
 
 [[domains]]
 name = "{domain}"
-listen = ["{address}"]
+listen = {listen}
 ports = {ports}
 token_file = "{home}/tokens/{domain}"
 """
@@ -74,9 +75,13 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
     for host in lab.servers + lab.clients:
         template = SERVER_TOML if host.spec.role == "server" else AGENT_TOML
         (host.dir / "tokens").mkdir(mode=0o700, exist_ok=True)
+        # Servers are dual stack (clients' listen is not used).
+        listen = [host.address] + ([host.address6] if host.address6 else [])
+        dns = DNS_ADDRESS if host.spec.gateway else DNS6  # an IPv6-only client asks over IPv6
         text = template.format(name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir,
-                               wireguard=wireguard, domain=DOMAIN, address=host.address, dns=DNS_ADDRESS,
-                               ports=json.dumps(list(ports)))
+                               wireguard=wireguard, domain=DOMAIN, listen=json.dumps(listen), dns=dns,
+                               ports=json.dumps(list(ports)),
+                               overlay6=f'overlay6 = "{LAB_OVERLAY6}"\n' if host.address6 else "")
         if metrics:  # each host is its own network namespace: the same address everywhere
             text = f'metrics = "127.0.0.1:{METRICS_PORT}"\n' + text
         if host.spec.role == "server":
@@ -105,7 +110,7 @@ def share_by_sni(lab: Lab, client_domains: dict[str, str], address: Callable[[Ho
         path = server.dir / "server.toml"
         text = path.read_text()
         if address(server) != server.address:  # a second public address: DOMAIN there as well
-            text = text.replace(f'listen = ["{server.address}"]', f'listen = ["{server.address}", "{address(server)}"]', 1)
+            text = text.replace(f'listen = ["{server.address}"', f'listen = ["{server.address}", "{address(server)}"', 1)
         text += "".join(f'\n[[domains]]\nname = "{d}"\nlisten = ["{address(server)}"]\nports = ["tcp/443"]\n'
                         f'token_file = "{server.dir}/tokens/{d}"\n' for d in SNI_DOMAINS)
         path.write_text(text)
@@ -243,22 +248,26 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
         ok = True
         names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS]  # DOMAIN's
         for server in lab.servers:
-            hits = browse(lab, server, REQUESTS_PER_SERVER)
-            table = Table("#", "server", "answering client", "source seen by client", "certificate subject",
-                          title=f"{REQUESTS_PER_SERVER} HTTPS requests to {DOMAIN} through {server.name} "
-                                f"({server.address}: kernel DNAT)")
-            for i, h in enumerate(hits, 1):
-                table.add_row(str(i), h.server, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
-            console.print(table)
-            counts = Counter(h.client for h in hits if h.ok)
-            balanced = even(hits, names)
-            failed = sum(not h.ok for h in hits)
-            sources_ok = all(h.source == lab.browser.address for h in hits if h.ok)
-            console.print(f"{server.name}: {len(hits) - failed}/{len(hits)} ok; split "
-                          + ", ".join(f"{c}={counts[c]}" for c in names)
-                          + (" [green](even)[/]" if balanced else " [red](uneven)[/]")
-                          + ("; browser address kept" if sources_ok else " [red]; browser address NOT kept[/]"))
-            ok = ok and not failed and balanced and sources_ok
+            # Both families: IPv4 first, then IPv6 (a dual-stack browser, the server's AAAA address).
+            for address, browser in ((server.address, lab.browser.address), (server.address6, lab.browser.address6)):
+                if address is None:
+                    continue
+                hits = browse(lab, server, REQUESTS_PER_SERVER, address=address)
+                table = Table("#", "server", "answering client", "source seen by client", "certificate subject",
+                              title=f"{REQUESTS_PER_SERVER} HTTPS requests to {DOMAIN} through {server.name} "
+                                    f"({address}: kernel DNAT)")
+                for i, h in enumerate(hits, 1):
+                    table.add_row(str(i), h.server, h.client if h.ok else f"[red]failed: {h.error}[/]", h.source, h.subject)
+                console.print(table)
+                counts = Counter(h.client for h in hits if h.ok)
+                balanced = even(hits, names)
+                failed = sum(not h.ok for h in hits)
+                sources_ok = all(h.source == browser for h in hits if h.ok)
+                console.print(f"{server.name} {address}: {len(hits) - failed}/{len(hits)} ok; split "
+                              + ", ".join(f"{c}={counts[c]}" for c in names)
+                              + (" [green](even)[/]" if balanced else " [red](uneven)[/]")
+                              + ("; browser address kept" if sources_ok else " [red]; browser address NOT kept[/]"))
+                ok = ok and not failed and balanced and sources_ok
         for server in lab.servers:
             ok = show_sni(lab, console, server) and ok
         console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")

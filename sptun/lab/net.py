@@ -36,6 +36,13 @@ DOMAIN = "app.example.test"
 SNI_DOMAINS = ("blue.example.test", "green.example.test")
 ZONE = "example.test"
 DNS_ADDRESS = "192.0.2.53"
+# The public IPv6 network: one link (the inet router's br0) for the servers, the browser and
+# DNS; and the home LAN's, behind the NAT router (which routes it: IPv6 has no NAT there).
+PUBLIC6 = "2001:db8::"
+INET6 = f"{PUBLIC6}1"  # the inet router
+DNS6 = f"{PUBLIC6}53"
+NAT6 = f"{PUBLIC6}2:2"
+HOME6 = "2001:db8:100::"
 
 
 def slow() -> float:
@@ -82,35 +89,48 @@ class HostSpec:
     forward: bool = False  # net.ipv4.ip_forward=1
     masquerade: bool = False  # NAT br0 out of eth0 and refuse inbound connections
     routes: tuple[tuple[str, str], ...] = ()  # extra (destination, via)
+    address6: str | None = None  # an IPv6 address (/64) on eth0
+    bridge6: tuple[str, ...] = ()  # IPv6 CIDRs on this host's br0 (routers only: they forward IPv6 then)
+    gateway6: str | None = None  # IPv6 default route
+    routes6: tuple[tuple[str, str], ...] = ()  # extra IPv6 (destination, via)
 
     @property
     def cidr(self) -> str:
         return f"{self.address}/{self.prefixlen}"
 
 
-def topology(servers: int = 2, clients: int = 3) -> list[HostSpec]:
-    """The lab's hosts, routers before the hosts that plug into them."""
-    if not 1 <= servers <= 50 or not 1 <= clients <= 50:
-        raise SptunError(f"lab size out of range: {servers} servers, {clients} clients", hint="use 1..50 of each")
+def topology(servers: int = 2, clients: int = 3, ipv6_only: int = 0) -> list[HostSpec]:
+    """The lab's hosts, routers before the hosts that plug into them. Servers, the browser and
+    the DNS server are dual stack. With ipv6_only > 0, the home LAN gets IPv6 too (routed,
+    not NATed, and still closed to inbound connections), and its last ipv6_only clients
+    have no IPv4 uplink: their network is IPv6 only."""
+    if not 1 <= servers <= 50 or not 1 <= clients <= 50 or not 0 <= ipv6_only <= clients:
+        raise SptunError(f"lab size out of range: {servers} servers, {clients} clients ({ipv6_only} IPv6-only)",
+                         hint="use 1..50 of each, and at most as many IPv6-only clients as clients")
+    home6 = bool(ipv6_only)
     hosts = [
         HostSpec(
             "inet",
             "router",
             "192.0.2.1",
             bridge=("192.0.2.1/24", "198.51.100.1/24", "203.0.113.1/24"),
+            bridge6=(f"{INET6}/64",),
             forward=True,
             # Like a careless ISP: route the home LAN to the NAT router, so that only
             # the NAT router's firewall keeps the browser away from the clients.
             routes=(("10.99.100.0/24", "203.0.113.2"),),
+            routes6=((f"{HOME6}/64", NAT6),) if home6 else (),
         ),
-        HostSpec("dns", "dns", DNS_ADDRESS, gateway="192.0.2.1", uplink="inet"),
+        HostSpec("dns", "dns", DNS_ADDRESS, gateway="192.0.2.1", uplink="inet", address6=DNS6, gateway6=INET6),
     ]
     hosts += [
-        HostSpec(f"s{i}", "server", f"198.51.100.{9 + i}", gateway="198.51.100.1", uplink="inet")
+        HostSpec(f"s{i}", "server", f"198.51.100.{9 + i}", gateway="198.51.100.1", uplink="inet",
+                 address6=f"{PUBLIC6}1:{9 + i}", gateway6=INET6)
         for i in range(1, servers + 1)
     ]
     hosts += [
-        HostSpec("browser", "browser", "203.0.113.10", gateway="203.0.113.1", uplink="inet"),
+        HostSpec("browser", "browser", "203.0.113.10", gateway="203.0.113.1", uplink="inet", address6=f"{PUBLIC6}3:10",
+                 gateway6=INET6),
         HostSpec(
             "nat",
             "router",
@@ -120,10 +140,15 @@ def topology(servers: int = 2, clients: int = 3) -> list[HostSpec]:
             bridge=("10.99.100.1/24",),
             forward=True,
             masquerade=True,
+            address6=NAT6 if home6 else None,
+            bridge6=(f"{HOME6}1/64",) if home6 else (),
+            gateway6=INET6 if home6 else None,
         ),
     ]
     hosts += [
-        HostSpec(f"c{i}", "client", f"10.99.100.{10 + i}", gateway="10.99.100.1", uplink="nat")
+        HostSpec(f"c{i}", "client", f"10.99.100.{10 + i}", uplink="nat",
+                 gateway=None if i > clients - ipv6_only else "10.99.100.1",  # IPv6 only: no IPv4 beyond the LAN
+                 address6=f"{HOME6}{10 + i}" if home6 else None, gateway6=f"{HOME6}1" if home6 else None)
         for i in range(1, clients + 1)
     ]
     return hosts
@@ -140,6 +165,7 @@ class Host:
         self.name = spec.name
         self.netns = f"{prefix}-{spec.name}"
         self.address = spec.address
+        self.address6 = spec.address6
         self.dir = lab_dir / spec.name  # this host's files
         self.mnt = lab_dir / f"{spec.name}.mnt"  # bind mount that keeps its mount namespace alive
         self.lab_dir = lab_dir
@@ -203,14 +229,15 @@ class CurlResult:
 
 class Lab:
     def __init__(
-        self, prefix: str = "sptlab", servers: int = 2, clients: int = 3, ttl: int = 5, root: Path = LAB_ROOT
+        self, prefix: str = "sptlab", servers: int = 2, clients: int = 3, ttl: int = 5, root: Path = LAB_ROOT,
+        ipv6_only: int = 0,
     ) -> None:
         _check_prefix(prefix)
         self.prefix = prefix
         self.ttl = ttl
         self.dir = root / prefix
         self.root = root
-        self.hosts = {spec.name: Host(spec, prefix, self.dir) for spec in topology(servers, clients)}
+        self.hosts = {spec.name: Host(spec, prefix, self.dir) for spec in topology(servers, clients, ipv6_only)}
         self.servers = self._role("server")
         self.clients = self._role("client")
         self.dns = self._role("dns")[0]
@@ -218,7 +245,7 @@ class Lab:
         self.ca_cert = self.dir / "ca" / "ca.pem"
         self.knot_conf = self.dns.dir / "knot.conf"
         self.zone_file = self.dns.dir / f"{ZONE}.zone"
-        self._a = [s.address for s in self.servers]  # current A records for DOMAIN
+        self._a = [s.address for s in self.servers] + [s.address6 for s in self.servers if s.address6]  # A, AAAA
 
     def _role(self, role: str) -> list[Host]:
         return [h for h in self.hosts.values() if h.spec.role == role]
@@ -285,6 +312,8 @@ umount -l {shlex.quote(str(self.dir))}
             host.run(["ip", "link", "add", "br0", "type", "bridge"])
             for cidr in spec.bridge:
                 host.run(["ip", "addr", "add", cidr, "dev", "br0"])
+            for cidr in spec.bridge6:  # nodad: not tentative for a second or two
+                host.run(["ip", "addr", "add", cidr, "dev", "br0", "nodad"])
             host.run(["ip", "link", "set", "br0", "up"])
         if spec.uplink:
             router = self.hosts[spec.uplink]
@@ -293,13 +322,21 @@ umount -l {shlex.quote(str(self.dir))}
                  "peer", "name", host.name, "netns", router.netns])  # fmt: skip
             router.run(["ip", "link", "set", host.name, "master", "br0", "up"])
             host.run(["ip", "addr", "add", spec.cidr, "dev", "eth0"])
+            if spec.address6:
+                host.run(["ip", "addr", "add", f"{spec.address6}/64", "dev", "eth0", "nodad"])
             host.run(["ip", "link", "set", "eth0", "up"])
         if spec.gateway:
             host.run(["ip", "route", "add", "default", "via", spec.gateway])
         for dest, via in spec.routes:
             host.run(["ip", "route", "add", dest, "via", via])
+        if spec.gateway6:
+            host.run(["ip", "-6", "route", "add", "default", "via", spec.gateway6])
+        for dest, via in spec.routes6:
+            host.run(["ip", "-6", "route", "add", dest, "via", via])
         if spec.forward:
             host.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if spec.bridge6:
+            host.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         if spec.masquerade:
             host.run(["nft", "-f", "-"], input=NAT_RULESET)
 
@@ -346,7 +383,7 @@ umount -l {shlex.quote(str(self.dir))}
         dns = self.dns.dir
         (dns / "run").mkdir()
         (dns / "db").mkdir()
-        self.knot_conf.write_text(KNOT_CONF.format(dir=dns, listen=f"{DNS_ADDRESS}@53", zone=ZONE))
+        self.knot_conf.write_text(KNOT_CONF.format(dir=dns, listen=f"[ {DNS_ADDRESS}@53, {DNS6}@53 ]", zone=ZONE))
         self.write_zone([server_txt(s.address) for s in self.servers], self._a, serial=1)
         self.dns.spawn(["knotd", "-c", self.knot_conf], log=dns / "knotd.log")
 
@@ -377,7 +414,7 @@ umount -l {shlex.quote(str(self.dir))}
             f"@ SOA ns.{ZONE}. hostmaster.{ZONE}. {serial} 60 60 3600 {self.ttl}",
             "@ NS ns",
             f"ns A {DNS_ADDRESS}",
-            *(f"{name}. A {ip}" for name in (DOMAIN, *SNI_DOMAINS) for ip in a),
+            *(f"{name}. {'AAAA' if ':' in ip else 'A'} {ip}" for name in (DOMAIN, *SNI_DOMAINS) for ip in a),
             *(f"{name}. TXT {_txt_rdata(record)}" for name in (DOMAIN, *SNI_DOMAINS) for record in txt),
         ]
         tmp = self.zone_file.with_suffix(".tmp")
@@ -424,7 +461,8 @@ umount -l {shlex.quote(str(self.dir))}
         out = host.run(
             ["curl", "-sS", "-v", "--stderr", "-", "-o", body, "-w", "\nsptun-curl-exit=%{exitcode}\n",
              "--max-time", f"{timeout:g}", "--cacert", self.ca_cert,
-             "--resolve", f"{domain}:443:{server_ip}", *args, f"https://{domain}{path}"],
+             "--resolve", f"{domain}:443:{f'[{server_ip}]' if ':' in server_ip else server_ip}", *args,
+             f"https://{domain}{path}"],
             check=False, timeout=timeout + 10,
         )  # fmt: skip
         try:
@@ -623,7 +661,7 @@ table inet lab {
     }
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "eth0" masquerade
+        oifname "eth0" meta nfproto ipv4 masquerade
     }
 }
 """
@@ -680,7 +718,9 @@ http {{
 
     server {{
         listen 80;
+        listen [::]:80;
         listen 443 ssl http2;
+        listen [::]:443 ssl http2;
         server_name {domain};
         ssl_certificate {cert};
         ssl_certificate_key {key};

@@ -1,0 +1,142 @@
+"""Dual stack end to end, and a client on an IPv6-only network.
+
+The lab: two servers, three clients. The servers, the browser and DNS have both families;
+the home LAN has IPv6 too (routed, not NATed), and c3's network has no IPv4 uplink at all.
+DNS lists s1 by its IPv4 address and s2 by its IPv6 address (TXT `ip=`), so c1 and c2
+tunnel to both (to s2 over IPv6), and c3 joins s2 only, over IPv6: its WireGuard endpoint
+and its registration are IPv6, and it asks DNS over IPv6. Browsers of both families reach
+every client of each server, and the clients see the browsers' own addresses.
+
+    .venv/bin/python -m pytest -q -s tests/test_ipv6.py     # -s prints the figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from support import LAB_TOOLS, netns_marks
+from test_e2e import sptun_leftovers
+from test_failover import BROWSERS, report
+
+from sptun.lab import (
+    Host,
+    Lab,
+    browse,
+    config_path,
+    server_txt,
+    slow,
+    sptun,
+    start_daemons,
+    status,
+    write_configs,
+)
+
+pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
+
+BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
+PREFIX = f"six{os.getpid() % 100000}"
+
+
+def served(lab: Lab) -> dict[str, set[str]]:
+    """Each server's clients that are healthy and in its rotation, by name."""
+    out: dict[str, set[str]] = {}
+    for server in lab.servers:
+        by_ip = {t["overlay_ip"]: c.name for c in lab.clients for t in status(c)["tunnels"]
+                 if t["server"] in (server.address, server.address6)}
+        out[server.name] = {by_ip.get(b["overlay_ip"], "?") for d in status(server)["domains"] for b in d["backends"]
+                            if b["healthy"] and b["in_rotation"]}
+    return out
+
+
+EXPECTED = {"s1": {"c1", "c2"}, "s2": {"c1", "c2", "c3"}}  # c3 cannot reach s1's IPv4 endpoint
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(PREFIX, servers=2, clients=3, ipv6_only=1)
+    try:
+        lab.up()
+        s1, s2 = lab.servers
+        assert s2.address6
+        lab.set_txt([server_txt(s1.address), server_txt(s2.address6)])
+        write_configs(lab, BACKEND)
+        start_daemons(lab)
+        wait_for_rotations(lab)
+        yield lab
+    finally:
+        lab.down()
+
+
+def wait_for_rotations(lab: Lab) -> None:
+    deadline = time.monotonic() + 120 * slow()
+    while (now := served(lab)) != EXPECTED:
+        assert time.monotonic() < deadline, f"not served as expected: {now}"
+        time.sleep(0.5)
+
+
+def tunnels(client: Host) -> dict[str, dict]:
+    return {t["server"]: t for t in status(client)["tunnels"]}
+
+
+def test_a_client_on_an_ipv6_only_network_tunnels_over_ipv6(lab: Lab) -> None:
+    s1, s2 = lab.servers
+    c1, c3 = lab.clients[0], lab.clients[2]
+    assert s2.address6
+    mine = tunnels(c3)
+    assert mine[s2.address6]["healthy"] and mine[s2.address6]["overlay_ip6"]
+    assert not mine[s1.address]["registered"]  # one clear line, and no tunnel
+    assert "this host has no IPv4 route there" in mine[s1.address]["error"], mine[s1.address]["error"]
+    # Its WireGuard endpoint, and c1's to s2, are IPv6 (an IPv4 address is never asked).
+    for client in (c3, c1):
+        endpoints = client.run(["wg", "show", tunnels(client)[s2.address6]["interface"], "endpoints"])
+        assert f"[{s2.address6}]:51820" in endpoints, endpoints
+    assert "nameservers = [\"2001:db8::53\"]" in (c3.dir / "agent.toml").read_text()  # DNS over IPv6 too
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_browsers_of_both_families_reach_every_client_keeping_their_address(lab: Lab, family: int) -> None:
+    browser = lab.browser.address if family == 4 else lab.browser.address6
+    for server in lab.servers:
+        address = server.address if family == 4 else server.address6
+        assert address
+        mine = sorted(EXPECTED[server.name])
+        hits = browse(lab, server, 4 * len(mine), address=address)
+        assert all(h.ok for h in hits), [h.error for h in hits if not h.ok]
+        assert Counter(h.client for h in hits) == dict.fromkeys(mine, 4), f"through {server.name} at {address}"
+        assert {h.source for h in hits} == {browser}
+        for h in hits:
+            assert f"OU={h.client}" in h.subject, h
+
+
+def test_a_drain_over_ipv6_fails_no_connection(lab: Lab) -> None:
+    """8 browsers over IPv6 through s2, a connect waiting up to 10 s each, while c3 (the
+    IPv6-only client) drains and comes back."""
+    s2, c3 = lab.servers[1], lab.clients[2]
+    assert s2.address6
+    out = lab.browser.dir / f"browsers-{time.monotonic_ns()}.json"
+    load = lab.browser.spawn([sys.executable, BROWSERS, s2.address6, "--ca", lab.ca_cert, "--browsers", "8",
+                              "--seconds", "14"], log=out)
+    time.sleep(3)
+    fault = time.monotonic()
+    c3.run(sptun("down", "-c", config_path(c3)), timeout=60 * slow())
+    c3.run(sptun("up", "-c", config_path(c3)), timeout=60 * slow())
+    load.wait(timeout=60 * slow())
+    result = json.loads(out.read_text().splitlines()[-1])
+    s = report("IPv6: c3 drained and back, through s2's IPv6 address", result, fault)
+    wait_for_rotations(lab)
+    assert s["requests"] > 20 and s["failed"] == 0
+
+
+def test_down_leaves_nothing_of_either_family(lab: Lab) -> None:
+    c3 = lab.clients[2]
+    assert sptun_leftovers(c3)["links"]
+    c3.run(sptun("down", "-c", config_path(c3)), timeout=60 * slow())
+    assert sptun_leftovers(c3) == {"links": [], "rules": [], "routes": [], "nft": False}
+    c3.run(sptun("up", "-c", config_path(c3)), timeout=60 * slow())
+    wait_for_rotations(lab)
