@@ -278,8 +278,12 @@ class StopProxy:
 
 @dataclass(frozen=True)
 class SetProxyRouting:
+    families: tuple[int, ...] = (4,)  # of the server: each gets its rule and local route
+
     def __str__(self) -> str:
-        return f"add rule fwmark {PROXY_MARK:#x} lookup {PROXY_TABLE}, and a local route there (replies to the SNI proxy)"
+        shown = "" if self.families == (4,) else f" (IPv{' and IPv'.join(map(str, self.families))})"
+        return (f"add rule fwmark {PROXY_MARK:#x} lookup {PROXY_TABLE}, and a local route there (replies to the "
+                f"SNI proxy){shown}")
 
 
 @dataclass(frozen=True)
@@ -371,15 +375,19 @@ class Applier:
                 self._proxy().run(list(commands))
             case StopProxy():
                 self._proxy().stop()
-            case SetProxyRouting():
-                e.links.set_local_route(PROXY_TABLE)
-                if not e.links.rules(PROXY_RULE_PRIORITY):
-                    e.links.add_rule(PROXY_RULE_PRIORITY, PROXY_MARK, "0.0.0.0/0", PROXY_TABLE)
+            case SetProxyRouting(families=families):
+                have = {rule["family"] for rule in e.links.rules(PROXY_RULE_PRIORITY)}
+                for family in families:
+                    e.links.set_local_route(PROXY_TABLE, family)
+                    if family not in have:
+                        e.links.add_rule(PROXY_RULE_PRIORITY, PROXY_MARK, "::/0" if family == 6 else "0.0.0.0/0",
+                                         PROXY_TABLE)
                 self.undo.append(DeleteProxyRouting())
             case DeleteProxyRouting():
                 for rule in e.links.rules(PROXY_RULE_PRIORITY):
-                    e.links.delete_rule(PROXY_RULE_PRIORITY, rule["fwmark"], rule["src"], rule["table"])
-                e.links.delete_local_route(PROXY_TABLE)
+                    e.links.delete_rule(PROXY_RULE_PRIORITY, rule["fwmark"], rule["src"], rule["table"], rule["family"])
+                for family in (4, 6):
+                    e.links.delete_local_route(PROXY_TABLE, family)
 
     def _proxy(self) -> Proxy:
         if self.edges.proxy is None:

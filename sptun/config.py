@@ -369,8 +369,8 @@ def _check_domains(path: Path, domains: list[Domain], ipv6: bool = False) -> Non
     """Two domains cannot share a name. They may share an address and a TCP port (sptun then
     routes by SNI: sptun.sni), but not a UDP port (a datagram names no domain), and
     not a port on "any address" beside one on a specific address (which one would win?).
-    SNI routing is IPv4 only for now: not on an IPv6 address, nor on "any address" of a
-    server with IPv6 (ipv6)."""
+    SNI routing on "any address" of a dual-stack server (ipv6) is not done yet: it would need
+    an upstream of each family."""
     taken: list[tuple[str, Port, str]] = []  # (address, or "*" for any, port, domain)
     for i, dom in enumerate(domains):
         if dom.name in [d.name for d in domains[:i]]:
@@ -389,11 +389,10 @@ def _check_domains(path: Path, domains: list[Domain], ipv6: bool = False) -> Non
                     raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}",
                                       hint="to share the port (routed by SNI), give both domains the same listen "
                                            "addresses; else give each its own")
-                if ":" in address or (address == "*" and ipv6):
-                    raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown}, "
-                                      "and SNI routing is not available over IPv6 yet",
-                                      hint="share only IPv4 addresses (list them in listen), or give each domain "
-                                           "its own IPv6 address")
+                if address == "*" and ipv6:
+                    raise ConfigError(f"{path}: domains[{i}]: {dom.name} and {other} both take {port} on {shown} "
+                                      "of a dual-stack server, which SNI routing does not do yet",
+                                      hint="list the shared addresses of both families in listen")
         taken += [(address, port, dom.name) for address, port in mine]
 
 

@@ -186,20 +186,22 @@ class Links:
                    dst=_ANY[family], oif=index, table=table, family=_AF[family])
         return True
 
-    def local_route(self, table: int) -> bool:
-        """Whether `table` has `local 0.0.0.0/0 dev lo`: everything it routes is for this host."""
+    def local_route(self, table: int, family: int = 4) -> bool:
+        """Whether `table` has the family's `local default dev lo`: everything it routes is for this host."""
         return any(route["dst_len"] == 0 and route["type"] == RTN_LOCAL and route.get_attr("RTA_TABLE") == table
-                   for route in self.ipr.get_routes(family=socket.AF_INET, table=table))
+                   for route in self.ipr.get_routes(family=_AF[family], table=table))
 
-    def set_local_route(self, table: int) -> None:
-        if not self.local_route(table):
-            self._call(f"ip route replace local 0.0.0.0/0 dev lo table {table}", self.ipr.route, "replace",
-                       dst="0.0.0.0/0", type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table)
+    def set_local_route(self, table: int, family: int = 4) -> None:
+        if not self.local_route(table, family):
+            self._call(f"ip -{family} route replace local {_ANY[family]} dev lo table {table}", self.ipr.route,
+                       "replace", dst=_ANY[family], type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"),
+                       table=table, family=_AF[family])
 
-    def delete_local_route(self, table: int) -> None:
-        if self.local_route(table):
-            self._call(f"ip route del local 0.0.0.0/0 table {table}", self.ipr.route, "del",
-                       dst="0.0.0.0/0", type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table)
+    def delete_local_route(self, table: int, family: int = 4) -> None:
+        if self.local_route(table, family):
+            self._call(f"ip -{family} route del local {_ANY[family]} table {table}", self.ipr.route, "del",
+                       dst=_ANY[family], type=RTN_LOCAL, scope=RT_SCOPE_HOST, oif=self._index_or_fail("lo"), table=table,
+                       family=_AF[family])
 
     def flush_table(self, table: int, family: int = 4) -> None:
         for route in self.ipr.get_routes(family=_AF[family], table=table):
@@ -232,13 +234,13 @@ class Links:
                    f"lookup {table}", self.ipr.rule, "add", priority=priority, src=address, src_len=int(prefixlen),
                    table=table, family=_AF[family], **marked)
 
-    def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int) -> None:
-        """A rule from src (its family's), or with no src an IPv4 one."""
-        family = family_of(src) if src else 4
+    def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int, family: int | None = None) -> None:
+        """A rule from src (its family's), or with no src one of `family` (default IPv4)."""
+        family = family or (family_of(src) if src else 4)
         spec: dict[str, Any] = {"priority": priority, "table": table, "family": _AF[family]}
         if fwmark:
             spec["fwmark"] = fwmark
-        if src:
+        if src and not src.endswith("/0"):
             address, prefixlen = src.split("/")
             spec.update(src=address, src_len=int(prefixlen))
         try:

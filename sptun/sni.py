@@ -66,6 +66,11 @@ class SniGroup:
     def key(self) -> str:
         return f"{self.listen or '*'}:{self.port.number}"
 
+    @property
+    def family(self) -> int:
+        """Of its address, and so of its upstreams (usesrc clientip keeps the family)."""
+        return 6 if self.listen and ":" in self.listen else 4
+
 
 def groups(cfg: ServerConfig) -> list[SniGroup]:
     """The address:ports more than one domain takes (TCP only: config refuses shared UDP),
@@ -84,7 +89,7 @@ def backend_name(group: int, domain: str) -> str:
 
 
 def server_name(ip: str) -> str:
-    return "c" + ip.replace(".", "_")
+    return "c6_" + ip.replace(":", "_") if ":" in ip else "c" + ip.replace(".", "_")
 
 
 def render(groups: list[SniGroup], rotations: dict[str, list[str]], socket_path: Path) -> str:
@@ -108,7 +113,7 @@ def render(groups: list[SniGroup], rotations: dict[str, list[str]], socket_path:
     ]
     servers = set()  # the lines that name a server: not part of the structure
     for gi, group in enumerate(groups):
-        bind = f"{group.listen}:{group.port.number}" if group.listen else f":{group.port.number}"
+        bind = f"[{group.listen}]:{group.port.number}" if group.family == 6 else f"{group.listen or ''}:{group.port.number}"
         lines += [
             f"frontend g{gi}  # {group.key}",
             f"    bind {bind}",
@@ -119,7 +124,8 @@ def render(groups: list[SniGroup], rotations: dict[str, list[str]], socket_path:
         ]  # no default_backend: a name that is no served domain, or none, is closed
         for domain in group.domains:
             be = backend_name(gi, domain)
-            lines += [f"backend {be}", "    balance roundrobin", "    source 0.0.0.0 usesrc clientip"]
+            source = "[::]" if group.family == 6 else "0.0.0.0"
+            lines += [f"backend {be}", "    balance roundrobin", f"    source {source} usesrc clientip"]
             for ip in rotations.get(be, []):
                 lines.append(f"    server {server_name(ip)} {ip}:{group.port.number}")
                 servers.add(len(lines) - 1)
@@ -177,7 +183,7 @@ def parse_stat(text: str) -> tuple[dict[str, dict[str, ProxyServer]], dict[str, 
         if row[col["svname"]] == "BACKEND":
             totals[row[col["pxname"]]] = int(row[col["stot"]] or 0)
             continue
-        address = row[col["addr"]].rsplit(":", 1)[0]
+        address = row[col["addr"]].rsplit(":", 1)[0].strip("[]")  # IPv6: [fd99::2]:443
         status = row[col["status"]]
         out.setdefault(row[col["pxname"]], {})[row[col["svname"]]] = ProxyServer(
             address, not status.startswith(("MAINT", "DRAIN")), int(row[col["scur"]] or 0))

@@ -43,7 +43,7 @@ class FakeKernel:
         self.routes6: dict[int, int] = {}  # the same, IPv6's
         self.public: set[str] = {"198.51.100.10", "2001:db8::10"}  # the host's own addresses beyond its links
         self.rules: list[dict[str, Any]] = []  # {priority, fwmark, src, table}
-        self.sysctls: dict[str, str] = {"net/ipv4/ip_forward": "0"}
+        self.sysctls: dict[str, str] = {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
         self.devices: dict[str, Device] = {}
         self.private_keys: dict[str, str] = {}
         self.table: str | None = None  # the loaded ruleset's digest comment
@@ -59,6 +59,7 @@ class FakeKernel:
         self.connections: Counter[str] = Counter()  # conntrack: open connections by backend address
         self.counters: dict[str, tuple[int, int]] = {}  # nft rule counters, by the rule's comment
         self.local_routes: set[int] = set()  # tables with `local default dev lo`
+        self.local_routes6: set[int] = set()  # the same, IPv6's
         self.proxy_pid: int | None = None  # the SNI proxy, when it runs
         self.proxy_config = ""
         self.proxy_servers: dict[str, dict[str, sni.ProxyServer]] = {}  # backend -> server name -> server
@@ -146,8 +147,8 @@ class FakeLinks:
             raise SptunError("ip rule add: File exists")
         self.k.rules.append(rule)
 
-    def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int) -> None:
-        family = 6 if ":" in (src or "") else 4  # as the real one: one family's rule
+    def delete_rule(self, priority: int, fwmark: int, src: str | None, table: int, family: int | None = None) -> None:
+        family = family or (6 if ":" in (src or "") else 4)  # as the real one: one family's rule
         self.k.rules = [r for r in self.k.rules if (r["priority"], r["fwmark"], r["table"]) != (priority, fwmark, table)
                         or (6 if ":" in (r["src"] or "") else 4) != family]
 
@@ -157,14 +158,17 @@ class FakeLinks:
     def local_addresses(self) -> set[str]:
         return {a.split("/")[0] for link in self.k.links.values() for a in link.addresses} | self.k.public
 
-    def local_route(self, table: int) -> bool:
-        return table in self.k.local_routes
+    def _local(self, family: int) -> set[int]:
+        return self.k.local_routes if family == 4 else self.k.local_routes6
 
-    def set_local_route(self, table: int) -> None:
-        self.k.local_routes.add(table)
+    def local_route(self, table: int, family: int = 4) -> bool:
+        return table in self._local(family)
 
-    def delete_local_route(self, table: int) -> None:
-        self.k.local_routes.discard(table)
+    def set_local_route(self, table: int, family: int = 4) -> None:
+        self._local(family).add(table)
+
+    def delete_local_route(self, table: int, family: int = 4) -> None:
+        self._local(family).discard(table)
 
 
 class FakeProxy:

@@ -81,19 +81,31 @@ def clients_of(lab: Lab, domain: str) -> set[str]:
 
 
 def test_each_domain_is_split_evenly_over_its_own_clients_with_its_certificate_and_the_browsers_address(lab: Lab) -> None:
-    rounds = 4
+    split_evenly(lab, 4)
+
+
+def test_each_domain_is_split_evenly_over_ipv6_too(lab: Lab) -> None:
+    """The servers' IPv6 address is shared by the same three domains: HAProxy binds it, and
+    connects to the clients' IPv6 overlay addresses from the browser's IPv6 address."""
+    split_evenly(lab, 2, family=6)
+
+
+def split_evenly(lab: Lab, rounds: int, family: int = 4) -> None:
+    browser = lab.browser.address if family == 4 else lab.browser.address6
     for server in lab.servers:
+        address = server.address if family == 4 else server.address6
+        assert address and browser
         for domain in DOMAINS:
             mine = clients_of(lab, domain)
             served: Counter[str] = Counter()
             for _ in range(rounds * len(mine)):
-                got = lab.curl(server.address, domain=domain)
+                got = lab.curl(address, domain=domain)
                 assert got.ok, f"{domain} through {server.name}: {got.error}"
                 page = re.fullmatch(r"client=(\S+) remote=(\S+)\n", got.body)
                 assert page, got.body
                 client, remote = page.groups()
                 assert client in mine, f"{domain} through {server.name} answered by {client}, not one of {mine}"
-                assert remote == lab.browser.address  # the browser's own address, not the proxy's
+                assert remote == browser  # the browser's own address, not the proxy's
                 assert got.subject and f"OU={client}" in got.subject  # the client's own certificate
                 served[client] += 1
             assert served == Counter(dict.fromkeys(mine, rounds)), f"{domain} through {server.name}: {served}"
@@ -141,9 +153,11 @@ def test_status_shows_the_proxy_rotation_and_down_removes_it(lab: Lab) -> None:
         assert len(backends) == PER_DOMAIN and all(b["in_rotation"] for b in backends), d
         assert sum(f["connections"] for f in d["forwards"]) >= 2, d  # the proxy's count
     pid = int((s2.dir / "state" / "sni" / "haproxy.pid").read_text())
+    assert "51830" in s2.run(["ip", "-6", "rule"]) and "local default dev lo" in s2.run(["ip", "-6", "route", "show", "table", "51830"])
     s2.run(sptun("down", "-c", config_path(s2)), timeout=60 * slow())
     assert not Path(f"/proc/{pid}").exists() or "haproxy" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-    assert "51830" not in s2.run(["ip", "rule"]) and s2.run(["ip", "route", "show", "table", "51830"]).strip() == ""
+    for family in ("-4", "-6"):  # the proxy's rule and local route, of both families
+        assert "51830" not in s2.run(["ip", family, "rule"]) and s2.run(["ip", family, "route", "show", "table", "51830"]).strip() == ""
     assert not lab.curl(s2.address, domain=SNI_DOMAINS[0], timeout=2).ok
     s2.run(sptun("up", "-c", config_path(s2)), timeout=60 * slow())
     wait_served(lab)

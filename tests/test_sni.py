@@ -83,6 +83,12 @@ def test_stats_parse_into_servers_by_backend() -> None:
         "g0_b": {"c10_99_0_4": sni.ProxyServer("10.99.0.4", False, 1)}}, {"g0_a": 17})
 
 
+def test_ipv6_servers_parse_without_their_brackets() -> None:
+    text = "\n".join([STAT_HEADER, stat_line("g0_a", "c6_fd99__2", 1, "no check", "[fd99::2]:443")]) + "\n"
+    assert sni.parse_stat(text)[0] == {"g0_a": {"c6_fd99__2": sni.ProxyServer("fd99::2", True, 1)}}
+    assert sni.server_name("fd99::2") == "c6_fd99__2" and sni.server_name("10.99.0.2") == "c10_99_0_2"
+
+
 def test_rotation_commands_add_enable_retire_and_delete_only_when_idle() -> None:
     current = {"c10_99_0_2": sni.ProxyServer("10.99.0.2", True, 5),  # stays
                "c10_99_0_3": sni.ProxyServer("10.99.0.3", True, 2),  # leaves: maintenance, its connections go on
@@ -198,3 +204,23 @@ def test_a_shared_udp_port_is_a_config_error(tmp_path: Path, shared: str) -> Non
     from sptun.errors import ConfigError
     with pytest.raises(ConfigError, match="udp/443"):
         load_server(config(tmp_path, domain(A, "198.51.100.10") + shared + "\n" + domain(B, "198.51.100.10") + shared))
+
+
+def test_an_ipv6_address_is_shared_by_sni_with_upstreams_in_the_ipv6_overlay(tmp_path: Path) -> None:
+    """HAProxy 2.6's spelling (checked with haproxy -c): bind [2001:db8::10]:443, source [::]
+    usesrc clientip; the servers are the clients' IPv6 twins; replies come back by a rule
+    and a local route of each family."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k, 'overlay6 = "fd99::/64"\n' + domain(A, "2001:db8::10") + domain(B, "2001:db8::10"))
+    changes = server.reconcile()
+    assert f"{str_routing()} (IPv4 and IPv6)" in changes
+    assert "    bind [2001:db8::10]:443" in k.proxy_config and "    source [::] usesrc clientip" in k.proxy_config
+    assert k.local_routes == k.local_routes6 == {sni.PROXY_TABLE}
+    assert sorted(r["src"] for r in k.rules) == ["0.0.0.0/0", "::/0"]
+    ip = healthy(server, "A" * 43 + "=", A)
+    assert server.reconcile()[-1] == f"SNI proxy: add server g0_{A}/c6_fd99__2 fd99::2:443; enable server g0_{A}/c6_fd99__2"
+    assert ip == "10.99.0.2"
+    status = server.status_of(server.make_view(), {}, None, RegistrationCounts(0, {}))
+    (backend,) = next(d for d in status.domains if d.name == A).backends
+    assert backend.in_rotation and backend.overlay_ip6 == "fd99::2"  # the proxy's IPv6 server is this lease
+    assert server.reconcile() == []

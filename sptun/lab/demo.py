@@ -104,14 +104,17 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
 def share_by_sni(lab: Lab, client_domains: dict[str, str], address: Callable[[Host], str] = lambda s: s.address) -> None:
     """After write_configs: every server also serves SNI_DOMAINS on address(server), port 443,
     and DOMAIN there too, so all three share it (routed by SNI), each with a token of its
-    own. client_domains: the clients that join another domain than DOMAIN, by name."""
+    own; on the server's own address, its IPv6 address as well. client_domains: the clients
+    that join another domain than DOMAIN, by name."""
     tokens = {d: new_token() for d in SNI_DOMAINS}
     for server in lab.servers:
         path = server.dir / "server.toml"
         text = path.read_text()
         if address(server) != server.address:  # a second public address: DOMAIN there as well
             text = text.replace(f'listen = ["{server.address}"', f'listen = ["{server.address}", "{address(server)}"', 1)
-        text += "".join(f'\n[[domains]]\nname = "{d}"\nlisten = ["{address(server)}"]\nports = ["tcp/443"]\n'
+        # On the server's own address, its IPv6 one is shared too (routed by SNI in both families).
+        shared = [address(server)] + ([server.address6] if address(server) == server.address and server.address6 else [])
+        text += "".join(f'\n[[domains]]\nname = "{d}"\nlisten = {json.dumps(shared)}\nports = ["tcp/443"]\n'
                         f'token_file = "{server.dir}/tokens/{d}"\n' for d in SNI_DOMAINS)
         path.write_text(text)
         for d, token in tokens.items():

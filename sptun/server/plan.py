@@ -4,7 +4,6 @@ the kernel has it all."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +80,15 @@ class SniWanted:
         return sni.digest_of(self.config)
 
 
-def sni_wanted(groups: list[sni.SniGroup], rotation: dict[str, frozenset[str]], socket_path: Path) -> SniWanted | None:
-    """rotation: each domain's backends in rotation. None when no address is shared."""
+def sni_wanted(groups: list[sni.SniGroup], rotations: dict[int, dict[str, frozenset[str]]],
+               socket_path: Path) -> SniWanted | None:
+    """rotations: by family, each domain's backends in rotation (a group's family is its
+    address's). None when no address is shared."""
     if not groups:
         return None
-    backends = tuple((sni.backend_name(gi, d), g.port.number, rotation.get(d, frozenset()))
+    backends = tuple((sni.backend_name(gi, d), g.port.number, rotations.get(g.family, {}).get(d, frozenset()))
                      for gi, g in enumerate(groups) for d in g.domains)
-    config = sni.render(groups, {name: sorted(ips, key=ipaddress.IPv4Address) for name, _, ips in backends},
-                        socket_path)
+    config = sni.render(groups, {name: sorted(ips, key=nft.ip_key) for name, _, ips in backends}, socket_path)
     summary = ", ".join(f"{g.key}: {len(g.domains)} domains" for g in groups)
     return SniWanted(config, backends, summary)
 
@@ -126,7 +126,7 @@ class ServerKernel:
     ip_forward: str
     nft_table: nft.TableState
     proxy: sni.ProxyState = sni.ProxyState()
-    proxy_routing: bool = False  # the rule and the local route that bring replies to the proxy
+    proxy_routing: frozenset[int] = frozenset()  # families with the rule and local route that bring replies to the proxy
     ip6_forward: str = ""
 
 
@@ -149,11 +149,11 @@ def plan(wanted: ServerWanted, kernel: ServerKernel) -> list[Change]:
         changes.append(SetSysctl(IP6_FORWARD, "1"))
     changes += [UpdatePeer(name, c) for c in plan_peers(list(wanted.peers), link.device)]
     changes += plan_table(wanted, kernel.nft_table)
-    changes += plan_proxy(wanted.sni, kernel)
+    changes += plan_proxy(wanted.sni, kernel, (4, 6) if wanted.ipv6 else (4,))
     return changes
 
 
-def plan_proxy(wanted: SniWanted | None, kernel: ServerKernel) -> list[Change]:
+def plan_proxy(wanted: SniWanted | None, kernel: ServerKernel, families: tuple[int, ...] = (4,)) -> list[Change]:
     """The SNI proxy: started (or reloaded) when its structure changes; otherwise who is in
     its rotations changes through its runtime API. After the table, whose mark it needs."""
     proxy = kernel.proxy
@@ -161,7 +161,7 @@ def plan_proxy(wanted: SniWanted | None, kernel: ServerKernel) -> list[Change]:
     if wanted is None:
         changes += [StopProxy()] if proxy.pid is not None else []
         return changes + ([DeleteProxyRouting()] if kernel.proxy_routing else [])
-    changes += [] if kernel.proxy_routing else [SetProxyRouting()]
+    changes += [] if kernel.proxy_routing >= set(families) else [SetProxyRouting(families)]
     if proxy.pid is None or proxy.digest != wanted.digest:
         return changes + [StartProxy(wanted.config, proxy.pid, wanted.summary)]
     commands = [c for name, port, ips in wanted.backends

@@ -117,7 +117,8 @@ class Server(Role):
             cfg.interface, self.public_key, cfg.listen_port, tuple(sorted(addresses)),
             tuple(peer_of(lease, cfg) for lease in self.leases.all()), tuple(fwds),
             tuple(in_family(cfg, f.family, rotation[f.domain]) for f in fwds),
-            sni_wanted(sni.groups(self.cfg), rotation, sni.socket_path(self.cfg.state_dir)))
+            sni_wanted(sni.groups(self.cfg), {f: {d: in_family(cfg, f, r) for d, r in rotation.items()} for f in cfg.families},
+                       sni.socket_path(self.cfg.state_dir)))
 
     def read_nft_table(self) -> nft.TableState:
         """The table as sptun believes it is: read from the kernel on the first pass and at
@@ -125,7 +126,8 @@ class Server(Role):
         if self.nft_table is None:
             self.nft_table = self.edges.firewall.read()
             fwds = forwards(self.cfg)
-            proxied = {s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready}
+            proxied = by_lease(self.cfg, (s.address for servers in self.proxy.backends.values() for s in servers.values()
+                                          if s.ready))
             self.health.adopt(self.leases.all(), by_lease(self.cfg, (ip for r in self.nft_table.rotations(fwds) for ip in r))
                               | proxied)
         return self.nft_table
@@ -139,9 +141,11 @@ class Server(Role):
         return ServerKernel(link, self.edges.sysctls.get(IP_FORWARD), table, self.proxy, self.proxy_routing(),
                             self.edges.sysctls.get(IP6_FORWARD) if self.cfg.overlay6 else "")
 
-    def proxy_routing(self) -> bool:
+    def proxy_routing(self) -> frozenset[int]:
+        """The families whose rule and local route bring replies to the SNI proxy."""
         links = self.edges.links
-        return bool(links.rules(sni.PROXY_RULE_PRIORITY)) and links.local_route(sni.PROXY_TABLE)
+        ruled = {rule["family"] for rule in links.rules(sni.PROXY_RULE_PRIORITY)}
+        return frozenset(f for f in ruled if links.local_route(sni.PROXY_TABLE, f))
 
     def apply(self, applier: Applier, changes: list[Change]) -> list[str]:
         """Apply, then believe the table's new state, only once the kernel has it: status
@@ -286,7 +290,7 @@ class Server(Role):
         name = self.cfg.interface
         assert self.edges.proxy is not None
         removal = plan_teardown(name, self.edges.links.info(name) is not None, self.edges.firewall.read().exists,
-                                self.edges.proxy.read().pid is not None, self.proxy_routing())
+                                self.edges.proxy.read().pid is not None, bool(self.proxy_routing()))
         changes = Applier(self.edges, self.private_key).apply(removal)
         self.nft_table, self.device = None, Device()
         self.health.clear()
@@ -368,7 +372,8 @@ class Server(Role):
         fwds = forwards(self.cfg)
         health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
         rotations = [(f.domain, frozenset(by_lease(self.cfg, r))) for f, r in zip(fwds, table.rotations(fwds))] if table else []
-        rotations += [(d, frozenset(s.address for s in proxy.backends.get(sni.backend_name(gi, d), {}).values() if s.ready))
+        rotations += [(d, frozenset(by_lease(self.cfg, (s.address for s in proxy.backends.get(sni.backend_name(gi, d), {}).values()
+                                                      if s.ready))))
                       for gi, g in enumerate(sni.groups(self.cfg)) for d in g.domains]
         self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device, tuple(rotations),
                                bool(table and table.exists))
@@ -396,7 +401,7 @@ class Server(Role):
         fwds = forwards(self.cfg)
         groups = sni.groups(self.cfg)
         if active is not None and proxy.backends:
-            active = active + proxy.sessions()
+            active = active + Counter({self.cfg.ip4_of(ip) or ip if ":" in ip else ip: n for ip, n in proxy.sessions().items()})
         rotating = view.rotations
         domains = []
         for domain in self.cfg.domains:
