@@ -30,6 +30,7 @@ class Lease:
     since: float
     generation: str = ""  # of the token it joined with ("": not known, from an older sptun)
     seen: float = 0.0  # wall clock of its last registration or handshake, to SEEN_STEP
+    ipv6: bool = True  # its service listens on IPv6, as it said when it registered
 
 
 class Leases:
@@ -61,19 +62,20 @@ class Leases:
         first, last = int(self.overlay.network_address) + 2, int(self.overlay.broadcast_address) - 1
         return first <= int(address) <= last
 
-    def acquire(self, public_key: str, domain: str, generation: str = "", now: float | None = None) -> tuple[Lease, bool]:
+    def acquire(self, public_key: str, domain: str, generation: str = "", now: float | None = None,
+                ipv6: bool = True) -> tuple[Lease, bool]:
         """The key's lease for domain, new or existing; and whether anything changed that
         the leases file should record."""
         now = time.time() if now is None else now
         old = self.by_key.get(public_key)
         if old is not None and old.domain == domain:
-            if old.generation == generation and now - old.seen < self.seen_step:
+            if old.generation == generation and old.ipv6 == ipv6 and now - old.seen < self.seen_step:
                 return old, False
-            lease = dataclasses.replace(old, generation=generation, seen=now)
+            lease = dataclasses.replace(old, generation=generation, seen=now, ipv6=ipv6)
         elif old is not None:  # the same key moved to another domain: keep its address
-            lease = Lease(public_key, domain, old.overlay_ip, now, generation, now)
+            lease = Lease(public_key, domain, old.overlay_ip, now, generation, now, ipv6)
         else:
-            lease = Lease(public_key, domain, str(self._free_address()), now, generation, now)
+            lease = Lease(public_key, domain, str(self._free_address()), now, generation, now, ipv6)
             self._used.add(ipaddress.IPv4Address(lease.overlay_ip))
         self._put(old, lease)
         return lease, True
@@ -173,7 +175,7 @@ def parse(text: str, now: float | None = None) -> tuple[list[Lease], dict[str, s
         if not isinstance(item, dict):
             raise ValueError("a lease is not an object")
         lease = Lease(str(item["public_key"]), str(item["domain"]), str(item["overlay_ip"]), float(item["since"]),
-                      str(item.get("generation", "")), float(item.get("seen", now)))
+                      str(item.get("generation", "")), float(item.get("seen", now)), item.get("ipv6") is not False)
         if canonical_key(lease.public_key) != lease.public_key:
             raise ValueError(f"lease key {lease.public_key!r} is not a WireGuard key in canonical base64")
         ipaddress.IPv4Address(lease.overlay_ip)

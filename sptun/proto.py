@@ -55,6 +55,7 @@ class Request:
     domain: str
     token: str
     client_key: str  # base64 WireGuard public key
+    ipv6: bool = True  # its service listens on IPv6: a dual-stack server may send it IPv6 browsers
 
     def __repr__(self) -> str:  # never show the token
         return f"Request(op={self.op!r}, domain={self.domain!r}, client_key={self.client_key!r})"
@@ -68,6 +69,7 @@ class Claim:
     domain: str
     client_key: str  # canonical base64
     proof: bytes
+    ipv6: bool = True  # as Request's (an older agent does not say: as before, it gets IPv6)
 
     def proves(self, token: str, server_key: str, challenge: bytes) -> bool:
         expected = token_proof(token, self.op, self.domain, server_key, self.client_key, challenge)
@@ -208,7 +210,7 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Claim:
     proof = _unb64(inner.get("proof"), "proof")
     if len(proof) != hashlib.sha256().digest_size:
         raise ProtocolError("proof has the wrong length")
-    return Claim(op, domain.lower().rstrip("."), key, proof)
+    return Claim(op, domain.lower().rstrip("."), key, proof, inner.get("ipv6") is not False)
 
 
 def accept(assignment: Assignment | None, server_private: str, client_key: str, challenge: bytes, op: str) -> bytes:
@@ -235,7 +237,9 @@ def reject(reason: str, error: str) -> bytes:
 def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
     box = _box(client_private, server_key, "server key")
     proof = token_proof(request.token, request.op, request.domain, server_key, request.client_key, challenge)
-    inner = {"op": request.op, "domain": request.domain, "challenge": _b64(challenge), "proof": _b64(proof)}
+    inner: dict[str, Any] = {"op": request.op, "domain": request.domain, "challenge": _b64(challenge), "proof": _b64(proof)}
+    if not request.ipv6:  # said only when not, so that the common request stays as it was
+        inner["ipv6"] = False
     return _line({"key": request.client_key, **_seal(box, inner)})
 
 

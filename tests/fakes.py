@@ -356,6 +356,11 @@ class FakeSockets:
     def listening(self, ports: tuple[Port, ...]) -> bool:
         return self.is_listening
 
+    def listening6(self, ports: tuple[Port, ...]) -> bool:
+        return self.is_listening and self.ipv6
+
+    ipv6 = True  # the service listens on IPv6 too
+
     def in_flight(self, addresses: set[str], ports: tuple[Port, ...]) -> int:
         return self.connections
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 from support import LAB_TOOLS, netns_marks
 from test_e2e import sptun_leftovers
-from test_failover import BROWSERS, report
+from test_failover import BROWSERS, nginx_pids, report
 
 from sptun.lab import (
     Host,
@@ -131,6 +132,42 @@ def test_a_drain_over_ipv6_fails_no_connection(lab: Lab) -> None:
     s = report("IPv6: c3 drained and back, through s2's IPv6 address", result, fault)
     wait_for_rotations(lab)
     assert s["requests"] > 20 and s["failed"] == 0
+
+
+def reload_nginx(client: Host, config: str) -> None:
+    (client.dir / "nginx.conf").write_text(config)
+    os.kill(nginx_pids(client)[0], signal.SIGHUP)
+
+
+def test_a_client_that_serves_ipv4_only_gets_no_ipv6_browsers(lab: Lab) -> None:
+    """Its agent says so when it registers: the servers leave it out of their IPv6 rotations
+    (it would drop their SYNs), and keep it in the IPv4 ones. When its service listens on
+    IPv6 again, it is back in them."""
+    s2, c2 = lab.servers[1], lab.clients[1]
+    assert s2.address6
+    dual = (c2.dir / "nginx.conf").read_text()
+    reload_nginx(c2, dual.replace("        listen [::]:80;\n", "").replace("        listen [::]:443 ssl http2;\n", ""))
+    try:
+        deadline = time.monotonic() + 30 * slow()
+        while tunnels(c2)[s2.address6]["overlay_ip6"] is not None:
+            assert time.monotonic() < deadline, "c2 still has an IPv6 overlay address"
+            time.sleep(0.5)
+        hits = browse(lab, s2, 8, address=s2.address6)
+        assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 4, "c3": 4}
+        hits = browse(lab, s2, 6, address=s2.address)
+        assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
+        (backend,) = [b for d in status(s2)["domains"] for b in d["backends"]
+                      if b["overlay_ip"] == tunnels(c2)[s2.address6]["overlay_ip"]]
+        assert backend["in_rotation"] and backend["overlay_ip6"] is None
+    finally:
+        reload_nginx(c2, dual)
+    deadline = time.monotonic() + 30 * slow()
+    while tunnels(c2)[s2.address6]["overlay_ip6"] is None:
+        assert time.monotonic() < deadline, "c2 got no IPv6 overlay address back"
+        time.sleep(0.5)
+    wait_for_rotations(lab)
+    hits = browse(lab, s2, 6, address=s2.address6)
+    assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
 
 
 def test_down_leaves_nothing_of_either_family(lab: Lab) -> None:

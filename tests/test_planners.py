@@ -292,7 +292,7 @@ def test_server_teardown_removes_the_table_then_the_interface() -> None:
 def test_a_dual_stack_server_forwards_each_family_to_the_same_clients(tmp_path: Path) -> None:
     from sptun.config import load_server
     from sptun.leases import Lease
-    from sptun.server.plan import by_lease, forwards, in_family, peer_of
+    from sptun.server.plan import by_lease, forwards, peer_of, rotations_by_family
 
     path = tmp_path / "server.toml"
     path.write_text('overlay6 = "fd99::/64"\n[[domains]]\nname = "a.test"\nlisten = ["198.51.100.10", "2001:db8::10"]\n'
@@ -305,7 +305,11 @@ def test_a_dual_stack_server_forwards_each_family_to_the_same_clients(tmp_path: 
         ("b.test", None, 4, "b.test * tcp/8443"),
         ("b.test", None, 6, "b.test *6 tcp/8443"),  # any address: once per family, under keys of their own
     ]
-    rotation = frozenset({"10.99.0.2", "10.99.0.3"})
-    assert in_family(cfg, 4, rotation) == rotation and in_family(cfg, 6, rotation) == {"fd99::2", "fd99::3"}
+    v4_only = Lease(K2, "a.test", "10.99.0.4", 0.0, ipv6=False)  # its service does not listen on IPv6
+    leases = [Lease(K1, "a.test", "10.99.0.2", 0.0), Lease(ME, "a.test", "10.99.0.3", 0.0), v4_only]
+    assert rotations_by_family(cfg, leases) == {
+        4: {"a.test": {"10.99.0.2", "10.99.0.3", "10.99.0.4"}, "b.test": set()},
+        6: {"a.test": {"fd99::2", "fd99::3"}, "b.test": set()}}  # IPv6 browsers only to those that serve IPv6
     assert by_lease(cfg, ["fd99::2", "10.99.0.3"]) == {"10.99.0.2", "10.99.0.3"}
-    assert peer_of(Lease(K1, "a.test", "10.99.0.2", 0.0), cfg).allowed_ips == ("10.99.0.2/32", "fd99::2/128")
+    assert peer_of(leases[0], cfg).allowed_ips == ("10.99.0.2/32", "fd99::2/128")
+    assert peer_of(v4_only, cfg).allowed_ips == ("10.99.0.4/32",)

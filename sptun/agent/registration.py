@@ -204,9 +204,10 @@ class Registrar:
         self.clock = clock
         self.nameservers = nameservers  # an assignment must not take a resolver's address
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.ipv6 = True  # the service listens on IPv6 too: say so, and get IPv6 browsers
 
     async def exchange(self, server: ServerRecord, op: str, deadline: float) -> proto.Assignment | None:
-        request = proto.Request(op, self.domain, read_token(self.token_file), self.public_key)
+        request = proto.Request(op, self.domain, read_token(self.token_file), self.public_key, self.ipv6)
         key, assignment = await proto.exchange_async(server.ip, server.api, request, self.private_key,
                                                      pin=self.known.pin(server), timeout=deadline)
         if assignment is not None:

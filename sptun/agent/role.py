@@ -90,6 +90,13 @@ class Agent(Role):
             found = [reg.server for reg in self.registrations.values()]
         servers = {s.ip: s for s in found}
         self.listening = self.sockets.listening(self.cfg.ports)
+        ipv6 = self.listening and self.sockets.listening6(self.cfg.ports)
+        if ipv6 != self.registrar.ipv6:  # the servers learn it at once: they send IPv6 browsers, or stop
+            if any(r.assignment for r in self.registrations.values()):
+                log.info("the service %s on IPv6: registering again", "listens" if ipv6 else "does not listen")
+            self.registrar.ipv6 = ipv6
+            for reg in self.registrations.values():
+                reg.next_at = 0.0
         for ip, reg in list(self.registrations.items()):
             if self.leaving(ip):
                 continue

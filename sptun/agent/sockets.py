@@ -49,12 +49,12 @@ def local_sockets(protocol: str, state: int, family: int = socket.AF_INET) -> li
     return found
 
 
-def listening(ports: tuple[Port, ...]) -> bool:
-    """Whether a local service listens on every port (this network namespace, IPv4 or IPv6)."""
+def listening(ports: tuple[Port, ...], families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)) -> bool:
+    """Whether a local service listens on every port (this network namespace, in one of
+    these address families)."""
     for port in ports:
         state = TCP_LISTEN if port.proto == "tcp" else TCP_CLOSE
-        if not any(p == port.number for family in (socket.AF_INET, socket.AF_INET6)
-                   for _, p in local_sockets(port.proto, state, family)):
+        if not any(p == port.number for family in families for _, p in local_sockets(port.proto, state, family)):
             return False
     return True
 
@@ -69,6 +69,10 @@ def in_flight(addresses: set[str], ports: tuple[Port, ...]) -> int:
 class Sockets(Protocol):
     def listening(self, ports: tuple[Port, ...]) -> bool: ...
 
+    def listening6(self, ports: tuple[Port, ...]) -> bool:
+        """Whether it listens on IPv6 too (an IPv6 or dual-stack socket on every port)."""
+        ...
+
     def in_flight(self, addresses: set[str], ports: tuple[Port, ...]) -> int: ...
 
 
@@ -77,6 +81,9 @@ class SockDiag:
 
     def listening(self, ports: tuple[Port, ...]) -> bool:
         return listening(ports)
+
+    def listening6(self, ports: tuple[Port, ...]) -> bool:
+        return listening(ports, (socket.AF_INET6,))
 
     def in_flight(self, addresses: set[str], ports: tuple[Port, ...]) -> int:
         return in_flight(addresses, ports)

@@ -86,7 +86,7 @@ class RegistrationApi:
         if (held is None or held.domain != domain.name) and leases.count[domain.name] >= domain.max_clients:
             raise ProtocolError(f"{domain.name} has its {domain.max_clients} clients (max_clients)", reason="full")
         self.role.draining.pop(claim.client_key, None)
-        lease, changed = leases.acquire(claim.client_key, claim.domain, generation)
+        lease, changed = leases.acquire(claim.client_key, claim.domain, generation, ipv6=claim.ipv6)
         if changed:
             self.change_version += 1
             if held is None or held.domain != lease.domain:
@@ -100,9 +100,9 @@ class RegistrationApi:
             self.change_version += 1
         seen = state is not None and handshake_fresh(state.last_handshake, time.time())
         cfg = self.role.cfg
+        ip6 = cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None  # none for a client that serves IPv4 only
         return proto.Assignment(lease.overlay_ip, str(cfg.server_ip), self.public_key, cfg.overlay.prefixlen, seen,
-                                cfg.ip6_of(lease.overlay_ip), str(cfg.server_ip6) if cfg.overlay6 else None,
-                                cfg.overlay6.prefixlen if cfg.overlay6 else None)
+                                ip6, str(cfg.server_ip6) if ip6 else None, cfg.overlay6.prefixlen if ip6 and cfg.overlay6 else None)
 
     def deregister(self, claim: proto.Claim) -> None:
         """Runs under the lock: out of the rotation now; the peer stays while its connections finish."""

@@ -54,11 +54,16 @@ def forwards(cfg: ServerConfig) -> list[nft.Forward]:
     return result
 
 
-def in_family(cfg: ServerConfig, family: int, ips: frozenset[str]) -> frozenset[str]:
-    """Backends (by their IPv4 leases) as a forward of this family reaches them."""
-    if family == 4:
-        return ips
-    return frozenset(cfg.ip6_of(ip) or "" for ip in ips) - {""}
+def rotations_by_family(cfg: ServerConfig, leases: Iterable[Lease]) -> dict[int, dict[str, frozenset[str]]]:
+    """By family, each domain's backends at the addresses a forward of that family reaches:
+    the leases' own, or their IPv6 twins (only of clients whose service listens on IPv6)."""
+    out: dict[int, dict[str, frozenset[str]]] = {f: {d.name: frozenset() for d in cfg.domains} for f in cfg.families}
+    for lease in leases:
+        ip6 = cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None
+        for family, ip in ((4, lease.overlay_ip), (6, ip6)):
+            if ip and family in out and lease.domain in out[family]:
+                out[family][lease.domain] |= {ip}
+    return out
 
 
 def by_lease(cfg: ServerConfig, ips: Iterable[str]) -> set[str]:
@@ -95,7 +100,7 @@ def sni_wanted(groups: list[sni.SniGroup], rotations: dict[int, dict[str, frozen
 
 def peer_of(lease: Lease, cfg: ServerConfig) -> Peer:
     """A client as a peer of the server: only its overlay addresses may come from it."""
-    ip6 = cfg.ip6_of(lease.overlay_ip)
+    ip6 = cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None
     return Peer(lease.public_key, (f"{lease.overlay_ip}/32", f"{ip6}/128") if ip6 else (f"{lease.overlay_ip}/32",))
 
 

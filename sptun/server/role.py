@@ -35,11 +35,11 @@ from sptun.server.plan import (
     ServerWanted,
     by_lease,
     forwards,
-    in_family,
     peer_of,
     plan,
     plan_table,
     plan_teardown,
+    rotations_by_family,
     sni_wanted,
 )
 from sptun.tokens import valid_tokens
@@ -108,17 +108,15 @@ class Server(Role):
     def wanted(self) -> ServerWanted:
         assert self.public_key is not None
         fwds = forwards(self.cfg)
-        rotation = {d.name: frozenset(lease.overlay_ip for lease in self.leases.for_domain(d.name) if self.in_rotation(lease))
-                    for d in self.cfg.domains}
+        by_family = rotations_by_family(self.cfg, (lease for lease in self.leases.all() if self.in_rotation(lease)))
         cfg = self.cfg
         addresses = [f"{cfg.server_ip}/{cfg.overlay.prefixlen}"]
         addresses += [f"{cfg.server_ip6}/{cfg.overlay6.prefixlen}"] if cfg.overlay6 else []
         return ServerWanted(
             cfg.interface, self.public_key, cfg.listen_port, tuple(sorted(addresses)),
             tuple(peer_of(lease, cfg) for lease in self.leases.all()), tuple(fwds),
-            tuple(in_family(cfg, f.family, rotation[f.domain]) for f in fwds),
-            sni_wanted(sni.groups(self.cfg), {f: {d: in_family(cfg, f, r) for d, r in rotation.items()} for f in cfg.families},
-                       sni.socket_path(self.cfg.state_dir)))
+            tuple(by_family[f.family][f.domain] for f in fwds),
+            sni_wanted(sni.groups(self.cfg), by_family, sni.socket_path(self.cfg.state_dir)))
 
     def read_nft_table(self) -> nft.TableState:
         """The table as sptun believes it is: read from the kernel on the first pass and at
@@ -371,9 +369,10 @@ class Server(Role):
             device, table, proxy = self.device, self.nft_table, self.proxy
         fwds = forwards(self.cfg)
         health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
-        rotations = [(f.domain, frozenset(by_lease(self.cfg, r))) for f, r in zip(fwds, table.rotations(fwds))] if table else []
-        rotations += [(d, frozenset(by_lease(self.cfg, (s.address for s in proxy.backends.get(sni.backend_name(gi, d), {}).values()
-                                                      if s.ready))))
+        rotations = [(f.domain, f.family, frozenset(by_lease(self.cfg, r)))
+                     for f, r in zip(fwds, table.rotations(fwds))] if table else []
+        rotations += [(d, g.family, frozenset(by_lease(self.cfg, (s.address for s in proxy.backends.get(sni.backend_name(gi, d), {})
+                                                                .values() if s.ready))))
                       for gi, g in enumerate(sni.groups(self.cfg)) for d in g.domains]
         self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device, tuple(rotations),
                                bool(table and table.exists))
@@ -420,12 +419,13 @@ class Server(Role):
                     reason = "draining (deregistered)"
                 backends.append(BackendStatus(
                     overlay_ip=lease.overlay_ip, public_key=lease.public_key, healthy=is_healthy, reason=reason,
-                    in_rotation=bool(rotating) and all(lease.overlay_ip in ips for name, ips in rotating if name == lease.domain),
+                    in_rotation=bool(rotating) and all(lease.overlay_ip in ips for name, family, ips in rotating
+                                                       if name == lease.domain and (family == 4 or lease.ipv6)),
                     handshake_age=round(now - handshake, 1) if handshake else None,
                     endpoint=state.peer.endpoint if state else None,
                     rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
                     active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since,
-                    overlay_ip6=self.cfg.ip6_of(lease.overlay_ip)))
+                    overlay_ip6=self.cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None))
             forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
             forwarded += [ForwardStatus(g.listen or "*", str(g.port), proxy.totals.get(sni.backend_name(gi, domain.name), 0), 0)
@@ -449,5 +449,6 @@ class ServerView:
     health: dict[str, tuple[bool, str]]  # public key -> up, and why
     draining: frozenset[str]
     device: Device
-    rotations: tuple[tuple[str, frozenset[str]], ...]  # per forward, then per SNI backend: its domain, who is in rotation
+    # Per forward, then per SNI backend: its domain, family, and who is in rotation (as IPv4 leases).
+    rotations: tuple[tuple[str, int, frozenset[str]], ...]
     table_loaded: bool
