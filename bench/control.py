@@ -89,6 +89,7 @@ def scale_bench(prefix: str, n: int, repeats: int, idle_seconds: float) -> dict[
         home = host.dir
         conf = home / "server.toml"
         conf.write_text(SCALE_TOML.format(home=home, domain=DOMAIN))
+        host.run(["ip", "addr", "add", "198.51.100.10/32", "dev", "lo"])  # listen must be one of the host's addresses
         ensure_private_dir(home / "state")
         ensure_private_dir(home / "tokens")
         write_file_atomic(home / "tokens" / DOMAIN, "bench-token-" + "x" * 32 + "\n")
