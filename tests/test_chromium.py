@@ -1,7 +1,7 @@
 """A real browser through the tunnel: headless Chromium, in the lab's browser namespace, fetches
 pages through one server on both data paths (one server, two clients):
 
-- kernel DNAT: DOMAIN on the server's main address, port 443 (c1);
+- kernel DNAT: DOMAIN on the server's main address, port 443 (c1), and on its IPv6 address;
 - SNI: on a second public address, DOMAIN and SNI_DOMAINS share port 443, routed by SNI
   through HAProxy (c1: DOMAIN, c2: blue).
 
@@ -111,7 +111,7 @@ def chromium(lab: Lab, domain: str, address: str, home: Path | None = None) -> P
     argv = ["chromium",
             "--headless", "--no-sandbox",  # no display; as root Chromium refuses to start sandboxed
             "--disable-gpu", f"--user-data-dir={run_dir / 'profile'}",
-            f"--host-resolver-rules=MAP {domain} {address}",
+            f"--host-resolver-rules=MAP {domain} {f'[{address}]' if ':' in address else address}",
             f"--timeout={30_000 * slow():.0f}",  # ms for the page; then it prints what it has and exits
             f"--log-net-log={net_log}", "--dump-dom", f"https://{domain}/"]  # fmt: skip
     env = {**os.environ, "HOME": str(home or trusting_home(lab))}
@@ -151,24 +151,29 @@ def tls_of(net_log: Path) -> tuple[list[int], list[str]]:
         pytest.param(DOMAIN, False, "c1", id="dnat-app"),
         pytest.param(SNI_DOMAINS[0], True, "c2", id="sni-blue"),
         pytest.param(DOMAIN, True, "c1", id="sni-app"),
+        pytest.param(DOMAIN, None, "c1", id="dnat-app-ipv6"),  # None: the server's IPv6 address
     ],
 )
 def test_chromium_gets_the_page_of_the_domains_client_with_its_certificate_and_the_browsers_address(
-    lab: Lab, domain: str, sni: bool, client: str
+    lab: Lab, domain: str, sni: bool | None, client: str
 ) -> None:
     server = lab.servers[0]
-    address = sni_address(server) if sni else server.address
+    address = sni_address(server) if sni else server.address if sni is not None else server.address6
+    browser = lab.browser.address if sni is not None else lab.browser.address6
+    assert address and browser
     where = f"{domain} at {address}"
     split_before = split_hellos(server)
     page = chromium(lab, domain, address)
     seen = re.search(r"client=(\S+) remote=(\S+)", page.dom)
     assert seen, f"{where}: no lab page in {page.dom!r}; chromium said:\n{page.log[-2000:]}"
     assert seen.group(1) == client, f"{where} answered by {seen.group(1)}, not {client}"
-    assert seen.group(2) == lab.browser.address, f"{where}: {client} saw {seen.group(2)}, not the browser's address"
+    assert seen.group(2) == browser, f"{where}: {client} saw {seen.group(2)}, not the browser's address"
     own = lab.cert_paths(client)[1].read_text().strip()
     assert page.certificates and set(page.certificates) == {own}, f"{where}: not {client}'s own certificate"
-    assert split_hellos(server) > split_before, f"{where}: no ClientHello in more than one segment ({page.hellos} B)"
-    print(f"\nchromium, {where}: {client}, the browser's address; ClientHellos of {page.hellos} B, split")
+    if sni is not None:  # (the counter is IPv4's)
+        assert split_hellos(server) > split_before, f"{where}: no ClientHello in more than one segment ({page.hellos} B)"
+    print(f"\nchromium, {where}: {client}, the browser's address; ClientHellos of {page.hellos} B"
+          + (", split" if sni is not None else ""))
 
 
 def test_without_the_lab_ca_chromium_refuses_the_page(lab: Lab) -> None:

@@ -67,14 +67,22 @@ def lab() -> Iterator[Lab]:
         lab.down()
 
 
-# A UDP service on each client: answers each datagram with who it is and whom it saw.
+# A UDP service on each client: answers each datagram with who it is and whom it saw. It
+# listens in both families, as a service behind a dual-stack server should (its agent tells
+# the servers so: one that listens on IPv4 only gets no IPv6 browsers).
 UDP_ECHO = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 443))
+    import selectors, socket, sys
+    sel = selectors.DefaultSelector()
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((address, 443))
+        sel.register(s, selectors.EVENT_READ)
     while True:
-        data, peer = s.recvfrom(2048)
-        s.sendto(f"client={sys.argv[1]} remote={peer[0]}".encode(), peer)
+        for key, _ in sel.select():
+            data, peer = key.fileobj.recvfrom(2048)
+            key.fileobj.sendto(f"client={sys.argv[1]} remote={peer[0]}".encode(), peer)
 """)
 
 UDP_BROWSER = textwrap.dedent("""
@@ -189,8 +197,11 @@ def test_status_json_follows_the_contract(lab: Lab) -> None:
         assert (t["overlay_ip6"], t["server_overlay_ip6"]) == (mirror6(t["overlay_ip"]), "fd99::1")
 
 
-def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_status_counts_the_open_connections_of_each_backend(lab: Lab, family: int) -> None:
     s1 = lab.servers[0]
+    address = s1.address if family == 4 else s1.address6
+    assert address
 
     def active() -> int:
         (domain,) = [d for d in status(s1)["domains"] if d["name"] == DOMAIN]
@@ -198,12 +209,12 @@ def test_status_counts_the_open_connections_of_each_backend(lab: Lab) -> None:
 
     before = active()
     hold = "import socket, sys, time; s = socket.create_connection((sys.argv[1], 443)); time.sleep(600)"
-    holder = lab.browser.spawn([sys.executable, "-c", hold, s1.address], log=lab.browser.dir / "hold.log")
+    holder = lab.browser.spawn([sys.executable, "-c", hold, address], log=lab.browser.dir / f"hold{family}.log")
     try:
         deadline = time.monotonic() + 10 * slow()
         while (now := active()) != before + 1 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert now == before + 1 == 1
+        assert now == before + 1 == 1  # an IPv6 connection counts as its client's too
     finally:
         holder.terminate()
         holder.wait(timeout=20)

@@ -400,7 +400,9 @@ class Server(Role):
         fwds = forwards(self.cfg)
         groups = sni.groups(self.cfg)
         if active is not None and proxy.backends:
-            active = active + Counter({self.cfg.ip4_of(ip) or ip if ":" in ip else ip: n for ip, n in proxy.sessions().items()})
+            active = active + proxy.sessions()
+        if active is not None and self.cfg.overlay6:  # a client's IPv6 connections count as its lease's
+            active = by_lease_counts(self.cfg, active)
         rotating = view.rotations
         domains = []
         for domain in self.cfg.domains:
@@ -439,6 +441,14 @@ class Server(Role):
             table_loaded=view.table_loaded, registrations=registrations, domains=domains,
             overlay6=str(self.cfg.overlay6) if self.cfg.overlay6 else None,
             overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None)
+
+
+def by_lease_counts(cfg: ServerConfig, counts: Counter[str]) -> Counter[str]:
+    """Counts by overlay address of either family (conntrack writes IPv6 in full), summed by IPv4 lease."""
+    out: Counter[str] = Counter()
+    for ip, n in counts.items():
+        out[(cfg.ip4_of(ip) or ip) if ":" in ip else ip] += n
+    return out
 
 
 @dataclass(frozen=True)
