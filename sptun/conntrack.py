@@ -3,7 +3,9 @@ the connections a backend never answered, when it leaves the rotation."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,22 +30,25 @@ class ConntrackTable(Protocol):
 
 
 class NetlinkConntrack:
-    """The kernel's table, through ctnetlink (pyroute2): the dump is filtered by sptun's mark
-    in the kernel, and by the backend's reply address."""
+    """The kernel's table, through ctnetlink (pyroute2): the dump is of the backend's address
+    family, filtered by sptun's mark in the kernel, and by the backend's reply address here.
+    (pyroute2's reply-tuple filter finds no IPv6 entry, and needs the socket's family.)"""
 
     def release_unreplied(self, backend: str) -> int:
         from pyroute2 import Conntrack
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+        from pyroute2.netlink.exceptions import NetlinkError
 
+        target = ipaddress.ip_address(backend)
         released = 0
         try:
-            with Conntrack() as ct:
-                for entry in list(ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK,
-                                                  tuple_reply=NFCTAttrTuple(saddr=backend))):
-                    if not entry.status & SEEN_REPLY:
-                        ct.delete(entry)
-                        released += 1
-        except OSError as e:  # no conntrack module, ...: the connections time out as before
+            with Conntrack(nfgen_family=socket.AF_INET6 if target.version == 6 else socket.AF_INET) as ct:
+                for entry in list(ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK)):
+                    source = entry.tuple_reply.saddr
+                    if entry.status & SEEN_REPLY or not source or ipaddress.ip_address(source) != target:
+                        continue
+                    ct.delete(entry)
+                    released += 1
+        except (OSError, NetlinkError) as e:  # no conntrack module, ...: the connections time out as before
             raise SptunError(f"cannot release the unanswered connections to {backend}: {e}") from None
         return released
 

@@ -1,9 +1,17 @@
-"""Counting each backend's open connections from /proc/net/nf_conntrack (pure parsing)."""
+"""Counting each backend's open connections from /proc/net/nf_conntrack (pure parsing), and releasing
+the ones a backend never answered (ctnetlink, in a namespace of our own)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from sptun.server import active_connections
 
@@ -30,3 +38,56 @@ def test_an_empty_table_counts_nothing_and_a_missing_one_is_unknown(tmp_path: Pa
     table.write_text("")
     assert active_connections(table) == Counter()
     assert active_connections(tmp_path / "missing") is None
+
+
+# --- releasing a backend's unanswered connections, in a kernel of our own -----------------------
+
+RELEASE_SETUP = """set -e
+ip link set lo up
+ip addr add fd99::1/64 dev lo nodad
+ip addr add 10.99.0.1/24 dev lo
+nft -f - <<'X'
+table inet t {
+  chain out { type filter hook output priority 0; tcp dport 443 ct mark set 0x08000000; }
+  chain in { type filter hook input priority 0; tcp dport { 443, 8443 } tcp flags syn drop; }
+}
+X
+"""
+
+RELEASE = """
+import json, socket, sys, time
+from sptun.conntrack import NetlinkConntrack
+out = {}
+for address in ("fd99::1", "10.99.0.1"):
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for port in (443, 8443):  # 443: sptun's mark (set on output); 8443: none
+        s = socket.socket(family)
+        s.setblocking(False)
+        try:
+            s.connect((address, port))  # its SYN is dropped on input: it stays unanswered
+        except BlockingIOError:
+            pass
+    time.sleep(0.3)
+    out[address] = NetlinkConntrack().release_unreplied(address)
+out["left"] = [line for line in open("/proc/net/nf_conntrack") if "SYN_SENT" in line]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft for a scratch namespace")
+def test_a_backends_unanswered_connections_are_released_in_both_families() -> None:
+    """Only sptun's (its mark), only unanswered, only the backend's: of either family (an
+    IPv6 twin's too, which pyroute2's own reply-tuple filter never finds)."""
+    ns = f"spct{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", RELEASE_SETUP], check=True)
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", RELEASE], capture_output=True, text=True,
+                              timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        assert got["fd99::1"] == 1 and got["10.99.0.1"] == 1
+        assert len(got["left"]) == 2 and all("8443" in line for line in got["left"]), got  # unmarked: kept
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
