@@ -30,24 +30,29 @@ class ConntrackTable(Protocol):
 
 
 class NetlinkConntrack:
-    """The kernel's table, through ctnetlink (pyroute2): the dump is of the backend's address
-    family, filtered by sptun's mark in the kernel, and by the backend's reply address here.
-    (pyroute2's reply-tuple filter finds no IPv6 entry, and needs the socket's family.)"""
+    """The kernel's table, through ctnetlink (pyroute2). IPv4: the kernel filters the dump by
+    the backend's reply address (5.8 and later), so its cost does not grow with the table.
+    IPv6 (a dual-stack server's twins): pyroute2's reply-tuple filter finds no IPv6 entry, so
+    the kernel filters by sptun's mark and the address is matched here."""
 
     def release_unreplied(self, backend: str) -> int:
         from pyroute2 import Conntrack
         from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
         target = ipaddress.ip_address(backend)
         released = 0
         try:
             with Conntrack(nfgen_family=socket.AF_INET6 if target.version == 6 else socket.AF_INET) as ct:
-                for entry in list(ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK)):
-                    source = entry.tuple_reply.saddr
-                    if entry.status & SEEN_REPLY or not source or ipaddress.ip_address(source) != target:
-                        continue
-                    ct.delete(entry)
-                    released += 1
+                if target.version == 4:
+                    entries = ct.dump_entries(tuple_reply=NFCTAttrTuple(saddr=backend))
+                else:
+                    entries = (e for e in ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK)
+                               if e.tuple_reply.saddr and ipaddress.ip_address(e.tuple_reply.saddr) == target)
+                for entry in list(entries):
+                    if not entry.status & SEEN_REPLY and (entry.mark or 0) & DNAT_MARK:
+                        ct.delete(entry)
+                        released += 1
         except (OSError, NetlinkError) as e:  # no conntrack module, ...: the connections time out as before
             raise SptunError(f"cannot release the unanswered connections to {backend}: {e}") from None
         return released
