@@ -12,6 +12,7 @@ every client of each server, and the clients see the browsers' own addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from test_e2e import sptun_leftovers
 from test_failover import BROWSERS, nginx_pids, report
 
 from sptun.lab import (
+    LAB_OVERLAY,
+    LAB_OVERLAY6,
     Host,
     Lab,
     browse,
@@ -148,26 +151,52 @@ def test_a_client_that_serves_ipv4_only_gets_no_ipv6_browsers(lab: Lab) -> None:
     dual = (c2.dir / "nginx.conf").read_text()
     reload_nginx(c2, dual.replace("        listen [::]:80;\n", "").replace("        listen [::]:443 ssl http2;\n", ""))
     try:
+        c2_ip = tunnels(c2)[s2.address6]["overlay_ip"]
         deadline = time.monotonic() + 30 * slow()
-        while tunnels(c2)[s2.address6]["overlay_ip6"] is not None:
-            assert time.monotonic() < deadline, "c2 still has an IPv6 overlay address"
+        while not in_rotation_ipv4_only(s2, c2_ip) or twin(s2, c2_ip) in ipv6_map(s2):  # out of the kernel's map too
+            assert time.monotonic() < deadline, "c2 is still in s2's IPv6 rotation"
             time.sleep(0.5)
         hits = browse(lab, s2, 8, address=s2.address6)
         assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 4, "c3": 4}
         hits = browse(lab, s2, 6, address=s2.address)
         assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
-        (backend,) = [b for d in status(s2)["domains"] for b in d["backends"]
-                      if b["overlay_ip"] == tunnels(c2)[s2.address6]["overlay_ip"]]
-        assert backend["in_rotation"] and backend["overlay_ip6"] is None
+        assert in_rotation_ipv4_only(s2, c2_ip)
     finally:
         reload_nginx(c2, dual)
     deadline = time.monotonic() + 30 * slow()
-    while tunnels(c2)[s2.address6]["overlay_ip6"] is None:
-        assert time.monotonic() < deadline, "c2 got no IPv6 overlay address back"
+    while not in_ipv6_rotation(s2, c2_ip) or twin(s2, c2_ip) not in ipv6_map(s2):  # after `rise` good checks
+        assert time.monotonic() < deadline, "c2 is not back in s2's IPv6 rotation"
         time.sleep(0.5)
-    wait_for_rotations(lab)
     hits = browse(lab, s2, 6, address=s2.address6)
     assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
+
+
+def backend(server: Host, overlay_ip: str) -> dict:
+    (found,) = [b for d in status(server)["domains"] for b in d["backends"] if b["overlay_ip"] == overlay_ip]
+    return found
+
+
+def in_ipv6_rotation(server: Host, overlay_ip: str) -> bool:
+    """The backend has its IPv6 twin and is in every rotation of its domain, IPv6's included."""
+    b = backend(server, overlay_ip)
+    return bool(b["overlay_ip6"] and b["in_rotation"])
+
+
+def ipv6_map(server: Host) -> set[str]:
+    """The IPv6 forward's rotation as the kernel has it (map @rr1: the domain's second forward)."""
+    listing = json.loads(server.run(["nft", "-j", "list", "map", "inet", "sptun", "rr1"]))
+    return {str(v) for item in listing["nftables"] if "map" in item for _, v in item["map"].get("elem", [])}
+
+
+def twin(server: Host, overlay_ip: str) -> str:
+    """A lease's IPv6 twin: at its offset in LAB_OVERLAY, in LAB_OVERLAY6."""
+    offset = int(ipaddress.IPv4Address(overlay_ip)) - int(ipaddress.IPv4Network(LAB_OVERLAY).network_address)
+    return str(ipaddress.IPv6Network(LAB_OVERLAY6).network_address + offset)
+
+
+def in_rotation_ipv4_only(server: Host, overlay_ip: str) -> bool:
+    b = backend(server, overlay_ip)
+    return b["overlay_ip6"] is None and b["in_rotation"]
 
 
 def test_down_leaves_nothing_of_either_family(lab: Lab) -> None:
