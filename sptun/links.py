@@ -142,7 +142,7 @@ class Links:
         for cidr in wanted:
             if cidr not in have:
                 address, prefixlen = cidr.split("/")
-                flags = {"flags": IFA_F_NODAD} if ":" in address else {}
+                flags = {"flags": IFA_F_NODAD} if family_of(address) == 6 else {}
                 self._call(f"ip addr add {cidr} dev {name}", self.ipr.addr, "add", index=index,
                            address=address, prefixlen=int(prefixlen), **flags)
                 changes.append(f"add address {cidr} to {name}")

@@ -12,7 +12,6 @@ every client of each server, and the clients see the browsers' own addresses.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -23,12 +22,10 @@ from collections.abc import Iterator
 
 import pytest
 from support import LAB_TOOLS, netns_marks
-from test_e2e import sptun_leftovers
+from test_e2e import mirror6, sptun_leftovers
 from test_failover import BROWSERS, nginx_pids, report
 
 from sptun.lab import (
-    LAB_OVERLAY,
-    LAB_OVERLAY6,
     Host,
     Lab,
     browse,
@@ -153,7 +150,7 @@ def test_a_client_that_serves_ipv4_only_gets_no_ipv6_browsers(lab: Lab) -> None:
     try:
         c2_ip = tunnels(c2)[s2.address6]["overlay_ip"]
         deadline = time.monotonic() + 30 * slow()
-        while not in_rotation_ipv4_only(s2, c2_ip) or twin(s2, c2_ip) in ipv6_map(s2):  # out of the kernel's map too
+        while not in_rotation_ipv4_only(s2, c2_ip) or mirror6(c2_ip) in ipv6_map(s2):  # out of the kernel's map too
             assert time.monotonic() < deadline, "c2 is still in s2's IPv6 rotation"
             time.sleep(0.5)
         hits = browse(lab, s2, 8, address=s2.address6)
@@ -164,7 +161,7 @@ def test_a_client_that_serves_ipv4_only_gets_no_ipv6_browsers(lab: Lab) -> None:
     finally:
         reload_nginx(c2, dual)
     deadline = time.monotonic() + 30 * slow()
-    while not in_ipv6_rotation(s2, c2_ip) or twin(s2, c2_ip) not in ipv6_map(s2):  # after `rise` good checks
+    while not in_ipv6_rotation(s2, c2_ip) or mirror6(c2_ip) not in ipv6_map(s2):  # after `rise` good checks
         assert time.monotonic() < deadline, "c2 is not back in s2's IPv6 rotation"
         time.sleep(0.5)
     hits = browse(lab, s2, 6, address=s2.address6)
@@ -186,12 +183,6 @@ def ipv6_map(server: Host) -> set[str]:
     """The IPv6 forward's rotation as the kernel has it (map @rr1: the domain's second forward)."""
     listing = json.loads(server.run(["nft", "-j", "list", "map", "inet", "sptun", "rr1"]))
     return {str(v) for item in listing["nftables"] if "map" in item for _, v in item["map"].get("elem", [])}
-
-
-def twin(server: Host, overlay_ip: str) -> str:
-    """A lease's IPv6 twin: at its offset in LAB_OVERLAY, in LAB_OVERLAY6."""
-    offset = int(ipaddress.IPv4Address(overlay_ip)) - int(ipaddress.IPv4Network(LAB_OVERLAY).network_address)
-    return str(ipaddress.IPv6Network(LAB_OVERLAY6).network_address + offset)
 
 
 def in_rotation_ipv4_only(server: Host, overlay_ip: str) -> bool:

@@ -4,6 +4,7 @@ the kernel has it all."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,22 @@ def rotations_by_family(cfg: ServerConfig, leases: Iterable[Lease]) -> dict[int,
     return out
 
 
+def lease_of(cfg: ServerConfig, ip: str) -> str:
+    """An overlay address of either family (IPv6 in any spelling: conntrack writes it in
+    full) as its IPv4 lease: the converse of rotations_by_family's twins."""
+    return (cfg.ip4_of(ip) or ip) if ":" in ip else ip
+
+
 def by_lease(cfg: ServerConfig, ips: Iterable[str]) -> set[str]:
-    """The converse of in_family: addresses of either family, as their IPv4 leases."""
-    return {ip if ":" not in ip else cfg.ip4_of(ip) or ip for ip in ips}
+    return {lease_of(cfg, ip) for ip in ips}
+
+
+def by_lease_counts(cfg: ServerConfig, counts: Counter[str]) -> Counter[str]:
+    """Counts by overlay address of either family, summed by IPv4 lease."""
+    out: Counter[str] = Counter()
+    for ip, n in counts.items():
+        out[lease_of(cfg, ip)] += n
+    return out
 
 
 @dataclass(frozen=True)

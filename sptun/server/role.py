@@ -34,6 +34,7 @@ from sptun.server.plan import (
     ServerKernel,
     ServerWanted,
     by_lease,
+    by_lease_counts,
     forwards,
     peer_of,
     plan,
@@ -441,14 +442,6 @@ class Server(Role):
             table_loaded=view.table_loaded, registrations=registrations, domains=domains,
             overlay6=str(self.cfg.overlay6) if self.cfg.overlay6 else None,
             overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None)
-
-
-def by_lease_counts(cfg: ServerConfig, counts: Counter[str]) -> Counter[str]:
-    """Counts by overlay address of either family (conntrack writes IPv6 in full), summed by IPv4 lease."""
-    out: Counter[str] = Counter()
-    for ip, n in counts.items():
-        out[(cfg.ip4_of(ip) or ip) if ":" in ip else ip] += n
-    return out
 
 
 @dataclass(frozen=True)
