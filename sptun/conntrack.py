@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sptun.errors import SptunError
-from sptun.nft import DNAT_MARK
+from sptun.nft import DNAT_MARK, PROXIED_MARK, OUR_CONNECTIONS
 
 log = logging.getLogger("sptun")
 
@@ -23,9 +23,11 @@ SEEN_REPLY = 0x2  # IPS_SEEN_REPLY, a conntrack status bit
 
 class ConntrackTable(Protocol):
     def release_unreplied(self, backend: str) -> int:
-        """Delete the entries of sptun's connections to `backend` that it never answered
-        (TCP in SYN_SENT, UDP unreplied): a browser's next SYN retransmission is then a new
-        connection, DNATed to a backend in the rotation. Returns how many went."""
+        """Delete the entries of sptun's connections to `backend` (DNATed, or the SNI proxy's)
+        that it never answered (TCP in SYN_SENT, UDP unreplied): a browser's next SYN
+        retransmission is then a new connection, DNATed to a backend in the rotation; and
+        a new connection that reuses a stale entry's ports is not taken for a retransmission
+        (which the passive check would count against the backend). Returns how many went."""
         ...
 
 
@@ -45,12 +47,12 @@ class NetlinkConntrack:
         try:
             with Conntrack(nfgen_family=socket.AF_INET6 if target.version == 6 else socket.AF_INET) as ct:
                 if target.version == 4:
-                    entries = ct.dump_entries(tuple_reply=NFCTAttrTuple(saddr=backend))
-                else:
-                    entries = (e for e in ct.dump_entries(mark=DNAT_MARK, mark_mask=DNAT_MARK)
-                               if e.tuple_reply.saddr and ipaddress.ip_address(e.tuple_reply.saddr) == target)
-                for entry in list(entries):
-                    if not entry.status & SEEN_REPLY and (entry.mark or 0) & DNAT_MARK:
+                    entries = list(ct.dump_entries(tuple_reply=NFCTAttrTuple(saddr=backend)))
+                else:  # a mark filter matches all its bits: one dump per mark
+                    entries = [e for mark in (DNAT_MARK, PROXIED_MARK) for e in ct.dump_entries(mark=mark, mark_mask=mark)
+                               if e.tuple_reply.saddr and ipaddress.ip_address(e.tuple_reply.saddr) == target]
+                for entry in entries:
+                    if not entry.status & SEEN_REPLY and (entry.mark or 0) & OUR_CONNECTIONS:
                         ct.delete(entry)
                         released += 1
         except (OSError, NetlinkError) as e:  # no conntrack module, ...: the connections time out as before

@@ -37,6 +37,10 @@ MARK_MASK = 0xFFF00000
 # software makes in its own table (Docker, kube-proxy) never opens a path through the
 # overlay. It lies in MARK_MASK but not in MARK_BASE, so no client mark carries it.
 DNAT_MARK = 0x08000000
+# And the bit the SNI proxy's own connections into the overlay get (its output chain), so
+# that their unanswered ones can be released too when a backend leaves or comes back.
+PROXIED_MARK = 0x02000000
+OUR_CONNECTIONS = DNAT_MARK | PROXIED_MARK
 SUSPECTS = "suspects"  # server: backends whose connections go unanswered, as the kernel saw it
 SUSPECT_FOR = 2  # s an unanswered SYN keeps a backend in SUSPECTS
 ANSWERED = "answered"  # server: backends that answered a forwarded connection (a SYN-ACK), as the kernel saw it
@@ -161,9 +165,10 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
         proxy_chains.append(("proxy", "type filter hook prerouting priority mangle; policy accept;", [
             f"iifname {dev} meta l4proto tcp socket transparent 1 meta mark set {proxy_mark:#010x} accept"]))
         # Passive health for the proxy's connections, as the forward chain has it for DNAT's.
-        proxy_chains.append(("output", "type filter hook output priority filter; policy accept;", passive(
-            f"oifname {dev} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
-            f"update @{SUSPECTS} {{ ip daddr }}")))
+        proxy_chains.append(("output", "type filter hook output priority filter; policy accept;", [
+            f"oifname {dev} ct state new ct mark set ct mark or {PROXIED_MARK:#010x}",
+            *passive(f"oifname {dev} tcp flags syn / syn,ack ct status confirmed / confirmed,seen-reply "
+                     f"update @{SUSPECTS} {{ ip daddr }}")]))
         proxied_in = [*passive(f"iifname {dev} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}"),
                       *passive(f"iifname {dev} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}")]
     chains = _chains([

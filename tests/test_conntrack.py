@@ -48,8 +48,8 @@ ip addr add fd99::1/64 dev lo nodad
 ip addr add 10.99.0.1/24 dev lo
 nft -f - <<'X'
 table inet t {
-  chain out { type filter hook output priority 0; tcp dport 443 ct mark set 0x08000000; }
-  chain in { type filter hook input priority 0; tcp dport { 443, 8443 } tcp flags syn drop; }
+  chain out { type filter hook output priority 0; tcp dport 443 ct mark set 0x08000000; tcp dport 444 ct mark set 0x02000000; }
+  chain in { type filter hook input priority 0; tcp dport { 443, 444, 8443 } tcp flags syn drop; }
 }
 X
 """
@@ -60,7 +60,7 @@ from sptun.conntrack import NetlinkConntrack
 out = {}
 for address in ("fd99::1", "10.99.0.1"):
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    for port in (443, 8443):  # 443: sptun's mark (set on output); 8443: none
+    for port in (443, 444, 8443):  # 443: DNAT's mark (set on output); 444: the SNI proxy's; 8443: none
         s = socket.socket(family)
         s.setblocking(False)
         try:
@@ -77,7 +77,7 @@ print(json.dumps(out))
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft for a scratch namespace")
 def test_a_backends_unanswered_connections_are_released_in_both_families() -> None:
-    """Only sptun's (its mark), only unanswered, only the backend's: of either family (an
+    """Only sptun's (its marks: DNAT's and the SNI proxy's), only unanswered, only the backend's: of either family (an
     IPv6 twin's too, which pyroute2's own reply-tuple filter never finds)."""
     ns = f"spct{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -87,7 +87,7 @@ def test_a_backends_unanswered_connections_are_released_in_both_families() -> No
                               timeout=60, cwd=Path(__file__).resolve().parents[1])
         assert proc.returncode == 0, proc.stderr
         got = json.loads(proc.stdout)
-        assert got["fd99::1"] == 1 and got["10.99.0.1"] == 1
+        assert got["fd99::1"] == 2 and got["10.99.0.1"] == 2
         assert len(got["left"]) == 2 and all("8443" in line for line in got["left"]), got  # unmarked: kept
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)

@@ -183,9 +183,30 @@ def plan_proxy(wanted: SniWanted | None, kernel: ServerKernel, families: tuple[i
     changes += [] if kernel.proxy_routing >= set(families) else [SetProxyRouting(families)]
     if proxy.pid is None or proxy.digest != wanted.digest:
         return changes + [StartProxy(wanted.config, proxy.pid, wanted.summary)]
+    return changes + plan_proxy_rotation(wanted, proxy)
+
+
+def plan_proxy_rotation(wanted: SniWanted | None, proxy: sni.ProxyState) -> list[Change]:
+    """Who is in the running proxy's rotations, through its runtime API; nothing if it does
+    not run this structure (a pass starts or reloads it)."""
+    if wanted is None or proxy.pid is None or proxy.digest != wanted.digest:
+        return []
     commands = [c for name, port, ips in wanted.backends
                 for c in sni.rotation_commands(name, port, proxy.backends.get(name, {}), ips)]
-    return changes + ([ProxyCommands(tuple(commands))] if commands else [])
+    if not commands:
+        return []
+    ready = {name: {s.address for s in servers.values() if s.ready} for name, servers in proxy.backends.items()}
+    came = {ip for name, _, ips in wanted.backends for ip in ips - ready.get(name, set())}
+    gone = {ip for name, _, ips in wanted.backends for ip in ready.get(name, set()) - ips}
+    # The proxy's source ports come round again within seconds (one browser address, one
+    # backend): a new connection that reuses the ports of one a backend left unanswered
+    # would look like a retransmission to the passive check. So a backend that comes back
+    # loses those entries first, and one that leaves loses them once no connection starts.
+    return [*releases(came), ProxyCommands(tuple(commands)), *releases(gone)]
+
+
+def releases(backends: set[str]) -> list[Change]:
+    return [ReleaseUnreplied(ip) for ip in sorted(backends, key=nft.ip_key)]
 
 
 def plan_teardown(interface: str, has_link: bool, has_table: bool, proxy: bool = False,
@@ -217,4 +238,4 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
             gone |= set(current) - set(new)
     # Then, with no new connection going there any more, those it never answered: a browser's
     # retransmitted SYN finds no entry pinning it to the backend that left.
-    return changes + [ReleaseUnreplied(ip) for ip in sorted(gone, key=nft.ip_key)]
+    return changes + releases(gone)

@@ -38,6 +38,7 @@ from sptun.server.plan import (
     forwards,
     peer_of,
     plan,
+    plan_proxy_rotation,
     plan_table,
     plan_teardown,
     rotations_by_family,
@@ -194,10 +195,15 @@ class Server(Role):
             raise
 
     def apply_rotation(self) -> list[str]:
-        """Only the rotation, now (a deregistration takes a client out at once). Under the lock."""
+        """Only the rotations, now: the kernel's and the SNI proxy's (a deregistration takes a
+        client out at once, before its agent closes the tunnel). Under the lock."""
         if self.nft_table is None or self.device.public_key is None:
             return []  # no pass has run yet: the next one plans it all
-        return self.apply(Applier(self.edges, self.private_key), plan_table(self.wanted(), self.nft_table))
+        wanted = self.wanted()
+        assert self.edges.proxy is not None
+        proxy = self.edges.proxy.read() if wanted.sni else sni.ProxyState()  # as it is now, not as the last pass saw it
+        return self.apply(Applier(self.edges, self.private_key),
+                          plan_table(wanted, self.nft_table) + plan_proxy_rotation(wanted.sni, proxy))
 
     def adopt_orphans(self) -> list[str]:
         """Peers on the interface with no lease (the leases file was lost or is behind): keep
