@@ -123,6 +123,9 @@ def report(name: str, result: dict[str, Any], fault: float, extra: str = "") -> 
     print(f"\n{name}: {s['requests']} requests, {s['failed']} failed {s['failed_by_kind']}{span}; longest stall "
           f"{s['longest']:.2f} s (slowest served {slowest_ok:.2f} s), p50 {s['p50']:.3f} s, p99 {s['p99']:.3f} s; "
           f"by client {s['by_client']}{extra}")
+    worst = sorted(result["requests"], key=lambda r: (r[3], -r[2]))[:8]  # failed first, then the slowest
+    print("  worst (browser, start from the fault, seconds, served, client or error, connected after):",
+          *(f"    {[r[0], round(r[1] - fault_at, 3), *r[2:]]}" for r in worst), sep="\n")
     return s
 
 
