@@ -130,7 +130,8 @@ def _chains(chains: list[tuple[str, str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
-def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]], proxy_mark: int | None) -> str:
+def _server_body(interface: str, forwards: list[Forward], rotations: list[list[str]], proxy_mark: int | None,
+                 overlays: tuple[str, ...] = ()) -> str:
     dev = _q(interface)
     v6 = any(f.family == 6 for f in forwards)  # IPv4-only servers keep the ruleset (and digest) they had
     ours = f"ct mark & {DNAT_MARK:#010x} == {DNAT_MARK:#010x}"
@@ -171,7 +172,13 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
                      f"update @{SUSPECTS} {{ ip daddr }}")]))
         proxied_in = [*passive(f"iifname {dev} tcp flags & rst == rst ct status & assured == 0 update @{SUSPECTS} {{ ip saddr }}"),
                       *passive(f"iifname {dev} tcp flags syn,ack / syn,ack update @{ANSWERED} {{ ip saddr }}")]
+    # An overlay source address comes only through the tunnel (or from the server itself):
+    # a browser that spoofs one would have a client answer another client. IPv6 has no
+    # rp_filter, and IPv4's may be off; this needs neither.
+    antispoof = [f"iifname != {{ {dev}, \"lo\" }} {'ip6' if ':' in net else 'ip'} saddr {net} counter drop "
+                 f'comment "overlay sources come only through the tunnel"' for net in overlays]
     chains = _chains([
+        *([("antispoof", "type filter hook prerouting priority raw; policy accept;", antispoof)] if antispoof else []),
         *[(f"fwd{i}", f"comment {_q(f.key)}", dnat_rule(i, len(rotations[i]), f.family)) for i, f in enumerate(forwards)],
         ("prerouting", "type nat hook prerouting priority dstnat; policy accept;",
          [server_rule(interface, i, f, len(rotations[i])) for i, f in enumerate(forwards)]),
@@ -203,17 +210,19 @@ def _server_body(interface: str, forwards: list[Forward], rotations: list[list[s
 
 
 def render_server(interface: str, forwards: list[Forward], rotations: list[list[str]],
-                  proxy_mark: int | None = None) -> str:
+                  proxy_mark: int | None = None, overlays: tuple[str, ...] = ()) -> str:
     """DNAT round-robin into the overlay, and isolation: through the overlay a client reaches
     nothing but the connections forwarded to it. Each forward's backends live in a named map
     that changes in place; the comment hashes the structure only, not who is in rotation.
-    proxy_mark: an SNI proxy runs (sptun.sni); the mark that brings replies to it."""
-    structure = _server_body(interface, forwards, [[] for _ in forwards], proxy_mark)
-    return _wrap("server", _server_body(interface, forwards, rotations, proxy_mark), structure)
+    proxy_mark: an SNI proxy runs (sptun.sni); the mark that brings replies to it.
+    overlays: the overlay prefixes (CIDRs), whose sources only the tunnel may bring."""
+    structure = _server_body(interface, forwards, [[] for _ in forwards], proxy_mark, overlays)
+    return _wrap("server", _server_body(interface, forwards, rotations, proxy_mark, overlays), structure)
 
 
-def server_comment(interface: str, forwards: list[Forward], proxy_mark: int | None = None) -> str | None:
-    return comment_of(render_server(interface, forwards, [[] for _ in forwards], proxy_mark))
+def server_comment(interface: str, forwards: list[Forward], proxy_mark: int | None = None,
+                   overlays: tuple[str, ...] = ()) -> str | None:
+    return comment_of(render_server(interface, forwards, [[] for _ in forwards], proxy_mark, overlays))
 
 
 def ip_key(ip: str) -> tuple[int, int]:

@@ -12,6 +12,7 @@ every client of each server, and the clients see the browsers' own addresses.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -188,6 +189,32 @@ def ipv6_map(server: Host) -> set[str]:
 def in_rotation_ipv4_only(server: Host, overlay_ip: str) -> bool:
     b = backend(server, overlay_ip)
     return b["overlay_ip6"] is None and b["in_rotation"]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_browser_that_spoofs_a_clients_overlay_address_reaches_no_client(lab: Lab, family: int) -> None:
+    """A browser that sends from c2's overlay address would have the client it is DNATed to
+    answer c2 through the tunnels. The server drops overlay sources that do not come through
+    the tunnel: IPv6 has no rp_filter to do it."""
+    s2, c2 = lab.servers[1], lab.clients[1]
+    mine = tunnels(c2)[s2.address6]
+    spoofed = mine["overlay_ip"] if family == 4 else mine["overlay_ip6"]
+    public = s2.address if family == 4 else f"[{s2.address6}]"
+    lab.browser.run(["ip", "addr", "add", f"{spoofed}/{32 if family == 4 else 128}", "dev", "lo", *(["nodad"] if family == 6 else [])])
+    try:
+        out = lab.browser.run(["sh", "-c", f"for i in 1 2 3; do curl -sk --max-time 2 --interface {spoofed} "
+                                           f"https://{public}/ >/dev/null; echo $?; done"])
+        assert "0" not in out.split(), out  # no connection either
+    finally:
+        lab.browser.run(["ip", "addr", "del", f"{spoofed}/{32 if family == 4 else 128}", "dev", "lo"])
+    full = ipaddress.ip_address(spoofed).exploded if family == 6 else spoofed  # as nf_conntrack writes it
+    for client in lab.clients:
+        originals = [line.split(" src=")[1].split()[0] for line in client.run(["cat", "/proc/net/nf_conntrack"]).splitlines()
+                     if " src=" in line]  # each connection's first source: who opened it
+        assert full not in originals, f"{client.name} got a connection from the spoofed {spoofed}"
+    rule = next(line for line in s2.run(["nft", "list", "chain", "inet", "sptun", "antispoof"]).splitlines()
+                if f" ip{'' if family == 4 else '6'} saddr " in line)
+    assert "packets 0 " not in rule, rule  # dropped by the server, on the way in
 
 
 def test_down_leaves_nothing_of_either_family(lab: Lab) -> None:

@@ -67,7 +67,11 @@ SERVER_CASES: dict[str, tuple[str, list[tuple[Forward, tuple[str, ...]]]]] = {
 
 
 def server(interface: str, cases: list[tuple[Forward, tuple[str, ...]]]) -> str:
-    return render_server(interface, [f for f, _ in cases], [list(b) for _, b in cases])
+    return render_server(interface, [f for f, _ in cases], [list(b) for _, b in cases], overlays=overlays_of(cases))
+
+
+def overlays_of(cases: list[tuple[Forward, tuple[str, ...]]]) -> tuple[str, ...]:
+    return ("10.99.0.0/16", "fd99::/64") if any(f.family == 6 for f, _ in cases) else ("10.99.0.0/16",)
 CLIENT_CASES = {
     "client_2_interfaces": ({"sptun-s1": client_mark(5), "sptun-s2": client_mark(12)}, (TCP443,)),
     "client_no_interfaces": ({}, (TCP443,)),
@@ -309,7 +313,7 @@ def test_server_digest_is_the_hash_of_the_structure(name: str) -> None:
     empty = server(interface, [(f, ()) for f, _ in cases])
     body, digest = body_and_digest(server(interface, cases))
     assert hashlib.sha256(body_and_digest(empty)[0].encode()).hexdigest()[:16] == digest
-    assert server_comment(interface, [f for f, _ in cases]) == f"sptun server {digest}"
+    assert server_comment(interface, [f for f, _ in cases], overlays=overlays_of(cases)) == f"sptun server {digest}"
 
 
 def test_digest_is_stable() -> None:
@@ -471,6 +475,17 @@ def test_fuzz_quote(name: str) -> None:
     inner = quoted[1:-1]
     assert quoted == f'"{inner}"' and inner == name and name
     assert not any(c in inner for c in "\"';\t\n\r{}#\\$@")
+
+
+def test_overlay_sources_come_only_through_the_tunnel() -> None:
+    ruleset = server(*SERVER_CASES["server_dual_stack"])
+    assert chain(ruleset, "antispoof") == [
+        'iifname != { "sptun0", "lo" } ip saddr 10.99.0.0/16 counter drop comment "overlay sources come only through the tunnel"',
+        'iifname != { "sptun0", "lo" } ip6 saddr fd99::/64 counter drop comment "overlay sources come only through the tunnel"',
+    ]
+    assert "type filter hook prerouting priority raw;" in ruleset  # before conntrack and DNAT see it
+    fwd = [Forward(APP, "198.51.100.10", TCP443)]
+    assert server_comment("sptun0", fwd, overlays=("10.99.0.0/16",)) != server_comment("sptun0", fwd, overlays=("10.98.0.0/16",))
 
 
 def test_module_constants() -> None:

@@ -221,7 +221,7 @@ def server_kernel(rotation: list[str] | None = None, peers: tuple[str, ...] = (K
     base: dict[str, object] = dict(name="sptun0", index=5, ours=True, up=True, mtu=MTU, addresses=("10.99.0.1/16",),
                                    device=device)
     base.update(kw)
-    table = nft.TableState(True, nft.server_comment("sptun0", [FWD]), {FWD.key: 3},
+    table = nft.TableState(True, nft.server_comment("sptun0", [FWD], overlays=("10.99.0.0/16",)), {FWD.key: 3},
                            {"rr0": rotation if rotation is not None else [B1, B2]})
     return ServerKernel(LinkState(**base), "1", table)  # type: ignore[arg-type]
 

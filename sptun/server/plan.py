@@ -4,6 +4,7 @@ the kernel has it all."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -138,6 +139,11 @@ class ServerWanted:
     def proxy_mark(self) -> int | None:
         return sni.PROXY_MARK if self.sni else None
 
+    @property
+    def overlays(self) -> tuple[str, ...]:
+        """The overlay prefixes, from the server's own addresses in them."""
+        return tuple(str(ipaddress.ip_interface(a).network) for a in self.addresses)
+
 
 @dataclass(frozen=True)
 class ServerKernel:
@@ -224,10 +230,11 @@ def plan_table(wanted: ServerWanted, table: nft.TableState) -> list[Change]:
     rotation is made in place: map elements and one rule, atomically, no reload."""
     fwds = list(wanted.forwards)
     mark = wanted.proxy_mark
-    if table.comment != nft.server_comment(wanted.interface, fwds, mark) or set(table.handles) != {f.key for f in fwds}:
+    if (table.comment != nft.server_comment(wanted.interface, fwds, mark, wanted.overlays)
+            or set(table.handles) != {f.key for f in fwds}):
         rotations = [sorted(w, key=nft.ip_key) for w in wanted.rotations]
         summary = ", ".join(f"{f.domain} {f.port}: {len(r)}" for f, r in zip(fwds, rotations, strict=True))
-        return [LoadTable(nft.render_server(wanted.interface, fwds, rotations, mark), summary or "no domains",
+        return [LoadTable(nft.render_server(wanted.interface, fwds, rotations, mark, wanted.overlays), summary or "no domains",
                           fresh=not table.exists)]
     changes: list[Change] = []
     gone: set[str] = set()
