@@ -17,15 +17,14 @@ from sptun.errors import SptunError
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_ESTABLISHED, TCP_SYN_RECV, TCP_CLOSE, TCP_LISTEN = 1, 3, 7, 10  # an unconnected UDP socket is in TCP_CLOSE
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10  # an unconnected UDP socket is in TCP_CLOSE
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 
-def local_sockets(protocol: str, states: int | tuple[int, ...], family: int = socket.AF_INET) -> list[tuple[str, int]]:
-    """(local address, local port) of this network namespace's sockets of a protocol in these states."""
-    mask = sum(1 << state for state in (states if isinstance(states, tuple) else (states,)))
+def local_sockets(protocol: str, state: int, family: int = socket.AF_INET) -> list[tuple[str, int]]:
+    """(local address, local port) of this network namespace's sockets of a protocol in a state."""
     # inet_diag_req_v2: family, protocol, extensions, pad, states; then an empty socket id
-    request = struct.pack("=BBBxI", family, PROTOCOLS[protocol], 0, mask) + bytes(48)
+    request = struct.pack("=BBBxI", family, PROTOCOLS[protocol], 0, 1 << state) + bytes(48)
     header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
     found: list[tuple[str, int]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
@@ -61,11 +60,9 @@ def listening(ports: tuple[Port, ...], families: tuple[int, ...] = (socket.AF_IN
 
 
 def in_flight(addresses: set[str], ports: tuple[Port, ...]) -> int:
-    """TCP connections to the service on these (overlay) addresses, of both families:
-    established, or in their handshake (one the server sent just before it took us out)."""
+    """Established TCP connections to the service on these (overlay) addresses, of both families."""
     tcp = {p.number for p in ports if p.proto == "tcp"}
-    return sum(1 for family in (socket.AF_INET, socket.AF_INET6)
-               for address, port in local_sockets("tcp", (TCP_ESTABLISHED, TCP_SYN_RECV), family)
+    return sum(1 for family in (socket.AF_INET, socket.AF_INET6) for address, port in local_sockets("tcp", TCP_ESTABLISHED, family)
                if address in addresses and port in tcp)
 
 
