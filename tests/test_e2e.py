@@ -343,6 +343,7 @@ def register(lab: Lab, attempts: list[tuple[str, str]]) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
+@pytest.mark.host_only
 def test_registration_needs_the_domains_own_token(lab: Lab) -> None:
     s1 = lab.servers[0]
     app_token = (s1.dir / "tokens" / DOMAIN).read_text().strip()
@@ -367,6 +368,7 @@ def test_registration_needs_the_domains_own_token(lab: Lab) -> None:
     assert all(h.ok for h in browse(lab, s1, 3))  # and the server keeps serving
 
 
+@pytest.mark.host_only
 def test_garbage_on_the_registration_port_is_refused_and_serving_goes_on(lab: Lab) -> None:
     s1 = lab.servers[0]
     probe = textwrap.dedent("""
@@ -445,6 +447,7 @@ def forward_drops(server: Host) -> int:
     return total
 
 
+@pytest.mark.host_only
 def test_malformed_txt_records_beside_good_ones(lab: Lab) -> None:
     good = [f"r=superprotocol;ip={s.address}" for s in lab.servers]
     bad = ["r=superprotocol;ip=not-an-ip", "r=superprotocol;port=1", "r=superprotocol; ip = 198.51.100.99 ; port=99999"]
@@ -482,7 +485,7 @@ def test_wireguard_kernel_without_the_module_fails_in_one_line(lab: Lab) -> None
 
 
 def scrape(host: Host) -> dict[str, float]:
-    text = host.run(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9586/metrics"])
+    text = host.run(["curl", "-sS", "--max-time", f"{5 * slow():g}", "http://127.0.0.1:9586/metrics"])
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -509,6 +512,7 @@ def test_metrics_endpoints_follow_the_traffic(lab: Lab) -> None:
     assert sum(v for k, v in agent.items() if k.startswith("sptun_tunnel_received_bytes_total")) > 0
 
 
+@pytest.mark.host_only
 def test_secrets_stay_in_their_files(lab: Lab) -> None:
     """Private keys and tokens: 0600 files under 0700 directories, never in a log or a status."""
     secrets = {}
@@ -524,6 +528,7 @@ def test_secrets_stay_in_their_files(lab: Lab) -> None:
         assert not any(secret in text for text in outputs), f"the secret in {path} leaked"
 
 
+@pytest.mark.host_only
 @pytest.mark.parametrize("config, error", [
     ('overlay = "198.51.100.0/24"\n', "overlay: 198.51.100.0/24 overlaps 198.51.100.0/24 dev eth0"),
     ('overlay = "10.98.0.0/16"\noverlay6 = "2001:db8::/64"\n', "overlay6: 2001:db8::/64 overlaps 2001:db8::/64 dev eth0"),
