@@ -9,7 +9,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sptun.errors import SptunError
 from sptun.nft import DNAT_MARK, PROXIED_MARK, OUR_CONNECTIONS
@@ -35,7 +35,8 @@ class NetlinkConntrack:
     """The kernel's table, through ctnetlink (pyroute2). IPv4: the kernel filters the dump by
     the backend's reply address (5.8 and later), so its cost does not grow with the table.
     IPv6 (a dual-stack server's twins): pyroute2's reply-tuple filter finds no IPv6 entry, so
-    the kernel filters by sptun's mark and the address is matched here."""
+    the kernel filters by sptun's marks and by status (unanswered), and the address is
+    matched here."""
 
     def release_unreplied(self, backend: str) -> int:
         from pyroute2 import Conntrack
@@ -48,8 +49,8 @@ class NetlinkConntrack:
             with Conntrack(nfgen_family=socket.AF_INET6 if target.version == 6 else socket.AF_INET) as ct:
                 if target.version == 4:
                     entries = list(ct.dump_entries(tuple_reply=NFCTAttrTuple(saddr=backend)))
-                else:  # a mark filter matches all its bits: one dump per mark
-                    entries = [e for mark in (DNAT_MARK, PROXIED_MARK) for e in ct.dump_entries(mark=mark, mark_mask=mark)
+                else:  # the kernel keeps the marked (one dump per mark) and unanswered ones
+                    entries = [e for mark in (DNAT_MARK, PROXIED_MARK) for e in unreplied(ct, mark)
                                if e.tuple_reply.saddr and ipaddress.ip_address(e.tuple_reply.saddr) == target]
                 for entry in entries:
                     if not entry.status & SEEN_REPLY and (entry.mark or 0) & OUR_CONNECTIONS:
@@ -58,6 +59,17 @@ class NetlinkConntrack:
         except (OSError, NetlinkError) as e:  # no conntrack module, ...: the connections time out as before
             raise SptunError(f"cannot release the unanswered connections to {backend}: {e}") from None
         return released
+
+
+def unreplied(ct: Any, mark: int) -> list[Any]:
+    """The entries with this mark that never saw a reply, filtered by the kernel (5.15 and
+    later): pyroute2's dump_entries filters by mark only, and decoding every marked entry
+    (a busy minute's TIME_WAITs) in Python stalled the daemon for seconds, under its lock."""
+    from pyroute2.conntrack import ConntrackEntry
+
+    return [ConntrackEntry(m["nfgen_family"], *(m.get_attr(f"CTA_{a}") for a in (
+                "TUPLE_ORIG", "TUPLE_REPLY", "STATUS", "TIMEOUT", "PROTOINFO", "MARK", "ID", "USE", "ZONE")))
+            for m in ct.dump(mark=mark, mark_mask=mark, status=0, status_mask=SEEN_REPLY)]
 
 
 def active_connections(table: Path = CONNTRACK) -> Counter[str] | None:
