@@ -3,7 +3,8 @@
 Load (the default): N browsers at once, each in a loop: a NEW TCP and TLS connection to
 SERVER:443 (SNI = DOMAIN, verified against the CA), one `GET / HTTP/1.1` with `Connection:
 close`, the whole reply read, then a short pause. The waits are a browser's: a 10 s connect
-timeout (the kernel retransmits the SYN after 1, 3 and 7 s) and 15 s for the whole request.
+timeout (the kernel retransmits the SYN after 1, 3 and 7 s; Linux 6.5+ every second for the
+first four, tcp_syn_linear_timeouts) and 15 s for the whole request.
 It runs for SECONDS, or until MAX_REQUESTS in all, then prints one JSON object:
 
     {"started": T0, "requests": [[browser, t_start, duration, ok, client or "kind: error", connect], ...],
@@ -40,7 +41,7 @@ import time
 from collections import Counter
 from typing import Any
 
-CONNECT_TIMEOUT = 10.0  # a browser's: SYNs at 0, 1, 3 and 7 s
+CONNECT_TIMEOUT = 10.0  # a browser's: SYNs at 0, 1, 3 and 7 s (Linux 6.5+: every second at first)
 REQUEST_TIMEOUT = 15.0  # the whole request, connect included
 CLIENT = re.compile(rb"client=(\S+)")
 
