@@ -16,7 +16,7 @@ from rich.table import Table
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
-from sptun.lab.net import DNS6, DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, slow
+from sptun.lab.net import DNS6, DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, server_txt, slow
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 LAB_OVERLAY6 = "fd99::/64"  # each server's IPv6 overlay: each client's IPv4 lease mirrored in it
@@ -149,13 +149,14 @@ def status_cli(host: Host) -> dict[str, Any]:
     return result
 
 
-def wait_served(lab: Lab, timeout: float | None = None) -> None:
+def wait_served(lab: Lab, timeout: float | None = None, expected: dict[str, int] | None = None) -> None:
     """Until every server forwards every client's domain to it: healthy, and in the rotation
-    the kernel (or the SNI proxy) holds. timeout defaults to 120 s (times slow())."""
+    the kernel (or the SNI proxy) holds. expected: how many clients each server (by name)
+    should have, if not all. timeout defaults to 120 s (times slow())."""
     if timeout is None:
         timeout = 120 * slow()
     deadline = time.monotonic() + timeout
-    want = len(lab.clients)
+    expected = expected or {}
     while True:
         counts = {}
         for server in lab.servers:
@@ -164,10 +165,11 @@ def wait_served(lab: Lab, timeout: float | None = None) -> None:
                 counts[server.name] = sum(b["healthy"] and b["in_rotation"] for d in domains for b in d["backends"])
             except (SptunError, ValueError, KeyError):
                 counts[server.name] = 0
-        if all(n == want for n in counts.values()):
+        want = {server.name: expected.get(server.name, len(lab.clients)) for server in lab.servers}
+        if counts == want:
             return
         if time.monotonic() > deadline:
-            shown = ", ".join(f"{name}: {n}/{want}" for name, n in counts.items())
+            shown = ", ".join(f"{name}: {n}/{want[name]}" for name, n in counts.items())
             raise SptunError(f"the domain was not served in {timeout:g} s ({shown} backends healthy and in rotation)",
                              hint=f"see the logs in {lab.dir}/*/sptun.log")
         time.sleep(0.5)
@@ -201,7 +203,22 @@ def browse(lab: Lab, server: Host, n: int, domain: str = DOMAIN, address: str | 
 
 # The demo's clients of the SNI domains (the others join DOMAIN), and each server's second
 # public address, where DOMAIN and SNI_DOMAINS share port 443: s1 198.51.100.110, s2 .111.
-DEMO_SNI_CLIENTS = {"c4": SNI_DOMAINS[0], "c5": SNI_DOMAINS[1]}
+DEMO_SNI_CLIENTS = {"c3": SNI_DOMAINS[0], "c4": SNI_DOMAINS[1]}
+# c5 (DOMAIN's) is on an IPv6-only network; DNS lists the last server by its IPv6 address
+# (TXT ip=), so c5 tunnels to that one, over IPv6, and to no other.
+DEMO_IPV6_ONLY = 1
+
+
+def demo_txt(lab: Lab) -> list[str]:
+    """DOMAIN's TXT records in the demo: every server by its IPv4 address, the last by its IPv6 one."""
+    last = lab.servers[-1]
+    return [server_txt(s.address6 if s is last and s.address6 else s.address) for s in lab.servers]
+
+
+def reaches(client: Host, server: Host, txt: list[str]) -> bool:
+    """Whether the client can tunnel to the server: an IPv6-only client (no IPv4 gateway)
+    only to a server that DNS lists by its IPv6 address."""
+    return client.spec.gateway is not None or any(server.address6 and f"ip={server.address6}" in r for r in txt)
 
 
 def sni_address(server: Host) -> str:
@@ -228,6 +245,22 @@ def show_sni(lab: Lab, console: Console, server: Host) -> bool:
     return ok
 
 
+def show_ipv6_only(lab: Lab, console: Console, txt: list[str]) -> bool:
+    """Each IPv6-only client's tunnels: WireGuard endpoints over IPv6 only."""
+    ok = True
+    for client in (c for c in lab.clients if c.spec.gateway is None):
+        tunnels = status(client)["tunnels"]
+        up = [t for t in tunnels if t["healthy"]]
+        endpoints = [t["server"] for t in up]
+        want = [s.address6 for s in lab.servers if s.address6 and reaches(client, s, txt)]
+        good = sorted(endpoints) == sorted(want) and all(":" in e for e in endpoints)
+        console.print(f"{client.name} has no IPv4 uplink: it tunnels over IPv6 to "
+                      + (", ".join(f"[{e}]:51820" for e in endpoints) or "nothing")
+                      + ("" if good else f" [red](expected {want})[/]"))
+        ok = ok and good
+    return ok
+
+
 def even(hits: list[Hit], clients: list[str]) -> bool:
     counts = Counter(h.client for h in hits if h.ok)
     return len(hits) % len(clients) == 0 and all(counts[c] == len(hits) // len(clients) for c in clients)
@@ -235,22 +268,25 @@ def even(hits: list[Hit], clients: list[str]) -> bool:
 
 def demo(prefix: str, wireguard: str = "auto") -> int:
     console = Console(width=120)
-    lab = Lab(prefix, clients=3 + len(DEMO_SNI_CLIENTS))
+    lab = Lab(prefix, clients=3 + len(DEMO_SNI_CLIENTS), ipv6_only=DEMO_IPV6_ONLY)
     try:
-        console.print(f"[bold]building lab {prefix}[/]: DNS (knot), {len(lab.servers)} tunnel servers, "
-                      f"{len(lab.clients)} clients behind NAT with nginx, a browser")
+        console.print(f"[bold]building lab {prefix}[/]: DNS (knot), {len(lab.servers)} dual-stack tunnel servers, "
+                      f"{len(lab.clients)} clients with nginx ({DEMO_IPV6_ONLY} on an IPv6-only network, the others "
+                      "behind IPv4 NAT), a dual-stack browser")
         lab.up()
+        txt = demo_txt(lab)
+        lab.set_txt(txt)
         for server in lab.servers:  # a second public address, shared by three domains
             server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, wireguard)
         share_by_sni(lab, DEMO_SNI_CLIENTS, sni_address)
         start_daemons(lab)
         started = time.monotonic()
-        wait_served(lab)
+        wait_served(lab, expected={s.name: sum(reaches(c, s, txt) for c in lab.clients) for s in lab.servers})
         console.print(f"served through every server after {time.monotonic() - started:.1f} s")
-        ok = True
-        names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS]  # DOMAIN's
+        ok = show_ipv6_only(lab, console, txt)
         for server in lab.servers:
+            names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS and reaches(c, server, txt)]  # DOMAIN's
             # Both families: IPv4 first, then IPv6 (a dual-stack browser, the server's AAAA address).
             for address, browser in ((server.address, lab.browser.address), (server.address6, lab.browser.address6)):
                 if address is None:

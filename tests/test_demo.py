@@ -1,0 +1,24 @@
+"""`sptun lab demo`, the README's first command, end to end: dual-stack servers, a client on
+an IPv6-only network that tunnels over IPv6, even splits in both families, and SNI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from support import LAB_TOOLS, netns_marks
+
+pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
+
+
+def test_the_lab_demo_passes_in_both_families_with_an_ipv6_only_client() -> None:
+    prefix = f"dmo{os.getpid() % 100000}"
+    result = subprocess.run([sys.executable, "-m", "sptun", "lab", "demo", "--prefix", prefix],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert "c5 has no IPv4 uplink: it tunnels over IPv6 to [2001:db8::1:11]:51820" in out
+    assert "s2 2001:db8::1:11: 12/12 ok; split c1=4, c2=4, c5=4 (even); browser address kept" in out
+    assert "s1 198.51.100.10: 12/12 ok; split c1=6, c2=6 (even); browser address kept" in out
+    assert out.count("routed by SNI") == 2 and "demo passed" in out
