@@ -47,6 +47,8 @@ class RoleCollector(Collector):
     def server(self, status: dict[str, Any]) -> Iterator[Metric]:
         labels = ["domain", "backend"]
         healthy = GaugeMetricFamily("sptun_backend_healthy", "1 if the backend passes its health checks", labels=labels)
+        healthy6 = GaugeMetricFamily("sptun_backend_healthy_ipv6", "1 if the backend's IPv6 twin passes its own health checks",
+                                     labels=labels)
         rotation = GaugeMetricFamily("sptun_backend_in_rotation", "1 if new connections go to the backend", labels=labels)
         age = GaugeMetricFamily("sptun_backend_handshake_age_seconds", "Since the backend's last WireGuard handshake",
                                 labels=labels)
@@ -60,6 +62,8 @@ class RoleCollector(Collector):
             for b in d["backends"]:
                 key = [d["name"], b["overlay_ip"]]
                 healthy.add_metric(key, 1 if b["healthy"] else 0)
+                if b.get("healthy6") is not None:
+                    healthy6.add_metric(key, 1 if b["healthy6"] else 0)
                 rotation.add_metric(key, 1 if b["in_rotation"] else 0)
                 if b["handshake_age"] is not None:
                     age.add_metric(key, b["handshake_age"])
@@ -73,7 +77,7 @@ class RoleCollector(Collector):
         registrations.add_metric(["accepted"], status["registrations"]["accepted"])
         for reason, n in sorted(status["registrations"]["rejected"].items()):
             registrations.add_metric([f"rejected:{reason}"], n)
-        yield from (healthy, rotation, age, rx, tx, conns, fbytes, registrations)
+        yield from (healthy, healthy6, rotation, age, rx, tx, conns, fbytes, registrations)
 
     def agent(self, status: dict[str, Any]) -> Iterator[Metric]:
         up = GaugeMetricFamily("sptun_tunnels_up", "Tunnels registered and healthy")

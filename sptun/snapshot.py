@@ -63,6 +63,8 @@ class BackendStatus:
     active_connections: int | None
     since: float
     overlay_ip6: str | None = None  # its mirror in the IPv6 overlay, on a dual-stack server
+    healthy6: bool | None = None  # that mirror's own checks (None: no IPv6 there)
+    reason6: str | None = None
 
 
 @dataclass(frozen=True)

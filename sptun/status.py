@@ -28,8 +28,15 @@ def _bytes(n: int) -> str:
     return f"{n:.0f} TiB"
 
 
-def _health(ok: bool) -> str:
-    return "[green]healthy[/]" if ok else "[red]unhealthy[/]"
+def _health(ok: bool, ok6: bool | None = None) -> str:
+    """A backend's health; with an IPv6 twin whose checks disagree, each family's."""
+    if ok6 is None or ok6 == ok:
+        return "[green]healthy[/]" if ok else "[red]unhealthy[/]"
+    return f"IPv4 {_health(ok)}, IPv6 {_health(ok6)}"
+
+
+def _why(reason: str, ok6: bool | None, reason6: str | None) -> str:
+    return reason if ok6 is None or reason6 in (None, reason) else f"{reason}; IPv6: {reason6}"
 
 
 def _daemon(status: dict[str, Any]) -> str:
@@ -68,7 +75,8 @@ def view(status: dict[str, Any]) -> Group:
             for i, b in enumerate(d["backends"]):
                 first = i == 0
                 table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
-                              _both(b["overlay_ip"], b.get("overlay_ip6")), _health(b["healthy"]), b.get("reason", ""), _age(b["handshake_age"]),
+                              _both(b["overlay_ip"], b.get("overlay_ip6")), _health(b["healthy"], b.get("healthy6")),
+                              _why(b.get("reason", ""), b.get("healthy6"), b.get("reason6")), _age(b["handshake_age"]),
                               _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b["active_connections"]) if b.get("active_connections") is not None else "?")
     parts += [table, _daemon(status)]
     return Group(*parts)

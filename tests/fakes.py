@@ -317,7 +317,7 @@ class FakeFirewall:
                     if words[0] == "delete":
                         slots.pop(int(item), None)
                     else:
-                        n, ip = item.split(":")
+                        n, ip = item.split(":", 1)  # an IPv6 address has colons of its own
                         slots[int(n)] = ip.strip()
                 self.k.maps[name] = [slots[i] for i in sorted(slots)]
 

@@ -50,8 +50,8 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The overlay addresses probed, in order; every probe passes (tcp/443 answers)."""
     probed: list[str] = []
 
-    async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
-        probed.append(lease.overlay_ip)
+    async def probe(cfg: ServerConfig, lease: Lease, address: str) -> tuple[bool, str]:
+        probed.append(address)
         return True, "tcp/443 answers"
 
     monkeypatch.setattr(health_module, "probe", probe)

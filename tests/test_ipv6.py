@@ -171,6 +171,39 @@ def test_a_client_that_serves_ipv4_only_gets_no_ipv6_browsers(lab: Lab) -> None:
     assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
 
 
+# In a client: its web server stops answering over IPv6 (SYNs dropped), and only over IPv6.
+DROP_IPV6_HTTPS = """table inet sptest_drop6 {
+    chain input { type filter hook input priority -10; policy accept; meta nfproto ipv6 tcp dport 443 drop; }
+}
+"""
+
+
+def test_a_client_that_stops_answering_over_ipv6_leaves_only_the_ipv6_rotation(lab: Lab) -> None:
+    """Health is per family: c2's IPv6 twin fails its checks (the server's probe and the
+    kernel's passive sets, over IPv6) while IPv4 passes. IPv6 browsers go to c1 and c3 only,
+    IPv4 browsers still to all three, and status says which family is down and why."""
+    s2, c2 = lab.servers[1], lab.clients[1]
+    assert s2.address6
+    c2_ip = tunnels(c2)[s2.address6]["overlay_ip"]
+    c2.run(["nft", "-f", "-"], input=DROP_IPV6_HTTPS)
+    try:
+        deadline = time.monotonic() + 30 * slow()
+        while (b := backend(s2, c2_ip))["healthy6"] is not False or mirror6(c2_ip) in ipv6_map(s2):
+            assert time.monotonic() < deadline, f"c2's IPv6 twin is still healthy on s2: {b}"
+            time.sleep(0.5)
+        assert b["healthy"], b  # IPv4 passes its own checks
+        hits = browse(lab, s2, 8, address=s2.address6)
+        assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 4, "c3": 4}
+        hits = browse(lab, s2, 6, address=s2.address)
+        assert all(h.ok for h in hits) and Counter(h.client for h in hits) == {"c1": 2, "c2": 2, "c3": 2}
+    finally:
+        c2.run(["nft", "delete", "table", "inet", "sptest_drop6"])
+    deadline = time.monotonic() + 30 * slow()
+    while not (backend(s2, c2_ip)["healthy6"] and mirror6(c2_ip) in ipv6_map(s2)):
+        assert time.monotonic() < deadline, "c2 is not back in s2's IPv6 rotation"
+        time.sleep(0.5)
+
+
 def backend(server: Host, overlay_ip: str) -> dict:
     (found,) = [b for d in status(server)["domains"] for b in d["backends"] if b["overlay_ip"] == overlay_ip]
     return found

@@ -28,6 +28,7 @@ from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir, new_token, write_file_atomic
 from sptun.server import Server
 from sptun.server.health import Health
+from sptun.snapshot import RegistrationCounts
 
 DOMAIN = "app.example.test"
 
@@ -319,6 +320,51 @@ def test_server_status_is_the_last_pass_view_with_fresh_counters(tmp_path: Path)
     server.teardown()
     down = asyncio.run(server.status())
     assert not down.up and not down.table_loaded and not down.domains[0].backends[0].in_rotation
+
+
+def test_a_backend_unanswered_over_ipv6_leaves_only_its_ipv6_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Health is per family: the kernel saw a client's IPv6 twin leave SYNs unanswered (its
+    web server stopped answering IPv6, say). It leaves the IPv6 rotation and is released
+    there; its IPv4 rotation keeps it, and status says why for each family."""
+    from sptun.server import health as health_module
+
+    async def probe(cfg: Any, lease: Any, address: str) -> tuple[bool, str]:
+        return (":" not in address), "tcp/443 answers" if ":" not in address else "tcp/443 timed out"
+
+    monkeypatch.setattr(health_module, "probe", probe)
+    k = FakeKernel()
+    conf = tmp_path / "s1.toml"
+    conf.write_text(f'state_dir = "{tmp_path}/s1"\noverlay6 = "fd99::/64"\n[[domains]]\nname = "{DOMAIN}"\n'
+                    f'listen = ["198.51.100.10", "2001:db8::10"]\ntoken_file = "{token(tmp_path)}"\n')
+    server = Server(load_server(conf), edges=k.edges(), conntrack=lambda: k.connections)
+    server.daemon = True
+    server.reconcile()
+    ips = []
+    for key in ("A" * 43 + "=", "B" * 43 + "="):
+        lease, _ = server.leases.acquire(key, DOMAIN)
+        server.health.by_key[key], server.health.by_key6[key] = Health(up=True), Health(up=True)
+        k.handshakes[key] = time.time()
+        ips.append(lease.overlay_ip)
+    server.reconcile()
+    a, b = ips
+    a6, b6 = (server.cfg.ip6_of(ip) for ip in ips)
+    assert sorted(k.maps["rr0"]) == sorted(ips) and sorted(k.maps["rr1"]) == sorted([a6, b6])
+    k.suspects, k.answered = {a6}, {a, b, b6}  # type: ignore[attr-defined]
+
+    async def round_() -> None:
+        await server.check_health()
+        assert server.probes is not None
+        await server.probes
+
+    asyncio.run(round_())
+    assert server.health.is_up("A" * 43 + "=") and not server.health.is_up("A" * 43 + "=", 6)
+    changes = server.reconcile()
+    assert changes == [f"rotation {DOMAIN} 2001:db8::10 tcp/443: 1 backends -{a6}", f"release the unanswered connections to {a6}"]
+    assert sorted(k.maps["rr0"]) == sorted(ips) and k.maps["rr1"] == [b6]
+    status = server.status_of(server.make_view(), {}, None, RegistrationCounts(0, {}))
+    backend = next(x for x in status.domains[0].backends if x.overlay_ip == a)
+    assert backend.healthy and backend.healthy6 is False and backend.reason6 == "tcp/443 timed out"
+    assert not backend.in_rotation  # not in every rotation it belongs in
 
 
 def test_a_backend_the_kernel_saw_leave_syns_unanswered_is_out_and_its_syns_released(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def make_server(tmp_path: Path, k: FakeKernel, domains: str = SHARED) -> Server:
 
 def healthy(server: Server, key: str, name: str) -> str:
     lease, _ = server.leases.acquire(key, name)
-    server.health.by_key[key] = Health(up=True)
+    server.health.by_key[key], server.health.by_key6[key] = Health(up=True), Health(up=True)
     return lease.overlay_ip
 
 

@@ -93,10 +93,10 @@ class RegistrationApi:
                 log.info("registered %s for %s at %s", lease.public_key, lease.domain, lease.overlay_ip)
             elif not held.ipv6 and lease.ipv6 and self.role.cfg.overlay6:
                 # Its service listens on IPv6 now, but its tunnel has no IPv6 address until its
-                # agent hears this answer: it comes back as a new client does, after `rise`
-                # good checks, or IPv6 browsers would reach it first (the active checks are IPv4's).
-                self.role.health.by_key.pop(lease.public_key, None)
-                log.info("client %s serves IPv6 now: back in rotation once it passes its checks", lease.overlay_ip)
+                # agent hears this answer: it joins the IPv6 rotations as a new client does,
+                # after `rise` good IPv6 checks; its IPv4 rotations keep it.
+                self.role.health.by_key6.pop(lease.public_key, None)
+                log.info("client %s serves IPv6 now: in its IPv6 rotations once it passes its checks", lease.overlay_ip)
         # A refresh of a known client changes nothing: the last pass saw its peer.
         state = self.role.device.peers.get(lease.public_key)
         peer = peer_of(lease, self.role.cfg)

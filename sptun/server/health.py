@@ -1,7 +1,9 @@
 """Health checks of the backends: a fresh WireGuard handshake, then a TCP connect to the
 domain's first TCP port through the tunnel, unless the kernel saw the backend answer one of
 its forwarded connections a moment ago (then that is the check: a busy backend is never
-probed). `healthy` on the server means exactly this."""
+probed). `healthy` on the server means exactly this. Each family is checked on its own: a
+lease's IPv6 twin (a dual-stack server, a client whose service listens on IPv6) has a
+health of its own, and leaves or joins the IPv6 rotations alone."""
 
 from __future__ import annotations
 
@@ -48,12 +50,12 @@ UNANSWERED = "connections to it go unanswered (seen by the kernel)"
 ANSWERING = "answering its connections (seen by the kernel)"
 
 
-async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
+async def probe(cfg: ServerConfig, lease: Lease, address: str) -> tuple[bool, str]:
     port = check_port(cfg, lease.domain)
     if port is None:
         return True, "handshake fresh (UDP only: no connect check)"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(lease.overlay_ip, port), cfg.health.timeout)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), cfg.health.timeout)
     except TimeoutError:
         return False, f"tcp/{port} timed out"
     except OSError as e:
@@ -63,29 +65,41 @@ async def probe(cfg: ServerConfig, lease: Lease) -> tuple[bool, str]:
 
 
 class HealthChecks:
-    """The health of every backend, by public key; changed only by check rounds (on the
-    event loop) and by the passes' adoption of a running rotation."""
+    """The health of every backend, by public key and family; changed only by check rounds
+    (on the event loop) and by the passes' adoption of a running rotation."""
 
     def __init__(self) -> None:
-        self.by_key: dict[str, Health] = {}
+        self.by_key: dict[str, Health] = {}  # at the lease's own (IPv4) address
+        self.by_key6: dict[str, Health] = {}  # at its IPv6 twin
 
-    def is_up(self, key: str) -> bool:
-        health = self.by_key.get(key)
+    def of(self, family: int) -> dict[str, Health]:
+        return self.by_key6 if family == 6 else self.by_key
+
+    def is_up(self, key: str, family: int = 4) -> bool:
+        health = self.of(family).get(key)
         return health is not None and health.up
 
-    def adopt(self, leases: list[Lease], serving: set[str]) -> None:
+    def adopt(self, leases: list[Lease], serving: set[str], family: int = 4) -> None:
         """A restarted daemon trusts the rotation it finds until its own checks say otherwise:
-        emptying it while the first checks run would refuse every request."""
+        emptying it while the first checks run would refuse every request. serving: the
+        leases (IPv4 addresses) in that family's rotations."""
+        table = self.of(family)
         for lease in leases:
-            if lease.overlay_ip in serving and lease.public_key not in self.by_key:
-                self.by_key[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
+            if lease.overlay_ip in serving and lease.public_key not in table:
+                table[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
 
     async def check(self, cfg: ServerConfig, leases: list[Lease], device: Device,
-                    answered: Set[str] = frozenset(), suspects: Set[str] = frozenset()) -> bool:
-        """One round of checks of the given backends, concurrently; True if any flipped.
-        answered, suspects: overlay addresses in the table's passive-health sets. A backend
-        in `answered` passes without a probe, unless it is also a suspect (then it is probed)."""
+                    answered: Set[str] = frozenset(), suspects: Set[str] = frozenset(), family: int = 4) -> bool:
+        """One round of checks of the given backends in one family, concurrently; True if any
+        flipped. answered, suspects: the leases (IPv4 addresses) in that family's passive-health
+        sets. A backend in `answered` passes without a probe, unless it is also a suspect (then
+        it is probed)."""
         h = cfg.health
+        table = self.of(family)
+
+        def address(lease: Lease) -> str:
+            return (cfg.ip6_of(lease.overlay_ip) or lease.overlay_ip) if family == 6 else lease.overlay_ip
+
         now = time.time()
         # A backend with no fresh handshake fails without a connect, and one the kernel saw
         # answer passes without one: no task for either (10k a second add up).
@@ -100,33 +114,41 @@ class HealthChecks:
             else:
                 to_probe.append(lease)
         results.update(zip((lease.public_key for lease in to_probe),
-                           await asyncio.gather(*(probe(cfg, lease) for lease in to_probe)), strict=True))
+                           await asyncio.gather(*(probe(cfg, lease, address(lease)) for lease in to_probe)),
+                           strict=True))
         flipped = False
         for lease in leases:
             ok, reason = results[lease.public_key]
-            health = self.by_key.setdefault(lease.public_key, Health())
+            health = table.setdefault(lease.public_key, Health())
             if health.record(ok, reason, h.fall, h.rise):
                 flipped = True
-                log.info("backend %s of %s is %s: %s", lease.overlay_ip, lease.domain, "up" if health.up else "down", reason)
+                log.info("backend %s of %s is %s: %s", address(lease), lease.domain, "up" if health.up else "down", reason)
         return flipped
 
-    def suspect(self, leases: list[Lease], unanswered: set[str]) -> bool:
-        """Take out at once the backends the kernel saw leave connections unanswered (a SYN
-        retransmitted to them, or a reset from them before any reply): faster than any
-        probe. The active checks bring one back if it answers again. True if any flipped."""
+    def suspect(self, leases: list[Lease], unanswered: set[str], family: int = 4) -> bool:
+        """Take out at once, from that family's rotations, the backends the kernel saw leave
+        connections unanswered (a SYN retransmitted to them, or a reset from them before any
+        reply): faster than any probe. The active checks bring one back if it answers again.
+        unanswered: leases (IPv4 addresses). True if any flipped."""
         flipped = False
         for lease in leases:
-            health = self.by_key.get(lease.public_key)
+            health = self.of(family).get(lease.public_key)
             if lease.overlay_ip in unanswered and health is not None and health.up:
                 health.up, health.streak, health.reason = False, 0, UNANSWERED
                 health.checked = time.time()
                 flipped = True
-                log.info("backend %s of %s is down: %s", lease.overlay_ip, lease.domain, UNANSWERED)
+                log.info("backend %s of %s is down over IPv%d: %s", lease.overlay_ip, lease.domain, family, UNANSWERED)
         return flipped
 
+    def forget(self, key: str) -> None:
+        self.by_key.pop(key, None)
+        self.by_key6.pop(key, None)
+
     def forget_all_but(self, keys: set[str]) -> None:
-        for key in set(self.by_key) - keys:
-            del self.by_key[key]
+        for table in (self.by_key, self.by_key6):
+            for key in set(table) - keys:
+                del table[key]
 
     def clear(self) -> None:
         self.by_key.clear()
+        self.by_key6.clear()

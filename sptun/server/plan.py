@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,14 +56,16 @@ def forwards(cfg: ServerConfig) -> list[nft.Forward]:
     return result
 
 
-def rotations_by_family(cfg: ServerConfig, leases: Iterable[Lease]) -> dict[int, dict[str, frozenset[str]]]:
+def rotations_by_family(cfg: ServerConfig, leases: Iterable[Lease],
+                        up: Callable[[Lease, int], bool] = lambda lease, family: True) -> dict[int, dict[str, frozenset[str]]]:
     """By family, each domain's backends at the addresses a forward of that family reaches:
-    the leases' own, or their IPv6 twins (only of clients whose service listens on IPv6)."""
+    the leases' own, or their IPv6 twins (only of clients whose service listens on IPv6),
+    of the leases `up` in that family."""
     out: dict[int, dict[str, frozenset[str]]] = {f: {d.name: frozenset() for d in cfg.domains} for f in cfg.families}
     for lease in leases:
         ip6 = cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None
         for family, ip in ((4, lease.overlay_ip), (6, ip6)):
-            if ip and family in out and lease.domain in out[family]:
+            if ip and family in out and lease.domain in out[family] and up(lease, family):
                 out[family][lease.domain] |= {ip}
     return out
 
@@ -76,6 +78,14 @@ def lease_of(cfg: ServerConfig, ip: str) -> str:
 
 def by_lease(cfg: ServerConfig, ips: Iterable[str]) -> set[str]:
     return {lease_of(cfg, ip) for ip in ips}
+
+
+def by_lease_family(cfg: ServerConfig, ips: Iterable[str]) -> dict[int, set[str]]:
+    """Overlay addresses as IPv4 leases, by the family the address was of."""
+    out: dict[int, set[str]] = {4: set(), 6: set()}
+    for ip in ips:
+        out[6 if ":" in ip else 4].add(lease_of(cfg, ip))
+    return out
 
 
 def by_lease_counts(cfg: ServerConfig, counts: Counter[str]) -> Counter[str]:

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sptun import nft, proto
 from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
@@ -35,6 +35,7 @@ from sptun.server.plan import (
     ServerWanted,
     by_lease,
     by_lease_counts,
+    by_lease_family,
     forwards,
     peer_of,
     plan,
@@ -100,17 +101,17 @@ class Server(Role):
 
     # --- observe, plan, apply ----------------------------------------------------------
 
-    def in_rotation(self, lease: Lease) -> bool:
+    def in_rotation(self, lease: Lease, family: int = 4) -> bool:
         if lease.public_key in self.draining:
             return False
         if not self.daemon:  # a one-shot `sptun up` has no health checks to bring anyone back later
             return True
-        return self.health.is_up(lease.public_key)
+        return self.health.is_up(lease.public_key, family)
 
     def wanted(self) -> ServerWanted:
         assert self.public_key is not None
         fwds = forwards(self.cfg)
-        by_family = rotations_by_family(self.cfg, (lease for lease in self.leases.all() if self.in_rotation(lease)))
+        by_family = rotations_by_family(self.cfg, self.leases.all(), self.in_rotation)
         cfg = self.cfg
         addresses = [f"{cfg.server_ip}/{cfg.overlay.prefixlen}"]
         addresses += [f"{cfg.server_ip6}/{cfg.overlay6.prefixlen}"] if cfg.overlay6 else []
@@ -126,10 +127,10 @@ class Server(Role):
         if self.nft_table is None:
             self.nft_table = self.edges.firewall.read()
             fwds = forwards(self.cfg)
-            proxied = by_lease(self.cfg, (s.address for servers in self.proxy.backends.values() for s in servers.values()
-                                          if s.ready))
-            self.health.adopt(self.leases.all(), by_lease(self.cfg, (ip for r in self.nft_table.rotations(fwds) for ip in r))
-                              | proxied)
+            proxied = [s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready]
+            serving = by_lease_family(self.cfg, [*(ip for r in self.nft_table.rotations(fwds) for ip in r), *proxied])
+            self.health.adopt(self.leases.all(), serving[4])
+            self.health.adopt(self.leases.all(), serving[6], 6)
         return self.nft_table
 
     def observe(self) -> ServerKernel:
@@ -257,7 +258,7 @@ class Server(Role):
     def forget_client(self, key: str) -> None:
         self.leases.release(key)
         self.draining.pop(key, None)
-        self.health.by_key.pop(key, None)
+        self.health.forget(key)
 
     def evict(self, key: str) -> list[str]:
         """`sptun evict`: out of the leases, the peers and the rotation now, and kept out
@@ -320,17 +321,21 @@ class Server(Role):
         """One round of checks of every backend, after one read of the kernel's passive
         health (who left connections unanswered, who answered); a flip wakes the loop."""
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
-        suspects, answered = (by_lease(self.cfg, ips) for ips in await asyncio.to_thread(self.edges.firewall.passive))
-        if suspects and self.health.suspect(leases, suspects):
+        by_family = {4: leases, 6: [lease for lease in leases if lease.ipv6] if self.cfg.overlay6 else []}
+        suspects, answered = (by_lease_family(self.cfg, ips) for ips in await asyncio.to_thread(self.edges.firewall.passive))
+        if any([self.health.suspect(by_family[f], suspects[f], f) for f in (4, 6) if suspects[f]]):
             self.wake.set()
         # The probes run beside the next rounds' passive reads: a probe of a dead backend
         # waits out its timeout, and the kernel's word must not wait for it.
         if self.probes is None or self.probes.done():
-            self.probes = asyncio.create_task(self.probe(leases, answered, suspects))
+            self.probes = asyncio.create_task(self.probe(by_family, answered, suspects))
 
-    async def probe(self, leases: list[Lease], answered: set[str], suspects: set[str]) -> None:
+    async def probe(self, leases: dict[int, list[Lease]], answered: dict[int, set[str]],
+                    suspects: dict[int, set[str]]) -> None:
+        """One round of active checks, each family's beside the other's."""
         try:
-            if await self.health.check(self.cfg, leases, self.device, answered, suspects):
+            if any(await asyncio.gather(*(self.health.check(self.cfg, leases[f], self.device, answered[f], suspects[f], f)
+                                          for f in (4, 6) if leases[f]))):
                 self.wake.set()
             self.health.forget_all_but(set(self.leases.by_key))
         except Exception:  # a bug here must not stop the checks for good
@@ -376,13 +381,14 @@ class Server(Role):
             device, table, proxy = self.device, self.nft_table, self.proxy
         fwds = forwards(self.cfg)
         health = {key: (h.up, h.reason) for key, h in list(self.health.by_key.items())}
+        health6 = {key: (h.up, h.reason) for key, h in list(self.health.by_key6.items())}
         rotations = [(f.domain, f.family, frozenset(by_lease(self.cfg, r)))
                      for f, r in zip(fwds, table.rotations(fwds))] if table else []
         rotations += [(d, g.family, frozenset(by_lease(self.cfg, (s.address for s in proxy.backends.get(sni.backend_name(gi, d), {})
                                                                 .values() if s.ready))))
                       for gi, g in enumerate(sni.groups(self.cfg)) for d in g.domains]
         self.view = ServerView(tuple(self.leases.all()), health, frozenset(self.draining), device, tuple(rotations),
-                               bool(table and table.exists))
+                               bool(table and table.exists), health6)
         return self.view
 
     async def status(self) -> ServerStatus:
@@ -424,8 +430,12 @@ class Server(Role):
                     is_healthy = handshake_fresh(handshake, now)
                     reason = ("handshake fresh" if is_healthy else "no peer on the interface" if state is None
                               else "no handshake yet" if not handshake else NO_HANDSHAKE)
+                healthy6, reason6 = None, None
+                if lease.ipv6 and self.cfg.overlay6 and self.daemon:
+                    healthy6, reason6 = view.health6.get(lease.public_key, (False, "not checked yet"))
                 if lease.public_key in view.draining:
                     reason = "draining (deregistered)"
+                    reason6 = reason if reason6 is not None else None
                 backends.append(BackendStatus(
                     overlay_ip=lease.overlay_ip, public_key=lease.public_key, healthy=is_healthy, reason=reason,
                     in_rotation=bool(rotating) and all(lease.overlay_ip in ips for name, family, ips in rotating
@@ -434,7 +444,8 @@ class Server(Role):
                     endpoint=state.peer.endpoint if state else None,
                     rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
                     active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since,
-                    overlay_ip6=self.cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None))
+                    overlay_ip6=self.cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None,
+                    healthy6=healthy6, reason6=reason6))
             forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
             forwarded += [ForwardStatus(g.listen or "*", str(g.port), proxy.totals.get(sni.backend_name(gi, domain.name), 0), 0)
@@ -461,3 +472,4 @@ class ServerView:
     # Per forward, then per SNI backend: its domain, family, and who is in rotation (as IPv4 leases).
     rotations: tuple[tuple[str, int, frozenset[str]], ...]
     table_loaded: bool
+    health6: dict[str, tuple[bool, str]] = field(default_factory=dict)  # of the IPv6 twins
