@@ -130,7 +130,8 @@ def _check_serving(status: dict[str, Any]) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     _need_root("sptun down")
     cfg = load(Path(args.config) if args.config else None)
-    reply = _ask_daemon(cfg, "down")
+    dns = getattr(cfg, "dns", None)  # a server with [dns] waits one TTL between withdrawals
+    reply = _ask_daemon(cfg, "down", timeout=120 + (dns.ttl if dns else 0))
     if reply is not None:
         _print_changes(reply.get("changes", []))
         return 0

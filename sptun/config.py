@@ -55,6 +55,18 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """`[dns]`: the server publishes its own records in the zone, by RFC 2136 updates signed
+    with TSIG (sptun.server.publish)."""
+
+    server: IPAddress  # the zone's primary
+    zone: str
+    tsig_key_file: Path
+    ttl: int = 60
+    port: int = 53
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     path: Path
     interface: str = "sptun0"
@@ -68,6 +80,7 @@ class ServerConfig:
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
     lease_ttl: float = 24 * 3600.0  # s: a client with no registration nor handshake this long loses its lease
     overlay6: ipaddress.IPv6Network | None = None  # IPv6 overlay: each client's /128 mirrors its IPv4 lease
+    dns: DnsConfig | None = None  # self-publication; off by default
 
     role = "server"
 
@@ -252,6 +265,7 @@ def load_server(path: Path) -> ServerConfig:
     metrics = r.metrics()
     lease_ttl = _duration(r, "lease_ttl", "24h", MIN_LEASE_TTL)
     overlay6 = _overlay6(r, overlay)
+    raw_dns = r.get("dns", dict, None, "use a [dns] table")
     r.finish()
 
     domains: list[Domain] = []
@@ -260,8 +274,41 @@ def load_server(path: Path) -> ServerConfig:
             raise r.error("domains", f"entry {i} is not a table", "use [[domains]] tables")
         domains.append(_load_domain(path, i, raw, overlay, overlay6))
     _check_domains(path, domains, overlay6 is not None)
+    dns = _load_dns(path, raw_dns, domains) if raw_dns is not None else None
     return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health,
-                        metrics, lease_ttl, overlay6)
+                        metrics, lease_ttl, overlay6, dns)
+
+
+def _load_dns(path: Path, raw: dict[str, Any], domains: list[Domain]) -> DnsConfig:
+    """[dns]: every domain it publishes must lie in the zone and list its addresses (the
+    A/AAAA records to publish: "any local address" names none)."""
+    r = _Reader(path, raw, "dns.")
+    fix = 'use the IP address of the zone\'s primary, like "192.0.2.53"'
+    text = r.get("server", str, None, fix)
+    if text is None:
+        raise r.error("server", "is missing", fix)
+    try:
+        server = ipaddress.ip_address(text)
+    except ValueError:
+        raise r.error("server", f"{text!r} is not an IP address", fix) from None
+    r.used.add("zone")
+    if "zone" not in raw:
+        raise r.error("zone", "is missing", 'add zone = "example.com"')
+    zone = r.domain_name("zone", raw["zone"])
+    tsig_key_file = r.path_("tsig_key_file", Path("/etc/sptun/tsig.key"))
+    ttl = r.get("ttl", int, 60, "use seconds from 1 to 86400")
+    if not 1 <= ttl <= 86400:
+        raise r.error("ttl", f"{ttl} is out of range", "use seconds from 1 to 86400")
+    port = r.port("port", 53)
+    r.finish()
+    for i, d in enumerate(domains):
+        if d.name != zone and not d.name.endswith("." + zone):
+            raise ConfigError(f"{path}: domains[{i}].name: {d.name} is not in the [dns] zone {zone}",
+                              hint="publish only names of that zone, or leave [dns] out")
+        if not d.listen:
+            raise ConfigError(f"{path}: domains[{i}].listen: [dns] publishes the domain's addresses, and it lists none",
+                              hint='list the public addresses to publish, like listen = ["198.51.100.10"]')
+    return DnsConfig(server, zone, tsig_key_file, ttl, port)
 
 
 def _overlay6(r: _Reader, overlay: ipaddress.IPv4Network) -> ipaddress.IPv6Network | None:

@@ -27,6 +27,7 @@ from sptun.proto import canonical_key
 from sptun.server.api import RegistrationApi
 from sptun.conntrack import active_connections
 from sptun.server.health import NO_HANDSHAKE, HealthChecks
+from sptun.server.publish import DomainRecords, Publisher, TsigKey, read_tsig_key, wanted_records
 from sptun import sni
 from sptun.server.plan import (
     IP6_FORWARD,
@@ -79,9 +80,21 @@ class Server(Role):
         self.health_task: asyncio.Task[None] | None = None
         self.summary_task: asyncio.Task[None] | None = None
         self.probes: asyncio.Task[None] | None = None  # the running round of active probes
+        self.publisher = Publisher(cfg.dns) if cfg.dns else None
+        self.publish_task: asyncio.Task[None] | None = None
 
     def check_config(self) -> None:
         check_token_files(self.cfg)
+        if self.cfg.dns:
+            self.tsig_key()
+
+    def tsig_key(self) -> TsigKey:
+        """[dns]'s key, read afresh (an operator may replace the file); ConfigError if unusable."""
+        assert self.cfg.dns is not None
+        try:
+            return read_tsig_key(self.cfg.dns.tsig_key_file)
+        except SptunError as e:
+            raise ConfigError(f"{self.cfg.path}: dns.tsig_key_file: {e.message}", hint=e.hint) from None
 
     def check_overlay(self) -> None:
         """The overlays must not cover a network this host already routes elsewhere, and each
@@ -363,7 +376,63 @@ class Server(Role):
                  self.cfg.listen_port, self.edges.wg.kind, self.public_key)
         self.health_task = asyncio.create_task(self.health_loop())
         self.summary_task = asyncio.create_task(self.api.summarise_rejections())
+        if self.publisher is not None:
+            self.publish_task = asyncio.create_task(self.publish_loop())
         return [api]
+
+    # --- DNS (`[dns]`) -------------------------------------------------------------------
+
+    def dns_wanted(self) -> list[DomainRecords]:
+        """This server's records as they should be now: a domain with no healthy client in
+        rotation for HOLD_DOWN s has its addresses withdrawn (publish.Publisher)."""
+        assert self.publisher is not None and self.public_key is not None
+        served = {d.name: False for d in self.cfg.domains}
+        for lease in self.leases.all():
+            if lease.domain in served and self.in_rotation(lease):
+                served[lease.domain] = True
+        return wanted_records(self.cfg, self.public_key, self.publisher.withdrawn(served, time.monotonic()))
+
+    async def publish_loop(self) -> None:
+        """Keep this server's records in the zone: at start, when they change (a domain
+        withdrawn or back), every RECHECK s, and after a failure with backoff. A failure is
+        one line in the log; serving goes on."""
+        pub = self.publisher
+        assert pub is not None
+        while True:
+            await asyncio.sleep(1.0)
+            if self.is_down() or self.public_key is None or self.nft_table is None:
+                continue
+            try:
+                wants = self.dns_wanted()
+                if not pub.needs_sync(wants, time.monotonic()):
+                    continue
+                changes = await asyncio.to_thread(pub.sync, wants, self.public_key, self.tsig_key())
+                pub.succeeded(wants, time.monotonic())
+                for change in changes:
+                    log.info("DNS %s: %s", pub.conf.zone, change)
+            except SptunError as e:
+                if pub.failed(e.message, time.monotonic()):
+                    log.warning("DNS %s: %s (%s); serving goes on, retrying with backoff", pub.conf.zone, e.message, e.hint)
+            except Exception:  # a bug here must not stop the publication for good
+                log.exception("DNS publication failed")
+
+    async def go_down(self) -> list[str]:
+        """With [dns]: the addresses leave the zone first, and browsers one TTL later; then
+        the TXT record, so no agent joins; then everything goes. A failure is logged, and
+        down goes on."""
+        pub = self.publisher
+        if pub is not None and self.public_key is not None:
+            try:
+                key, wants = self.tsig_key(), wanted_records(self.cfg, self.public_key)
+                for change in await asyncio.to_thread(pub.removal, wants, self.public_key, key, True):
+                    log.info("DNS %s: %s", pub.conf.zone, change)
+                log.info("DNS %s: waiting one TTL (%d s) for browsers to leave", pub.conf.zone, pub.conf.ttl)
+                await asyncio.sleep(pub.conf.ttl)
+                for change in await asyncio.to_thread(pub.removal, wants, self.public_key, key, False):
+                    log.info("DNS %s: %s", pub.conf.zone, change)
+            except SptunError as e:
+                log.warning("DNS %s: cannot withdraw this server's records: %s (%s)", pub.conf.zone, e.message, e.hint)
+        return await super().go_down()
 
     # --- status ------------------------------------------------------------------------
 
