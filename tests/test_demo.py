@@ -1,5 +1,6 @@
-"""`sptun lab demo`, the README's first command, end to end: dual-stack servers, a client on
-an IPv6-only network that tunnels over IPv6, even splits in both families, and SNI."""
+"""`sptun lab demo`, the README's first command, end to end: servers that publish their own
+records in DNS (RFC 2136, TSIG), dual-stack servers, a client on an IPv6-only network that
+tunnels over IPv6, even splits in both families, and SNI."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def test_the_lab_demo_passes_in_both_families_with_an_ipv6_only_client() -> None
                             capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert out.count("published by the servers (RFC 2136, TSIG)") == 3
+    assert out.count('"r=superprotocol;ip=198.51.100.10;pk=') == 1 and out.count('"r=superprotocol;ip=2001:db8::1:11;pk=') == 1
     assert "c5 has no IPv4 uplink: it tunnels over IPv6 to [2001:db8::1:11]:51820" in out
     assert "s2 2001:db8::1:11: 12/12 ok; split c1=4, c2=4, c5=4 (even); browser address kept" in out
     assert "s1 198.51.100.10: 12/12 ok; split c1=6, c2=6 (even); browser address kept" in out

@@ -118,11 +118,11 @@ def test_the_txt_record_carries_the_key_and_only_ports_that_are_not_the_defaults
     assert server_txt("2001:db8::10", PK1, 51900, 8443) == f"r=superprotocol;ip=2001:db8::10;port=51900;api=8443;pk={PK1}"
 
 
-def test_the_endpoint_is_the_first_ipv4_listen_address(tmp_path: Path) -> None:
+def test_the_endpoint_is_the_first_listen_address(tmp_path: Path) -> None:
     cfg = load_server(server_config(tmp_path, 'server = "192.0.2.53"\nzone = "example.test"\n',
                                     '["2001:db8::10", "198.51.100.10"]', extra='overlay6 = "fd99::/64"\n'))
     (want,) = wanted_records(cfg, PK1)
-    assert want == DomainRecords("app.example.test", f"r=superprotocol;ip=198.51.100.10;pk={PK1}",
+    assert want == DomainRecords("app.example.test", f"r=superprotocol;ip=2001:db8::10;pk={PK1}",
                                  ("2001:db8::10", "198.51.100.10"))
     (withdrawn,) = wanted_records(cfg, PK1, withdrawn={"app.example.test"})
     assert not withdrawn.publish_addresses

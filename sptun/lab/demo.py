@@ -16,7 +16,7 @@ from rich.table import Table
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
-from sptun.lab.net import DNS6, DNS_ADDRESS, DOMAIN, SNI_DOMAINS, Host, Lab, destroy, server_txt, slow
+from sptun.lab.net import DNS6, DNS_ADDRESS, DOMAIN, SNI_DOMAINS, ZONE, Host, Lab, destroy, slow
 
 LAB_OVERLAY = "10.99.0.0/20"  # clear of the home LAN behind the lab's NAT (10.99.100.0/24)
 LAB_OVERLAY6 = "fd99::/64"  # each server's IPv6 overlay: each client's IPv4 lease mirrored in it
@@ -68,15 +68,29 @@ token_file = "{home}/tokens/{domain}"
 """
 
 
+DNS_TOML = """
+[dns]
+server = "{dns}"
+zone = "{zone}"
+tsig_key_file = "{home}/tsig.key"
+ttl = {ttl}
+"""
+
+
 def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = (),
-                  ports: tuple[str, ...] = ("tcp/443",), metrics: bool = False) -> None:
+                  ports: tuple[str, ...] = ("tcp/443",), metrics: bool = False, publish: bool = False,
+                  ipv6_first: tuple[str, ...] = ()) -> None:
     """Role configs for every server and client, and one join token for the domain on all.
-    Extra domains (tests) are served on ports 8443, 8444, ... with tokens of their own."""
+    Extra domains (tests) are served on ports 8443, 8444, ... with tokens of their own.
+    publish: the servers publish their own records (after lab.allow_updates()); ipv6_first: the
+    servers that list their IPv6 address first, which their TXT record then announces."""
     for host in lab.servers + lab.clients:
         template = SERVER_TOML if host.spec.role == "server" else AGENT_TOML
         (host.dir / "tokens").mkdir(mode=0o700, exist_ok=True)
         # Servers are dual stack (clients' listen is not used).
         listen = [host.address] + ([host.address6] if host.address6 else [])
+        if host.name in ipv6_first:
+            listen.reverse()
         dns = DNS_ADDRESS if host.spec.gateway else DNS6  # an IPv6-only client asks over IPv6
         text = template.format(name=host.name, prefix=lab.prefix, overlay=LAB_OVERLAY, home=host.dir,
                                wireguard=wireguard, domain=DOMAIN, listen=json.dumps(listen), dns=dns,
@@ -87,6 +101,7 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
         if host.spec.role == "server":
             text += "".join(EXTRA_DOMAIN_TOML.format(domain=d, address=host.address, port=8443 + i, home=host.dir)
                             for i, d in enumerate(extra_domains))
+            text += DNS_TOML.format(dns=DNS_ADDRESS, zone=ZONE, home=host.dir, ttl=lab.ttl) if publish else ""
         (host.dir / config_path(host).rsplit("/", 1)[1]).write_text(text)
     # The domain's token by `sptun token new`, as an operator makes it; the rest (copies,
     # and the extra domains' own) written here: each command is a Python start in the lab.
@@ -111,7 +126,7 @@ def share_by_sni(lab: Lab, client_domains: dict[str, str], address: Callable[[Ho
         path = server.dir / "server.toml"
         text = path.read_text()
         if address(server) != server.address:  # a second public address: DOMAIN there as well
-            text = text.replace(f'listen = ["{server.address}"', f'listen = ["{server.address}", "{address(server)}"', 1)
+            text = text.replace(f'"{server.address}"', f'"{server.address}", "{address(server)}"', 1)
         # On the server's own address, its IPv6 one is shared too (routed by SNI in both families).
         shared = [address(server)] + ([server.address6] if address(server) == server.address and server.address6 else [])
         text += "".join(f'\n[[domains]]\nname = "{d}"\nlisten = {json.dumps(shared)}\nports = ["tcp/443"]\n'
@@ -204,21 +219,19 @@ def browse(lab: Lab, server: Host, n: int, domain: str = DOMAIN, address: str | 
 # The demo's clients of the SNI domains (the others join DOMAIN), and each server's second
 # public address, where DOMAIN and SNI_DOMAINS share port 443: s1 198.51.100.110, s2 .111.
 DEMO_SNI_CLIENTS = {"c3": SNI_DOMAINS[0], "c4": SNI_DOMAINS[1]}
-# c5 (DOMAIN's) is on an IPv6-only network; DNS lists the last server by its IPv6 address
-# (TXT ip=), so c5 tunnels to that one, over IPv6, and to no other.
+# c5 (DOMAIN's) is on an IPv6-only network. The last server lists its IPv6 address first, so
+# the TXT record it publishes announces that one: c5 tunnels to it, over IPv6, and to no other.
 DEMO_IPV6_ONLY = 1
 
 
-def demo_txt(lab: Lab) -> list[str]:
-    """DOMAIN's TXT records in the demo: every server by its IPv4 address, the last by its IPv6 one."""
-    last = lab.servers[-1]
-    return [server_txt(s.address6 if s is last and s.address6 else s.address) for s in lab.servers]
+def ipv6_first(lab: Lab) -> tuple[str, ...]:
+    return (lab.servers[-1].name,)
 
 
-def reaches(client: Host, server: Host, txt: list[str]) -> bool:
+def reaches(lab: Lab, client: Host, server: Host) -> bool:
     """Whether the client can tunnel to the server: an IPv6-only client (no IPv4 gateway)
-    only to a server that DNS lists by its IPv6 address."""
-    return client.spec.gateway is not None or any(server.address6 and f"ip={server.address6}" in r for r in txt)
+    only to a server whose TXT record announces its IPv6 address."""
+    return client.spec.gateway is not None or server.name in ipv6_first(lab)
 
 
 def sni_address(server: Host) -> str:
@@ -245,19 +258,29 @@ def show_sni(lab: Lab, console: Console, server: Host) -> bool:
     return ok
 
 
-def show_ipv6_only(lab: Lab, console: Console, txt: list[str]) -> bool:
+def show_ipv6_only(lab: Lab, console: Console) -> bool:
     """Each IPv6-only client's tunnels: WireGuard endpoints over IPv6 only."""
     ok = True
     for client in (c for c in lab.clients if c.spec.gateway is None):
-        tunnels = status(client)["tunnels"]
-        up = [t for t in tunnels if t["healthy"]]
-        endpoints = [t["server"] for t in up]
-        want = [s.address6 for s in lab.servers if s.address6 and reaches(client, s, txt)]
+        endpoints = [t["server"] for t in status(client)["tunnels"] if t["healthy"]]
+        want = [s.address6 for s in lab.servers if s.address6 and reaches(lab, client, s)]
         good = sorted(endpoints) == sorted(want) and all(":" in e for e in endpoints)
         console.print(f"{client.name} has no IPv4 uplink: it tunnels over IPv6 to "
                       + (", ".join(f"[{e}]:51820" for e in endpoints) or "nothing")
                       + ("" if good else f" [red](expected {want})[/]"))
         ok = ok and good
+    return ok
+
+
+def show_zone(lab: Lab, console: Console) -> bool:
+    """The records the servers published for the domains: a TXT record (with pk=) and the
+    addresses of each server."""
+    ok = True
+    for domain in (DOMAIN, *SNI_DOMAINS):
+        records = lab.zone_records(domain)
+        console.print(f"[bold]{domain}[/], published by the servers (RFC 2136, TSIG):")
+        console.print("\n".join(f"  {r}" for r in records), markup=False)
+        ok = ok and sum("pk=" in r for r in records) == len(lab.servers)
     return ok
 
 
@@ -274,19 +297,19 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
                       f"{len(lab.clients)} clients with nginx ({DEMO_IPV6_ONLY} on an IPv6-only network, the others "
                       "behind IPv4 NAT), a dual-stack browser")
         lab.up()
-        txt = demo_txt(lab)
-        lab.set_txt(txt)
+        lab.allow_updates()  # the servers publish their own records: the zone starts without them
         for server in lab.servers:  # a second public address, shared by three domains
             server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
-        write_configs(lab, wireguard)
+        write_configs(lab, wireguard, publish=True, ipv6_first=ipv6_first(lab))
         share_by_sni(lab, DEMO_SNI_CLIENTS, sni_address)
         start_daemons(lab)
         started = time.monotonic()
-        wait_served(lab, expected={s.name: sum(reaches(c, s, txt) for c in lab.clients) for s in lab.servers})
+        wait_served(lab, expected={s.name: sum(reaches(lab, c, s) for c in lab.clients) for s in lab.servers})
         console.print(f"served through every server after {time.monotonic() - started:.1f} s")
-        ok = show_ipv6_only(lab, console, txt)
+        ok = show_zone(lab, console)
+        ok = show_ipv6_only(lab, console) and ok
         for server in lab.servers:
-            names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS and reaches(c, server, txt)]  # DOMAIN's
+            names = [c.name for c in lab.clients if c.name not in DEMO_SNI_CLIENTS and reaches(lab, c, server)]  # DOMAIN's
             # Both families: IPv4 first, then IPv6 (a dual-stack browser, the server's AAAA address).
             for address, browser in ((server.address, lab.browser.address), (server.address6, lab.browser.address6)):
                 if address is None:

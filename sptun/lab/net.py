@@ -13,8 +13,10 @@ crash without any state from the Python process that built the lab.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -386,6 +388,36 @@ umount -l {shlex.quote(str(self.dir))}
         self.knot_conf.write_text(KNOT_CONF.format(dir=dns, listen=f"[ {DNS_ADDRESS}@53, {DNS6}@53 ]", zone=ZONE))
         self.write_zone([server_txt(s.address) for s in self.servers], self._a, serial=1)
         self.dns.spawn(["knotd", "-c", self.knot_conf], log=dns / "knotd.log")
+
+    def allow_updates(self) -> None:
+        """Let each server keep its own records in the zone (sptun's `[dns]`): a TSIG key of
+        its own (`tsig.key` in its directory, mode 0600), which the zone's update policy
+        allows TXT, A and AAAA records at the lab's domains only; knot reloads its config.
+        The zone file then no longer lists the domains' records: the servers publish them."""
+        keys, acls = [], []
+        for server in self.servers:
+            name = f"{server.name}.{ZONE}"
+            secret = base64.b64encode(secrets.token_bytes(32)).decode()
+            path = server.dir / "tsig.key"
+            path.touch(mode=0o600)
+            path.write_text(f"key:\n  - id: {name}\n    algorithm: hmac-sha256\n    secret: {secret}\n")
+            keys.append(f"  - id: {name}\n    algorithm: hmac-sha256\n    secret: {secret}\n")
+            owners = ", ".join(f"{d}." for d in (DOMAIN, *SNI_DOMAINS))
+            acls.append(f"  - id: {server.name}\n    key: {name}\n    action: update\n    update-type: [TXT, A, AAAA]\n"
+                        f"    update-owner: name\n    update-owner-match: equal\n    update-owner-name: [{owners}]\n")
+        text = self.knot_conf.read_text()
+        text = text.replace("zone:\n", "key:\n" + "".join(keys) + "\nacl:\n" + "".join(acls) + "\nzone:\n", 1)
+        text += f"    acl: [{', '.join(s.name for s in self.servers)}]\n"
+        self.knot_conf.write_text(text)
+        self.set_txt([], a=[])
+        self.dns.run(["knotc", "-b", "-c", self.knot_conf, "reload"])
+
+    def zone_records(self, name: str = DOMAIN) -> list[str]:
+        """The name's TXT, A and AAAA records as the DNS server answers them now, one per line."""
+        out = self.dns.run(["kdig", f"@{DNS_ADDRESS}", "+short", "+tcp", name, "TXT"]).split("\n")
+        out += self.dns.run(["kdig", f"@{DNS_ADDRESS}", "+short", "+tcp", name, "A"]).split("\n")
+        out += self.dns.run(["kdig", f"@{DNS_ADDRESS}", "+short", "+tcp", name, "AAAA"]).split("\n")
+        return sorted(line for line in out if line.strip())
 
     def set_txt(self, txt: Sequence[str | Sequence[str]], a: list[str] | None = None) -> None:
         """Replace DOMAIN's TXT records (and A records, if a is given); reload knot.

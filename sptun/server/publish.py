@@ -98,9 +98,10 @@ class DomainRecords:
 
 
 def endpoint_of(domain: Domain) -> str:
-    """The WireGuard endpoint the TXT record announces: the domain's first IPv4 listen
-    address (every client can reach it, or its network has IPv4 NAT at least), else its first."""
-    return str(next((a for a in domain.listen if a.version == 4), domain.listen[0]))
+    """The WireGuard endpoint the TXT record announces: the domain's first listen address.
+    A record has one; list an IPv6 address first for clients on IPv6-only networks (those
+    with IPv4 only then cannot join this server), an IPv4 one first for the others."""
+    return str(domain.listen[0])
 
 
 def server_txt(endpoint: str, public_key: str, listen_port: int = WG_PORT, api_port: int = API_PORT,

@@ -1,0 +1,96 @@
+"""Servers that publish themselves in DNS (issue 17), end to end through the lab's Knot,
+whose update policy gives each server's TSIG key the lab's domains only.
+
+The zone starts without the domains' records. s1 and s2 publish theirs; a third server
+started with only `sptun server run` appears in TXT and A, and every agent tunnels to it;
+its `sptun down` withdraws its addresses first, its TXT one TTL later, and leaves the
+other servers' records alone.
+
+    .venv/bin/python -m pytest -q -s tests/test_dns_publication.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from support import LAB_TOOLS, netns_marks
+
+from sptun.lab import DOMAIN, Lab, config_path, slow, sptun, start_daemons, status, wait_served, write_configs
+
+# No kernel path of its own: DNS updates are the same on any kernel.
+pytestmark = [*netns_marks(*LAB_TOOLS, "wireguard-go"), pytest.mark.host_only]
+
+BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
+PREFIX = f"dnp{os.getpid() % 100000}"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(PREFIX, servers=3, clients=2)
+    try:
+        lab.up()
+        lab.allow_updates()
+        write_configs(lab, BACKEND, publish=True)
+        s1, s2, _ = lab.servers
+        start_daemons(lab, [s1, s2, *lab.clients])
+        wait_served(lab, expected={"s3": 0})
+        yield lab
+    finally:
+        lab.down()
+
+
+def published(lab: Lab) -> tuple[set[str], set[str]]:
+    """The servers' addresses in DOMAIN's TXT records (ip=) and in its A records."""
+    records = lab.zone_records(DOMAIN)
+    txt = {r.split("ip=")[1].split(";")[0] for r in records if "ip=" in r}
+    return txt, {r for r in records if r.count(".") == 3 and "=" not in r}
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout * slow()
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def test_each_server_publishes_its_own_records_with_its_key(lab: Lab) -> None:
+    s1, s2, s3 = lab.servers
+    wait_until("s1 and s2 in TXT and A", lambda: published(lab) == ({s1.address, s2.address}, {s1.address, s2.address}))
+    for server in (s1, s2):
+        key = status(server)["public_key"]
+        assert any(f"ip={server.address};pk={key}" in r for r in lab.zone_records(DOMAIN)), lab.zone_records(DOMAIN)
+
+
+def test_a_third_server_started_alone_appears_in_dns_and_every_agent_joins_it(lab: Lab) -> None:
+    s1, s2, s3 = lab.servers
+    start_daemons(lab, [s3])
+    wait_until("s3 in TXT and A", lambda: s3.address in published(lab)[0] and s3.address in published(lab)[1])
+    wait_served(lab)  # every client healthy and in rotation on all three servers
+    for client in lab.clients:
+        assert {t["server"] for t in status(client)["tunnels"] if t["healthy"]} == {s1.address, s2.address, s3.address}
+
+
+def test_down_withdraws_the_addresses_first_and_the_txt_a_ttl_later(lab: Lab) -> None:
+    s1, s2, s3 = lab.servers
+    wait_until("s3 in TXT and A", lambda: published(lab) == ({s1.address, s2.address, s3.address},) * 2)
+    down = subprocess.Popen(s3.cmd(sptun("down", "-c", config_path(s3))), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    states = []
+    while down.poll() is None:
+        states.append(published(lab))
+        time.sleep(0.2)
+    out = down.communicate()[0]
+    assert down.returncode == 0, out
+    states.append(published(lab))
+    others = {s1.address, s2.address}
+    # Its address left while its TXT was still there, then the TXT; the others' stayed throughout.
+    assert (others | {s3.address}, others) in states, states
+    assert states[-1] == (others, others), states
+    assert all(others <= txt and others <= a for txt, a in states), states
+    # The agents learn it from DNS and let the tunnel go; the others keep serving.
+    wait_until("the agents drop s3", lambda: all(s3.address not in {t["server"] for t in status(c)["tunnels"]}
+                                                 for c in lab.clients))
