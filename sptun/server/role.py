@@ -416,6 +416,19 @@ class Server(Role):
             except Exception:  # a bug here must not stop the publication for good
                 log.exception("DNS publication failed")
 
+    async def up_once(self) -> list[str]:
+        """A one-shot `sptun up` publishes this server's records too (with [dns]); a DNS
+        failure is a warning: the server serves all the same."""
+        changes = await super().up_once()
+        pub = self.publisher
+        if pub is not None and self.public_key is not None:
+            try:
+                done = await asyncio.to_thread(pub.sync, self.dns_wanted(), self.public_key, self.tsig_key())
+                changes += [f"DNS {pub.conf.zone}: {c}" for c in done]
+            except SptunError as e:
+                log.warning("DNS %s: %s (%s)", pub.conf.zone, e.message, e.hint)
+        return changes
+
     async def go_down(self) -> list[str]:
         """With [dns]: the addresses leave the zone first, and browsers one TTL later; then
         the TXT record, so no agent joins; then everything goes. A failure is logged, and
