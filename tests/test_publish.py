@@ -18,6 +18,7 @@ import pytest
 
 from sptun.config import DnsConfig, load_server
 from sptun.errors import ConfigError, SptunError
+from sptun.server import Server
 from sptun.server.publish import (
     DomainRecords,
     RecordChange,
@@ -357,20 +358,11 @@ def test_a_server_publishes_on_start_withdraws_an_unserved_domain_and_leaves_in_
         tmp_path: Path, knot: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    from fakes import FakeKernel
-
-    from sptun.keys import new_token, write_file_atomic
-    from sptun.server import Server
     from sptun.server import publish as publish_module
     from sptun.server.health import Health
 
     monkeypatch.setattr(publish_module, "HOLD_DOWN", 0.0)
-    write_file_atomic(tmp_path / "token", new_token() + "\n")
-    key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET}\n", name="s1.key")
-    conf = server_config(tmp_path, f'server = "127.0.0.1"\nport = {knot}\nzone = "example.test"\n'
-                                   f'tsig_key_file = "{tmp_path}/s1.key"\nttl = 1\n')
-    k = FakeKernel()
-    server = Server(load_server(conf), edges=k.edges(), conntrack=lambda: k.connections)
+    server = knot_server(tmp_path, knot)
     server.daemon = True
     server.check_config()  # reads the key: a start refuses an unusable one
     server.reconcile()
@@ -410,22 +402,26 @@ def test_a_server_publishes_on_start_withdraws_an_unserved_domain_and_leaves_in_
 def test_a_one_shot_up_publishes_too(tmp_path: Path, knot: int) -> None:
     import asyncio
 
-    from fakes import FakeKernel
-
-    from sptun.keys import new_token, write_file_atomic
-    from sptun.server import Server
-
-    write_file_atomic(tmp_path / "token", new_token() + "\n")
-    key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET}\n", name="s1.key")
-    conf = server_config(tmp_path, f'server = "127.0.0.1"\nport = {knot}\nzone = "example.test"\n'
-                                   f'tsig_key_file = "{tmp_path}/s1.key"\n')
-    k = FakeKernel()
-    server = Server(load_server(conf), edges=k.edges(), conntrack=lambda: k.connections)
+    server = knot_server(tmp_path, knot)
     changes = asyncio.run(server.up_once())
     assert server.public_key is not None and server.cfg.dns is not None
     mine = server_txt("198.51.100.10", server.public_key)
     assert f"DNS example.test: add app.example.test TXT {mine}" in changes
     assert zone(server.cfg.dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.10", "198.51.100.99"])
+
+def knot_server(tmp_path: Path, knot: int) -> Server:
+    """A server (fake kernel) with [dns] on the test's knotd, its key s1's, a TTL of 1 s."""
+    from fakes import FakeKernel
+
+    from sptun.keys import new_token, write_file_atomic
+
+    write_file_atomic(tmp_path / "token", new_token() + "\n")
+    key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET}\n", name="s1.key")
+    conf = server_config(tmp_path, f'server = "127.0.0.1"\nport = {knot}\nzone = "example.test"\n'
+                                   f'tsig_key_file = "{tmp_path}/s1.key"\nttl = 1\n')
+    k = FakeKernel()
+    return Server(load_server(conf), edges=k.edges(), conntrack=lambda: k.connections)
+
 
 def zone(dns: DnsConfig, name: str) -> tuple[list[str], list[str]]:
     txts, addresses = read_zone(dns, name)
