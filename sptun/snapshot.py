@@ -91,6 +91,16 @@ class RegistrationCounts:
 
 
 @dataclass(frozen=True)
+class PublicationStatus:
+    """A server's own records in DNS ([dns])."""
+
+    zone: str
+    published: bool  # the last sync succeeded (or none ran yet: False)
+    error: str | None  # the last failure's line, until a sync succeeds
+    withdrawn: list[str]  # domains whose addresses this server withdrew (no healthy client)
+
+
+@dataclass(frozen=True)
 class ServerStatus:
     interface: str
     public_key: str | None
@@ -107,6 +117,7 @@ class ServerStatus:
     role: str = "server"
     overlay6: str | None = None  # the IPv6 overlay, and the server's address there
     overlay_ip6: str | None = None
+    publication: PublicationStatus | None = None  # with [dns]: this server's records in the zone
 
 
 @dataclass(frozen=True)

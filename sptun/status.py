@@ -66,6 +66,10 @@ def view(status: dict[str, Any]) -> Group:
         parts.append(f"server [bold]{status['interface']}[/] {_both(status['overlay_ip'], status.get('overlay_ip6'))} "
                      f"({status['wireguard']} WireGuard, "
                      f"udp/{status['listen_port']}, api tcp/{status['api_port']}): {state}")
+        if pub := status.get("publication"):
+            parts.append(f"DNS {pub['zone']}: " + (f"[red]{pub['error']}[/]" if pub["error"] else
+                                                   "published" if pub["published"] else "not published yet")
+                         + "".join(f"; {d}'s addresses withdrawn (no healthy client)" for d in pub["withdrawn"]))
         table = Table("domain", "listen", "forwarded", "backend", "health", "why", "handshake", "rx", "tx", "active")
         for d in status["domains"]:
             listen = f"{','.join(d['listen'])} {','.join(d['ports'])}"

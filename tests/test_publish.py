@@ -19,6 +19,7 @@ import pytest
 from sptun.config import DnsConfig, load_server
 from sptun.errors import ConfigError, SptunError
 from sptun.server import Server
+from sptun.snapshot import PublicationStatus
 from sptun.server.publish import (
     DomainRecords,
     RecordChange,
@@ -379,9 +380,11 @@ def test_a_server_publishes_on_start_withdraws_an_unserved_domain_and_leaves_in_
 
     asyncio.run(run_for(2.5))
     assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.10", "198.51.100.99"])
+    assert server.publication() == PublicationStatus("example.test", True, None, [])
     server.health.by_key[PK1] = Health(up=False)  # no healthy client: its address goes, the TXT stays
     asyncio.run(run_for(2.5))
     assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.99"])
+    assert server.publication() == PublicationStatus("example.test", True, None, ["app.example.test"])
     server.health.by_key[PK1] = Health(up=True)
     asyncio.run(run_for(2.5))
     assert zone(dns, "app.example.test")[1] == ["198.51.100.10", "198.51.100.99"]
@@ -408,6 +411,27 @@ def test_a_one_shot_up_publishes_too(tmp_path: Path, knot: int) -> None:
     mine = server_txt("198.51.100.10", server.public_key)
     assert f"DNS example.test: add app.example.test TXT {mine}" in changes
     assert zone(server.cfg.dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.10", "198.51.100.99"])
+
+def test_a_refused_update_is_one_line_in_the_log_and_in_status_and_serving_goes_on(
+        tmp_path: Path, knot: int, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    server = knot_server(tmp_path, knot)
+    server.daemon = True
+    server.reconcile()
+    key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET2}\n", name="s1.key")  # the zone's secret is another
+
+    async def run_for(seconds: float) -> None:
+        task = asyncio.create_task(server.publish_loop())
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    asyncio.run(run_for(2.5))
+    status = server.publication()
+    assert status is not None and not status.published and "wrong (BADSIG)" in (status.error or "")
+    lines = [r.getMessage() for r in caplog.records if "BADSIG" in r.getMessage()]
+    assert len(lines) == 1 and SECRET2 not in lines[0]  # once, and no secret
+    assert server.nft_table is not None and server.nft_table.exists  # the forwarding is untouched
 
 def knot_server(tmp_path: Path, knot: int) -> Server:
     """A server (fake kernel) with [dns] on the test's knotd, its key s1's, a TTL of 1 s."""

@@ -47,7 +47,7 @@ from sptun.server.plan import (
     sni_wanted,
 )
 from sptun.tokens import valid_tokens
-from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, RegistrationCounts, ServerStatus
+from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, PublicationStatus, RegistrationCounts, ServerStatus
 from sptun.wg import Device, handshake_fresh
 
 log = logging.getLogger("sptun")
@@ -540,7 +540,15 @@ class Server(Role):
             wireguard=self.edges.wg.kind, down=self.is_down(), up=view.device.public_key is not None,
             table_loaded=view.table_loaded, registrations=registrations, domains=domains,
             overlay6=str(self.cfg.overlay6) if self.cfg.overlay6 else None,
-            overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None)
+            overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None,
+            publication=self.publication())
+
+    def publication(self) -> PublicationStatus | None:
+        pub = self.publisher
+        if pub is None:
+            return None
+        withdrawn = sorted(w.name for w in pub.published or [] if not w.publish_addresses)
+        return PublicationStatus(pub.conf.zone, pub.published is not None and not pub.error, pub.error or None, withdrawn)
 
 
 @dataclass(frozen=True)
