@@ -106,7 +106,7 @@ def same_leases_on_every_server(lab: Lab) -> None:
         key = generate_private_key()
         ensure_private_dir(client.dir / "state")
         write_file_atomic(client.dir / "state" / "private.key", key + "\n")
-        leases.append(Lease(public_key(key), DOMAIN, f"10.99.0.{i + 2}", time.time()))
+        leases.append(Lease(public_key(key), DOMAIN, f"10.99.0.{i + 2}", time.time(), seen=time.time()))
     for server in lab.servers:
         ensure_private_dir(server.dir / "state")
         LeaseStore(server.dir / "state").save(Leases(ipaddress.IPv4Network(LAB_OVERLAY), leases))
