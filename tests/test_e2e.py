@@ -398,7 +398,7 @@ def test_a_client_reaches_nothing_through_the_overlay(lab: Lab) -> None:
     tunnel = tunnel_of(c1, s1)["interface"]
     c2_overlay = tunnel_of(c2, s1)["overlay_ip"]
     router = "198.51.100.1"  # on the server's public network
-    drops_before = forward_drops(s1)
+    drops_before = forward_drops(lab)
     # Send into the tunnel on purpose: routes in c1's main table, removed afterwards.
     in_ns(c1, "ip", "route", "add", "10.99.0.0/20", "dev", tunnel)
     in_ns(c1, "ip", "route", "add", f"{router}/32", "dev", tunnel)
@@ -410,8 +410,10 @@ def test_a_client_reaches_nothing_through_the_overlay(lab: Lab) -> None:
     finally:
         in_ns(c1, "ip", "route", "del", "10.99.0.0/20", "dev", tunnel, check=False)
         in_ns(c1, "ip", "route", "del", f"{router}/32", "dev", tunnel, check=False)
-    # The packets did reach the server, and its isolation filter dropped them.
-    assert forward_drops(s1) > drops_before
+    # The packets did reach a server, and its isolation filter dropped them. (Which server:
+    # c1 has the same address on both tunnels, and a TCP connect looks its route up again
+    # with that source, where the tunnels' own rules come first: either may carry them.)
+    assert forward_drops(lab) > drops_before
 
 
 def test_a_client_reaches_nothing_through_the_overlay_over_ipv6_either(lab: Lab) -> None:
@@ -423,7 +425,7 @@ def test_a_client_reaches_nothing_through_the_overlay_over_ipv6_either(lab: Lab)
     c2_overlay6, server6 = tunnel_of(c2, s1)["overlay_ip6"], tunnel_of(c1, s1)["server_overlay_ip6"]
     router = "2001:db8::1"  # the inet router, on the servers' public IPv6 link
     assert c2_overlay6 and server6
-    drops_before = forward_drops(s1)
+    drops_before = forward_drops(lab)
     in_ns(c1, "ip", "-6", "route", "add", f"{router}/128", "dev", tunnel)
     try:
         for url in (f"https://[{c2_overlay6}]/", f"http://[{server6}]:51821/", f"http://[{router}]/"):
@@ -432,18 +434,20 @@ def test_a_client_reaches_nothing_through_the_overlay_over_ipv6_either(lab: Lab)
             assert err.value.returncode == 28, url  # silently dropped: not refused, not answered
     finally:
         in_ns(c1, "ip", "-6", "route", "del", f"{router}/128", "dev", tunnel, check=False)
-    assert forward_drops(s1) > drops_before
+    assert forward_drops(lab) > drops_before  # (by either server: see above)
 
 
-def forward_drops(server: Host) -> int:
-    ruleset = json.loads(server.run(["nft", "-j", "list", "table", "inet", "sptun"]))
+def forward_drops(lab: Lab) -> int:
+    """Packets the servers' isolation filters (their forward and input chains) dropped."""
     total = 0
-    for item in ruleset["nftables"]:
-        rule = item.get("rule")
-        if rule and rule["chain"] in ("forward", "input"):
-            for expr in rule["expr"]:
-                if "counter" in expr:
-                    total += expr["counter"]["packets"]
+    for server in lab.servers:
+        ruleset = json.loads(server.run(["nft", "-j", "list", "table", "inet", "sptun"]))
+        for item in ruleset["nftables"]:
+            rule = item.get("rule")
+            if rule and rule["chain"] in ("forward", "input"):
+                for expr in rule["expr"]:
+                    if "counter" in expr:
+                        total += expr["counter"]["packets"]
     return total
 
 
