@@ -308,10 +308,12 @@ def test_the_update_policy_keeps_a_key_to_its_own_names(tmp_path: Path, knot: in
 # --- the publisher's timing and its rules ---------------------------------------------------------------
 
 
-def test_a_domain_without_a_healthy_client_is_withdrawn_only_after_the_hold_down() -> None:
+def test_a_domain_is_published_once_served_and_withdrawn_only_after_the_hold_down() -> None:
     from sptun.server.publish import HOLD_DOWN, Publisher
 
     pub = Publisher(DnsConfig(ipaddress.ip_address("192.0.2.53"), "example.test", Path("/k")))
+    assert pub.withdrawn({"app.example.test": False}, 90.0) == {"app.example.test"}  # never served yet
+    assert pub.withdrawn({"app.example.test": True}, 95.0) == set()
     assert pub.withdrawn({"app.example.test": False}, 100.0) == set()
     assert pub.withdrawn({"app.example.test": False}, 100.0 + HOLD_DOWN - 1) == set()
     assert pub.withdrawn({"app.example.test": False}, 100.0 + HOLD_DOWN) == {"app.example.test"}
@@ -355,7 +357,7 @@ def test_the_last_server_of_a_domain_keeps_its_addresses(tmp_path: Path, knot: i
 # --- the server daemon's publication, with a fake kernel and the real Knot -----------------------
 
 
-def test_a_server_publishes_on_start_withdraws_an_unserved_domain_and_leaves_in_order_on_down(
+def test_a_server_publishes_its_txt_then_its_address_withdraws_it_unserved_and_leaves_in_order_on_down(
         tmp_path: Path, knot: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
@@ -371,13 +373,15 @@ def test_a_server_publishes_on_start_withdraws_an_unserved_domain_and_leaves_in_
     dns = server.cfg.dns
     mine = server_txt("198.51.100.10", server.public_key)
     lease, _ = server.leases.acquire(PK1, "app.example.test")
-    server.health.by_key[PK1] = Health(up=True)
 
     async def run_for(seconds: float) -> None:
         task = asyncio.create_task(server.publish_loop())
         await asyncio.sleep(seconds)
         task.cancel()
 
+    asyncio.run(run_for(2.5))  # no client healthy yet: the TXT, so that clients join, not the address
+    assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.99"])
+    server.health.by_key[PK1] = Health(up=True)
     asyncio.run(run_for(2.5))
     assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.10", "198.51.100.99"])
     assert server.publication() == PublicationStatus("example.test", True, None, [])

@@ -277,16 +277,21 @@ class Publisher:
         self.backoff = RETRY_MIN
         self.error = ""  # the last failure's line, until a sync succeeds
         self.unserved_since: dict[str, float] = {}
+        self.served_once: set[str] = set()  # domains a healthy client has served since this start
 
     def withdrawn(self, served: dict[str, bool], now: float) -> set[str]:
         """The domains whose addresses should be withdrawn: served by no healthy client for
-        HOLD_DOWN s. A domain that is served again is published at once."""
+        HOLD_DOWN s, or never yet since this daemon started (a new server announces its TXT
+        record, so that clients join, and its addresses once one serves: browsers never
+        find it empty). A domain that is served (again) is published at once."""
         for domain, ok in served.items():
             if ok:
                 self.unserved_since.pop(domain, None)
+                self.served_once.add(domain)
             else:
                 self.unserved_since.setdefault(domain, now)
-        return {d for d, since in self.unserved_since.items() if d in served and now - since >= HOLD_DOWN}
+        return {d for d, since in self.unserved_since.items()
+                if d in served and (d not in self.served_once or now - since >= HOLD_DOWN)}
 
     def needs_sync(self, wants: list[DomainRecords], now: float) -> bool:
         """When the wanted records changed (unless a failure's backoff runs), and when due."""

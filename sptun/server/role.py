@@ -417,13 +417,15 @@ class Server(Role):
                 log.exception("DNS publication failed")
 
     async def up_once(self) -> list[str]:
-        """A one-shot `sptun up` publishes this server's records too (with [dns]); a DNS
-        failure is a warning: the server serves all the same."""
+        """A one-shot `sptun up` publishes this server's records too (with [dns]), addresses
+        included: no loop runs to add them once a client serves. A DNS failure is a warning:
+        the server serves all the same."""
         changes = await super().up_once()
         pub = self.publisher
         if pub is not None and self.public_key is not None:
             try:
-                done = await asyncio.to_thread(pub.sync, self.dns_wanted(), self.public_key, self.tsig_key())
+                wants = wanted_records(self.cfg, self.public_key)
+                done = await asyncio.to_thread(pub.sync, wants, self.public_key, self.tsig_key())
                 changes += [f"DNS {pub.conf.zone}: {c}" for c in done]
             except SptunError as e:
                 log.warning("DNS %s: %s (%s)", pub.conf.zone, e.message, e.hint)
