@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -261,3 +261,20 @@ class Discovery:
         if self.servers is None:  # no good answer yet, and not time to ask again
             raise SptunError(self.last_error)
         return self.servers
+
+
+def txt_rdata(record: str | Sequence[str]) -> str:
+    """Zone-file text for one TXT record: quoted character-strings (a str is split into
+    255-byte ones), escaped. The lab's zone file and the server's dynamic updates write it."""
+    if isinstance(record, str):
+        data = record.encode()
+        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+    else:
+        chunks = [part.encode() for part in record]
+    return " ".join('"' + "".join(_txt_char(b) for b in chunk) + '"' for chunk in chunks)
+
+
+def _txt_char(byte: int) -> str:
+    if byte in b'"\\':
+        return "\\" + chr(byte)
+    return chr(byte) if 0x20 <= byte < 0x7F else f"\\{byte:03d}"

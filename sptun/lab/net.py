@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from sptun.discovery import txt_rdata
 from sptun.errors import SptunError
 from sptun.run import run
 
@@ -447,7 +448,7 @@ umount -l {shlex.quote(str(self.dir))}
             "@ NS ns",
             f"ns A {DNS_ADDRESS}",
             *(f"{name}. {'AAAA' if ':' in ip else 'A'} {ip}" for name in (DOMAIN, *SNI_DOMAINS) for ip in a),
-            *(f"{name}. TXT {_txt_rdata(record)}" for name in (DOMAIN, *SNI_DOMAINS) for record in txt),
+            *(f"{name}. TXT {txt_rdata(record)}" for name in (DOMAIN, *SNI_DOMAINS) for record in txt),
         ]
         tmp = self.zone_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
@@ -664,22 +665,6 @@ def _listening(host: Host, ports: list[int]) -> bool:
 def server_txt(ip: str) -> str:
     """The TXT record that announces a tunnel server at ip."""
     return f"r=superprotocol;ip={ip}"
-
-
-def _txt_rdata(record: str | Sequence[str]) -> str:
-    """Zone-file text for one TXT record: quoted character-strings, escaped."""
-    if isinstance(record, str):
-        data = record.encode()
-        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
-    else:
-        chunks = [part.encode() for part in record]
-    return " ".join('"' + "".join(_txt_char(b) for b in chunk) + '"' for chunk in chunks)
-
-
-def _txt_char(byte: int) -> str:
-    if byte in b'"\\':
-        return "\\" + chr(byte)
-    return chr(byte) if 0x20 <= byte < 0x7F else f"\\{byte:03d}"
 
 
 _EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sptun.config import DEFAULT_REALM, DnsConfig, Domain, ServerConfig
-from sptun.discovery import API_PORT, WG_PORT
+from sptun.discovery import API_PORT, WG_PORT, txt_rdata
 from sptun.errors import SptunError
 
 ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
@@ -178,13 +178,6 @@ def plan_removal(want: DomainRecords, zone_txt: Iterable[str], zone_addresses: I
 # --- the zone's primary (dnspython) --------------------------------------------------------------
 
 
-def _txt_rdata(text: str) -> str:
-    """A TXT record's zone-file form: character-strings of at most 255 bytes, quoted."""
-    data = text.encode()
-    chunks = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
-    return " ".join('"' + c.decode().replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
-
-
 def read_zone(conf: DnsConfig, name: str) -> tuple[list[str], list[str]]:
     """The name's TXT texts and A/AAAA addresses as the primary holds them (asked directly,
     no cache in between). SptunError if it cannot be asked."""
@@ -231,7 +224,7 @@ def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange]) -> N
     update = dns.update.UpdateMessage(conf.zone, keyring=keyring, keyname=dns.name.from_text(key.name),
                                       keyalgorithm=dns.name.from_text(key.algorithm))
     for c in changes:
-        value = _txt_rdata(c.value) if c.rdtype == "TXT" else c.value
+        value = txt_rdata(c.value) if c.rdtype == "TXT" else c.value
         if c.op == "add":
             update.add(dns.name.from_text(c.name), conf.ttl, c.rdtype, value)
         else:
