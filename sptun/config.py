@@ -64,6 +64,7 @@ class DnsConfig:
     tsig_key_file: Path
     ttl: int = 60
     port: int = 53
+    hold_down: float = 30.0  # s with no healthy client before a domain's addresses are withdrawn
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ def _load_dns(path: Path, raw: dict[str, Any], domains: list[Domain]) -> DnsConf
     if not 1 <= ttl <= 86400:
         raise r.error("ttl", f"{ttl} is out of range", "use seconds from 1 to 86400")
     port = r.port("port", 53)
+    hold_down = _seconds(r, "hold_down", 30, 1, 3600)
     r.finish()
     for i, d in enumerate(domains):
         if d.name != zone and not d.name.endswith("." + zone):
@@ -308,7 +310,7 @@ def _load_dns(path: Path, raw: dict[str, Any], domains: list[Domain]) -> DnsConf
         if not d.listen:
             raise ConfigError(f"{path}: domains[{i}].listen: [dns] publishes the domain's addresses, and it lists none",
                               hint='list the public addresses to publish, like listen = ["198.51.100.10"]')
-    return DnsConfig(server, zone, tsig_key_file, ttl, port)
+    return DnsConfig(server, zone, tsig_key_file, ttl, port, hold_down)
 
 
 def _overlay6(r: _Reader, overlay: ipaddress.IPv4Network) -> ipaddress.IPv6Network | None:

@@ -2,8 +2,9 @@
 whose update policy gives each server's TSIG key the lab's domains only.
 
 The zone starts without the domains' records. s1 and s2 publish theirs; a third server
-started with only `sptun server run` appears in TXT and A, and every agent tunnels to it;
-its `sptun down` withdraws its addresses first, its TXT one TTL later, and leaves the
+started with only `sptun server run` appears in TXT and A, and every agent tunnels to it.
+When every client goes dark, all servers but the last withdraw their addresses after the
+hold-down, and publish them again when the clients answer. The third server's `sptun down` withdraws its addresses first, its TXT one TTL later, and leaves the
 other servers' records alone.
 
     .venv/bin/python -m pytest -q -s tests/test_dns_publication.py
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from support import LAB_TOOLS, netns_marks
 
-from sptun.lab import DOMAIN, Lab, config_path, slow, sptun, start_daemons, status, wait_served, write_configs
+from sptun.lab import DOMAIN, LAB_HOLD_DOWN, Lab, config_path, slow, sptun, start_daemons, status, wait_served, write_configs
 
 # No kernel path of its own: DNS updates are the same on any kernel.
 pytestmark = [*netns_marks(*LAB_TOOLS, "wireguard-go"), pytest.mark.host_only]
@@ -72,6 +73,53 @@ def test_a_third_server_started_alone_appears_in_dns_and_every_agent_joins_it(la
     wait_served(lab)  # every client healthy and in rotation on all three servers
     for client in lab.clients:
         assert {t["server"] for t in status(client)["tunnels"] if t["healthy"]} == {s1.address, s2.address, s3.address}
+
+
+# In each client: the web server stops answering through the tunnels (it still listens, so
+# the agents stay registered), and every server's health checks fail.
+DARK = """table inet sptest_dark {
+    chain input { type filter hook input priority -10; iifname != "lo" tcp dport 443 drop; }
+}
+"""
+
+
+def test_servers_whose_clients_all_go_away_withdraw_their_addresses_but_never_the_last(lab: Lab) -> None:
+    """Every client goes dark at once: after the hold-down two of the three servers withdraw
+    their addresses (their TXT records stay, so clients still join) and one, the last, keeps
+    its own; none withdraws it later. When the clients answer again, every address is back."""
+    s1, s2, s3 = lab.servers
+    everyone = {s1.address, s2.address, s3.address}
+    wait_until("all three in TXT and A", lambda: published(lab) == (everyone, everyone))
+    for client in lab.clients:
+        client.run(["nft", "-f", "-"], input=DARK)
+    dark = time.monotonic()
+    states: list[tuple[set[str], set[str]]] = []
+    try:
+        while len((state := published(lab))[1]) > 1:
+            states.append(state)
+            assert time.monotonic() < dark + 60 * slow(), states[-1]
+            time.sleep(0.2)
+        withdrawn_after = time.monotonic() - dark
+        held = time.monotonic()
+        while time.monotonic() < held + LAB_HOLD_DOWN + 3:  # and it stays so: the last one holds
+            states.append(published(lab))
+            time.sleep(0.3)
+    finally:
+        for client in lab.clients:
+            client.run(["nft", "delete", "table", "inet", "sptest_dark"])
+    back = time.monotonic()
+    assert all(txt == everyone and len(a) >= 1 for txt, a in states), states
+    assert len(states[-1][1]) == 1, states[-1]
+    (last,) = states[-1][1]
+    print(f"\naddresses withdrawn {withdrawn_after:.1f} s after the clients went dark "
+          f"(health checks, then a hold-down of {LAB_HOLD_DOWN} s); {last} kept its own")
+    assert LAB_HOLD_DOWN - 1 <= withdrawn_after <= (LAB_HOLD_DOWN + 15) * slow(), withdrawn_after
+    for server in lab.servers:
+        publication = status(server)["publication"]
+        assert publication["withdrawn"] == ([] if server.address == last else [DOMAIN]), (server.name, publication)
+    wait_until("every address back", lambda: published(lab) == (everyone, everyone))
+    print(f"every address back {time.monotonic() - back:.1f} s after the clients answered again")
+    wait_served(lab)
 
 
 def test_down_withdraws_the_addresses_first_and_the_txt_a_ttl_later(lab: Lab) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,8 @@ def server_config(tmp_path: Path, dns: str, listen: str = '["198.51.100.10"]', n
 def test_a_dns_table_is_read(tmp_path: Path) -> None:
     cfg = load_server(server_config(tmp_path, f'server = "192.0.2.53"\nzone = "Example.Test."\ntsig_key_file = "{tmp_path}/k"\nttl = 30\n'))
     assert cfg.dns is not None
-    assert (str(cfg.dns.server), cfg.dns.zone, cfg.dns.tsig_key_file, cfg.dns.ttl, cfg.dns.port) == (
-        "192.0.2.53", "example.test", tmp_path / "k", 30, 53)
+    assert (str(cfg.dns.server), cfg.dns.zone, cfg.dns.tsig_key_file, cfg.dns.ttl, cfg.dns.port, cfg.dns.hold_down) == (
+        "192.0.2.53", "example.test", tmp_path / "k", 30, 53, 30.0)
 
 
 @pytest.mark.parametrize(("dns", "listen", "name", "message"), [
@@ -102,6 +103,8 @@ def test_a_dns_table_is_read(tmp_path: Path) -> None:
     ('server = "ns1"\nzone = "example.test"\n', '["198.51.100.10"]', "app.example.test", "is not an IP address"),
     ('server = "192.0.2.53"\n', '["198.51.100.10"]', "app.example.test", "dns.zone: is missing"),
     ('server = "192.0.2.53"\nzone = "example.test"\nttl = 0\n', '["198.51.100.10"]', "app.example.test", "dns.ttl: 0 is out of range"),
+    ('server = "192.0.2.53"\nzone = "example.test"\nhold_down = 0\n', '["198.51.100.10"]', "app.example.test",
+     "dns.hold_down: 0 is out of range"),
     ('server = "192.0.2.53"\nzone = "example.test"\nkey = "x"\n', '["198.51.100.10"]', "app.example.test", "dns.key: unknown key"),
     ('server = "192.0.2.53"\nzone = "example.test"\n', '["198.51.100.10"]', "app.example.org", "is not in the [dns] zone"),
     ('server = "192.0.2.53"\nzone = "example.test"\n', "[]", "app.example.test", "lists none"),
@@ -309,9 +312,10 @@ def test_the_update_policy_keeps_a_key_to_its_own_names(tmp_path: Path, knot: in
 
 
 def test_a_domain_is_published_once_served_and_withdrawn_only_after_the_hold_down() -> None:
-    from sptun.server.publish import HOLD_DOWN, Publisher
+    from sptun.server.publish import Publisher
 
-    pub = Publisher(DnsConfig(ipaddress.ip_address("192.0.2.53"), "example.test", Path("/k")))
+    HOLD_DOWN = 30.0
+    pub = Publisher(DnsConfig(ipaddress.ip_address("192.0.2.53"), "example.test", Path("/k"), hold_down=HOLD_DOWN))
     assert pub.withdrawn({"app.example.test": False}, 90.0) == {"app.example.test"}  # never served yet
     assert pub.withdrawn({"app.example.test": True}, 95.0) == set()
     assert pub.withdrawn({"app.example.test": False}, 100.0) == set()
@@ -319,6 +323,10 @@ def test_a_domain_is_published_once_served_and_withdrawn_only_after_the_hold_dow
     assert pub.withdrawn({"app.example.test": False}, 100.0 + HOLD_DOWN) == {"app.example.test"}
     assert pub.withdrawn({"app.example.test": True}, 200.0) == set()  # back at once
     assert pub.withdrawn({"app.example.test": False}, 201.0) == set()  # and the hold-down starts again
+    # It counts from the last check a client passed, when that is known: it died before the checks said so.
+    assert pub.withdrawn({"app.example.test": True}, 300.0) == set()
+    assert pub.withdrawn({"app.example.test": False}, 303.0, {"app.example.test": 299.5}) == set()
+    assert pub.withdrawn({"app.example.test": False}, 299.5 + HOLD_DOWN) == {"app.example.test"}
 
 
 def test_a_failure_backs_off_and_a_changed_want_waits_for_it() -> None:
@@ -349,9 +357,44 @@ def test_the_last_server_of_a_domain_keeps_its_addresses(tmp_path: Path, knot: i
     withdrawn = DomainRecords(blue.name, blue.txt, blue.addresses, publish_addresses=False)
     assert pub.sync([withdrawn], PK1, key) == []  # blue has no other server
     assert read_zone(conf, blue.name)[1] == ["198.51.100.10"]
+    assert pub.kept_as_last == {blue.name}  # status does not call it withdrawn
     app = DomainRecords("app.example.test", server_txt("198.51.100.10", PK1), ("198.51.100.10",), publish_addresses=False)
     assert [str(c) for c in pub.sync([app], PK1, key)] == [f"add app.example.test TXT {app.txt}"]
     assert read_zone(conf, app.name)[1] == ["198.51.100.99"]  # never published while withdrawn: s99 serves
+
+
+def test_two_servers_losing_their_clients_at_once_never_both_withdraw(
+        tmp_path: Path, knot: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s1 reads the zone (s2's address is there), then s2 withdraws, relying on s1's, before
+    s1 sends its own withdrawal, relying on s2's. The primary checks the addresses s1 read
+    as the update's prerequisite, refuses it, and s1, reading again, stays: the domain
+    keeps an address."""
+    from sptun.server import publish as publish_module
+    from sptun.server.publish import Publisher
+
+    conf = dns_of(tmp_path, knot)
+    key1 = read_tsig_key(key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET}\n", name="s1.key"))
+    key2 = read_tsig_key(key_file(tmp_path, f"hmac-sha256:s2.example.test:{SECRET2}\n", name="s2.key"))
+    send_update(conf, key1, [RecordChange("delete", "app.example.test", "A", "198.51.100.99")])  # s1 and s2 only
+    app1 = DomainRecords("app.example.test", server_txt("198.51.100.10", PK1), ("198.51.100.10",))
+    app2 = DomainRecords("app.example.test", server_txt("198.51.100.11", PK2), ("198.51.100.11",))
+    pub1, pub2 = Publisher(conf), Publisher(conf)
+    pub1.sync([app1], PK1, key1)
+    pub2.sync([app2], PK2, key2)
+    assert zone(conf, "app.example.test")[1] == ["198.51.100.10", "198.51.100.11"]
+    real_read, reads = publish_module.read_zone, []
+
+    def s2_withdraws_meanwhile(c: DnsConfig, name: str) -> tuple[list[str], list[str]]:
+        got = real_read(c, name)
+        reads.append(got)
+        if len(reads) == 1:
+            pub2.sync([replace(app2, publish_addresses=False)], PK2, key2)
+        return got
+
+    monkeypatch.setattr(publish_module, "read_zone", s2_withdraws_meanwhile)
+    assert pub1.sync([replace(app1, publish_addresses=False)], PK1, key1) == []
+    assert zone(conf, "app.example.test")[1] == ["198.51.100.10"]  # s1 saw s2 leave, and stayed
+    assert len(reads) == 3  # s1's read, s2's, and s1's again after its refused withdrawal
 
 
 # --- the server daemon's publication, with a fake kernel and the real Knot -----------------------
@@ -361,10 +404,8 @@ def test_a_server_publishes_its_txt_then_its_address_withdraws_it_unserved_and_l
         tmp_path: Path, knot: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    from sptun.server import publish as publish_module
     from sptun.server.health import Health
 
-    monkeypatch.setattr(publish_module, "HOLD_DOWN", 0.0)
     server = knot_server(tmp_path, knot)
     server.daemon = True
     server.check_config()  # reads the key: a start refuses an unusable one
@@ -386,7 +427,7 @@ def test_a_server_publishes_its_txt_then_its_address_withdraws_it_unserved_and_l
     assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.10", "198.51.100.99"])
     assert server.publication() == PublicationStatus("example.test", True, None, [])
     server.health.by_key[PK1] = Health(up=False)  # no healthy client: its address goes, the TXT stays
-    asyncio.run(run_for(2.5))
+    asyncio.run(run_for(3.5))  # after the hold-down of 1 s
     assert zone(dns, "app.example.test") == (sorted([OTHER, mine]), ["198.51.100.99"])
     assert server.publication() == PublicationStatus("example.test", True, None, ["app.example.test"])
     server.health.by_key[PK1] = Health(up=True)
@@ -438,7 +479,8 @@ def test_a_refused_update_is_one_line_in_the_log_and_in_status_and_serving_goes_
     assert server.nft_table is not None and server.nft_table.exists  # the forwarding is untouched
 
 def knot_server(tmp_path: Path, knot: int) -> Server:
-    """A server (fake kernel) with [dns] on the test's knotd, its key s1's, a TTL of 1 s."""
+    """A server (fake kernel) with [dns] on the test's knotd, its key s1's, a TTL and a
+    hold-down of 1 s."""
     from fakes import FakeKernel
 
     from sptun.keys import new_token, write_file_atomic
@@ -446,7 +488,7 @@ def knot_server(tmp_path: Path, knot: int) -> Server:
     write_file_atomic(tmp_path / "token", new_token() + "\n")
     key_file(tmp_path, f"hmac-sha256:s1.example.test:{SECRET}\n", name="s1.key")
     conf = server_config(tmp_path, f'server = "127.0.0.1"\nport = {knot}\nzone = "example.test"\n'
-                                   f'tsig_key_file = "{tmp_path}/s1.key"\nttl = 1\n')
+                                   f'tsig_key_file = "{tmp_path}/s1.key"\nttl = 1\nhold_down = 1\n')
     k = FakeKernel()
     return Server(load_server(conf), edges=k.edges(), conntrack=lambda: k.connections)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sptun.lab.demo import (
     AGENT_TOML,
+    LAB_HOLD_DOWN,
     LAB_OVERLAY,
     LAB_OVERLAY6,
     SERVER_TOML,
@@ -77,6 +78,7 @@ __all__ = [
     "topology",
     # sptun on top of it (sptun.lab.demo)
     "AGENT_TOML",
+    "LAB_HOLD_DOWN",
     "LAB_OVERLAY",
     "LAB_OVERLAY6",
     "SERVER_TOML",

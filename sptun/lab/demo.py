@@ -74,7 +74,9 @@ server = "{dns}"
 zone = "{zone}"
 tsig_key_file = "{home}/tsig.key"
 ttl = {ttl}
+hold_down = {hold_down}
 """
+LAB_HOLD_DOWN = 5  # s: the lab's servers withdraw a domain's addresses this soon (30 s by default)
 
 
 def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, ...] = (),
@@ -101,7 +103,8 @@ def write_configs(lab: Lab, wireguard: str = "auto", extra_domains: tuple[str, .
         if host.spec.role == "server":
             text += "".join(EXTRA_DOMAIN_TOML.format(domain=d, address=host.address, port=8443 + i, home=host.dir)
                             for i, d in enumerate(extra_domains))
-            text += DNS_TOML.format(dns=DNS_ADDRESS, zone=ZONE, home=host.dir, ttl=lab.ttl) if publish else ""
+            text += DNS_TOML.format(dns=DNS_ADDRESS, zone=ZONE, home=host.dir, ttl=lab.ttl,
+                                    hold_down=LAB_HOLD_DOWN) if publish else ""
         (host.dir / config_path(host).rsplit("/", 1)[1]).write_text(text)
     # The domain's token by `sptun token new`, as an operator makes it; the rest (copies,
     # and the extra domains' own) written here: each command is a Python start in the lab.

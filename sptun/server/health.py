@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sptun.config import ServerConfig
 from sptun.leases import Lease
@@ -28,10 +28,13 @@ class Health:
     streak: int = 0  # checks in a row that disagree with `up`
     reason: str = "not checked yet"
     checked: float = 0.0
+    passed: float = field(default_factory=time.time)  # the last check it passed (or this record's making)
 
     def record(self, ok: bool, reason: str, fall: int, rise: int) -> bool:
         """Take one check's result; True if the backend changed state."""
         self.reason, self.checked = reason, time.time()
+        if ok:
+            self.passed = self.checked
         self.streak = self.streak + 1 if ok != self.up else 0
         if self.streak >= (rise if ok else fall):
             self.up, self.streak = ok, 0

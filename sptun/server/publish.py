@@ -16,8 +16,8 @@ import binascii
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sptun.config import DEFAULT_REALM, DnsConfig, Domain, ServerConfig
@@ -207,9 +207,16 @@ def read_zone(conf: DnsConfig, name: str) -> tuple[list[str], list[str]]:
     return txts, addresses
 
 
-def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange]) -> None:
+class ZoneChanged(SptunError):
+    """An update's prerequisite failed: the zone changed since it was read."""
+
+
+def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange],
+                if_addresses: tuple[str, list[str]] | None = None) -> None:
     """One signed update of the zone with these changes, all or nothing. SptunError (one
-    line, no secret) if the primary cannot be reached or refuses it."""
+    line, no secret) if the primary cannot be reached or refuses it. if_addresses (a name,
+    its A/AAAA addresses as read): the update applies only if they are still exactly those
+    (RFC 2136 prerequisites, checked by the primary in one step); ZoneChanged if not."""
     import dns.exception
     import dns.name
     import dns.query
@@ -223,6 +230,14 @@ def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange]) -> N
     keyring = dns.tsigkeyring.from_text({key.name: (key.algorithm, key.secret)})
     update = dns.update.UpdateMessage(conf.zone, keyring=keyring, keyname=dns.name.from_text(key.name),
                                       keyalgorithm=dns.name.from_text(key.algorithm))
+    if if_addresses is not None:
+        name, addresses = if_addresses
+        for rdtype in ("A", "AAAA"):
+            values = [a for a in addresses if rdtype_of(a) == rdtype]
+            if values:
+                update.present(dns.name.from_text(name), rdtype, *values)
+            else:
+                update.absent(dns.name.from_text(name), rdtype)
     for c in changes:
         value = txt_rdata(c.value) if c.rdtype == "TXT" else c.value
         if c.op == "add":
@@ -246,6 +261,8 @@ def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange]) -> N
     except (OSError, dns.exception.DNSException) as e:
         raise SptunError(f"cannot send the update of {conf.zone} to {conf.server}: {e or type(e).__name__}",
                          hint="check [dns] server and port") from None
+    if if_addresses is not None and reply.rcode() in (dns.rcode.NXRRSET, dns.rcode.YXRRSET):
+        raise ZoneChanged(f"the addresses of {if_addresses[0]} changed in {conf.zone} while this update was made")
     if reply.rcode() != dns.rcode.NOERROR:
         raise SptunError(f"the DNS primary {conf.server} refused the update of {conf.zone}: {dns.rcode.to_text(reply.rcode())}",
                          hint="check that the zone's update policy lets this key change these names")
@@ -253,9 +270,9 @@ def send_update(conf: DnsConfig, key: TsigKey, changes: list[RecordChange]) -> N
 
 # --- keeping the zone in step -----------------------------------------------------------------------
 
+ZONE_CHANGED_TRIES = 3
 RETRY_MIN, RETRY_MAX = 5.0, 300.0  # s between tries after a failure, doubling
 RECHECK = 60.0  # s: the zone is read again this often with nothing changed here (a hand edit, a restore)
-HOLD_DOWN = 30.0  # s with no healthy client before a domain's addresses are withdrawn: no flapping
 
 
 class Publisher:
@@ -271,20 +288,24 @@ class Publisher:
         self.error = ""  # the last failure's line, until a sync succeeds
         self.unserved_since: dict[str, float] = {}
         self.served_once: set[str] = set()  # domains a healthy client has served since this start
+        self.kept_as_last: set[str] = set()  # domains withdrawn here whose addresses stay: no other server's
 
-    def withdrawn(self, served: dict[str, bool], now: float) -> set[str]:
+    def withdrawn(self, served: dict[str, bool], now: float,
+                  last_served: Mapping[str, float] | None = None) -> set[str]:
         """The domains whose addresses should be withdrawn: served by no healthy client for
-        HOLD_DOWN s, or never yet since this daemon started (a new server announces its TXT
-        record, so that clients join, and its addresses once one serves: browsers never
-        find it empty). A domain that is served (again) is published at once."""
+        the hold-down (no flapping), or never yet since this daemon started (a new server
+        announces its TXT record, so that clients join, and its addresses once one serves:
+        browsers never find it empty). A domain that is served (again) is published at once. last_served:
+        when each domain's clients last passed a check (monotonic), where the hold-down starts:
+        they may have died before the checks said so."""
         for domain, ok in served.items():
             if ok:
                 self.unserved_since.pop(domain, None)
                 self.served_once.add(domain)
             else:
-                self.unserved_since.setdefault(domain, now)
+                self.unserved_since.setdefault(domain, min(now, (last_served or {}).get(domain, now)))
         return {d for d, since in self.unserved_since.items()
-                if d in served and (d not in self.served_once or now - since >= HOLD_DOWN)}
+                if d in served and (d not in self.served_once or now - since >= self.conf.hold_down)}
 
     def needs_sync(self, wants: list[DomainRecords], now: float) -> bool:
         """When the wanted records changed (unless a failure's backoff runs), and when due."""
@@ -297,14 +318,29 @@ class Publisher:
         Blocking (a thread). SptunError on the first failure."""
         done: list[RecordChange] = []
         for want in wants:
+            done += self._sync_domain(want, public_key, key)
+        return done
+
+    def _sync_domain(self, want: DomainRecords, public_key: str, key: TsigKey) -> list[RecordChange]:
+        """A withdrawal is sent on condition that the addresses read are still the zone's:
+        two servers losing their clients at once must not both leave, each relying on the
+        other. When that fails, the zone is read again, and the other's leaving seen."""
+        for _ in range(ZONE_CHANGED_TRIES):
             txts, addresses = read_zone(self.conf, want.name)
             others = {str(ipaddress.ip_address(a)) for a in addresses} - set(want.addresses)
-            if not want.publish_addresses and not others:
-                want = DomainRecords(want.name, want.txt, want.addresses, publish_addresses=True)
-            changes = plan_records(want, txts, addresses, public_key)
-            send_update(self.conf, key, changes)
-            done += changes
-        return done
+            plan = want if want.publish_addresses or others else replace(want, publish_addresses=True)
+            if plan is want:
+                self.kept_as_last.discard(want.name)
+            else:
+                self.kept_as_last.add(want.name)
+            changes = plan_records(plan, txts, addresses, public_key)
+            withdrawing = any(c.op == "delete" and c.rdtype != "TXT" for c in changes)
+            try:
+                send_update(self.conf, key, changes, (want.name, addresses) if withdrawing else None)
+                return changes
+            except ZoneChanged:
+                continue
+        raise SptunError(f"the addresses of {want.name} in {self.conf.zone} kept changing while this server withdrew its own")
 
     def succeeded(self, wants: list[DomainRecords], now: float) -> None:
         self.published, self.error, self.backoff, self.due = wants, "", RETRY_MIN, now + RECHECK

@@ -384,13 +384,20 @@ class Server(Role):
 
     def dns_wanted(self) -> list[DomainRecords]:
         """This server's records as they should be now: a domain with no healthy client in
-        rotation for HOLD_DOWN s has its addresses withdrawn (publish.Publisher)."""
+        rotation for the hold-down, counted from the last check one of its clients passed,
+        has its addresses withdrawn (publish.Publisher)."""
         assert self.publisher is not None and self.public_key is not None
         served = {d.name: False for d in self.cfg.domains}
+        passed: dict[str, float] = {}  # domain -> the last check one of its clients passed (time.time())
         for lease in self.leases.all():
-            if lease.domain in served and self.in_rotation(lease):
-                served[lease.domain] = True
-        return wanted_records(self.cfg, self.public_key, self.publisher.withdrawn(served, time.monotonic()))
+            if lease.domain in served:
+                served[lease.domain] |= self.in_rotation(lease)
+                for family in self.cfg.families:
+                    if (health := self.health.of(family).get(lease.public_key)) is not None:
+                        passed[lease.domain] = max(passed.get(lease.domain, 0.0), health.passed)
+        now, wall = time.monotonic(), time.time()
+        last_served = {d: now - max(0.0, wall - t) for d, t in passed.items()}
+        return wanted_records(self.cfg, self.public_key, self.publisher.withdrawn(served, now, last_served))
 
     async def publish_loop(self) -> None:
         """Keep this server's records in the zone: at start, when they change (a domain
@@ -549,7 +556,7 @@ class Server(Role):
         pub = self.publisher
         if pub is None:
             return None
-        withdrawn = sorted(w.name for w in pub.published or [] if not w.publish_addresses)
+        withdrawn = sorted(w.name for w in pub.published or [] if not w.publish_addresses and w.name not in pub.kept_as_last)
         return PublicationStatus(pub.conf.zone, pub.published is not None and not pub.error, pub.error or None, withdrawn)
 
 
