@@ -1,4 +1,5 @@
-"""Browsers, as a failover sees them: run inside the lab's browser namespace. Standard library only.
+"""Browsers, as a failover sees them: run inside the lab's browser namespace. Standard library only,
+but for DNS resolution (below).
 
 Load (the default): N browsers at once, each in a loop: a NEW TCP and TLS connection to
 SERVER:443 (SNI = DOMAIN, verified against the CA), one `GET / HTTP/1.1` with `Connection:
@@ -7,8 +8,13 @@ timeout (the kernel retransmits the SYN after 1, 3 and 7 s; Linux 6.5+ every sec
 first four, tcp_syn_linear_timeouts) and 15 s for the whole request.
 It runs for SECONDS, or until MAX_REQUESTS in all, then prints one JSON object:
 
-    {"started": T0, "requests": [[browser, t_start, duration, ok, client or "kind: error", connect], ...],
-     "summary": {"requests", "failed", "failed_by_kind", "by_client", "longest", "p50", "p99"}}
+    {"started": T0, "requests": [[browser, t_start, duration, ok, client or "kind: error", connect, server], ...],
+     "summary": {"requests", "failed", "failed_by_kind", "by_client", "by_server", "longest", "p50", "p99"}}
+
+SERVER may be @NAMESERVER: each browser then resolves DOMAIN's A records there (dnspython,
+this file's one import from outside the standard library), keeps the answer for its TTL as a
+browser's cache does, and connects to one of them at random. A failed resolution is a
+failed request of kind dns.
 
 connect is the seconds the TCP connect took (null if it never connected). t_start
 is in seconds after T0, this process's time.monotonic() at the start: the system's
@@ -33,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import socket
 import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 CONNECT_TIMEOUT = 10.0  # a browser's: SYNs at 0, 1, 3 and 7 s (Linux 6.5+: every second at first)
@@ -106,6 +114,31 @@ def get(server: str, ctx: ssl.SSLContext, domain: str) -> tuple[str, float]:
     return m.group(1).decode(errors="replace"), connect
 
 
+def resolver(server: str, domain: str) -> Callable[[], str]:
+    """The address of each new connection: SERVER, or one of DOMAIN's A records at @NAMESERVER,
+    resolved again once their TTL has passed (one cache per browser)."""
+    if not server.startswith("@"):
+        return lambda: server
+    import dns.exception
+    import dns.resolver
+
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = [server[1:]]
+    expires, addresses = 0.0, [""]
+
+    def pick() -> str:
+        nonlocal expires, addresses
+        if time.monotonic() >= expires:
+            try:
+                answer = r.resolve(domain, "A", lifetime=5.0)
+            except dns.exception.DNSException as e:
+                raise Failed("dns", f"{type(e).__name__}: {str(e)[:80]}", None) from None
+            expires, addresses = time.monotonic() + (answer.rrset.ttl if answer.rrset else 0), [a.address for a in answer]
+        return random.choice(addresses)
+
+    return pick
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); 0 for no values. bench.common.percentile's rule, here
     again because this file runs alone in the lab's namespace, with the standard library only."""
@@ -121,7 +154,9 @@ def summary(requests: list[list[Any]]) -> dict[str, Any]:
     failed = [r for r in requests if not r[3]]
     kinds = Counter(r[4].split(":", 1)[0] for r in failed)
     clients = Counter(r[4] for r in requests if r[3])
+    servers = Counter(r[6] for r in requests if r[6])
     return {"requests": len(requests), "failed": len(failed), "failed_by_kind": kinds, "by_client": clients,
+            "by_server": servers,
             "longest": max(durations, default=0.0), "p50": percentile(durations, 50), "p99": percentile(durations, 99)}
 
 
@@ -132,19 +167,22 @@ def load(server: str, ctx: ssl.SSLContext, domain: str, browsers: int, seconds: 
     lock = threading.Lock()
 
     def browser(n: int) -> None:
+        address = resolver(server, domain)
         while time.monotonic() - start < seconds:
             with lock:
                 if len(requests) >= max_requests:
                     return
             t = time.monotonic()
             connect: float | None
+            to = ""
             try:
-                answer, connect = get(server, ctx, domain)
+                to = address()
+                answer, connect = get(to, ctx, domain)
                 ok = True
             except Failed as e:
                 ok, answer, connect = False, str(e), e.connect
             row = [n, round(t - start, 3), round(time.monotonic() - t, 3), ok, answer,
-                   None if connect is None else round(connect, 3)]
+                   None if connect is None else round(connect, 3), to]
             with lock:
                 requests.append(row)
             time.sleep(pause)
@@ -199,7 +237,7 @@ def stream(server: str, ctx: ssl.SSLContext, domain: str, path: str, seconds: fl
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("server")
+    p.add_argument("server", help="an address, or @NAMESERVER: resolve --domain's A records there")
     p.add_argument("--ca", required=True, help="the CA that signed the clients' certificates")
     p.add_argument("--domain", default="app.example.test")
     p.add_argument("--browsers", type=int, default=8)
@@ -212,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--seconds must be in (0, 600], --browsers in 1..256, --max-requests in 1..100000")
     ctx = ssl.create_default_context(cafile=a.ca)
     if a.stream:
-        out = stream(a.server, ctx, a.domain, a.stream, a.seconds)
+        out = stream(resolver(a.server, a.domain)(), ctx, a.domain, a.stream, a.seconds)
     else:
         out = load(a.server, ctx, a.domain, a.browsers, a.seconds, a.max_requests, a.pause)
     print(json.dumps(out), flush=True)
