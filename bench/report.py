@@ -34,6 +34,8 @@ FIGURES = [
     ("server_kill", "failed connections in a server kill -9 and restart", "0"),
     ("server_term", "failed connections in a server stop (SIGTERM) and restart", "0"),
     ("dns", "DNS change to served", "≤ TTL + 2 s"),
+    ("dns_publish", "`sptun server run` on a new server ([dns]) to the first request through it", "≤ TTL + 5 s"),
+    ("dns_withdraw", "a server's last healthy client dying to its address withdrawn", "≤ hold-down + 2 s"),
     ("status", "`status --json` with 10k peers", "≤ 1 s"),
     ("rss", "server RSS with 10k leases", "≤ 150 MB"),
     ("agent_cpu", "agent idle CPU", "≤ 0.5% of a core"),
@@ -172,6 +174,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out["dns"].measured = f"{_fmt(dns['served_s'])} s (TTL {dns['ttl_s']} s)"
         out["dns"].result = _verdict(dns["served_s"] <= dns["ttl_s"] + 2)
         out["dns"].note = "from the zone reload to the first successful curl through s3"
+    pub = results.get("publication")
+    if pub:
+        out["dns_publish"].measured = f"{_fmt(pub['served_s'])} s (TTL {pub['ttl_s']} s)"
+        out["dns_publish"].result = _verdict(pub["served_s"] <= pub["ttl_s"] + 5 and pub["failed"] == 0)
+        out["dns_publish"].note = (f"its address published after {_fmt(pub['published_s'])} s; 8 browsers resolving "
+                                   f"the domain: {pub['failed']} of {pub['requests']} requests failed")
+        out["dns_withdraw"].measured = f"{_fmt(pub['withdrawn_s'])} s (hold-down {pub['hold_down_s']} s)"
+        out["dns_withdraw"].result = _verdict(pub["withdrawn_s"] <= pub["hold_down_s"] + 2)
+        out["dns_withdraw"].note = "its clients' WireGuard packets dropped at once; read from the zone every 50 ms"
     scale = results.get("scale")
     if scale:
         label = "" if scale["leases"] == 10000 else f" (at {scale['leases']:,})"
@@ -454,6 +465,16 @@ def _faults_md(results: dict[str, Any]) -> str:
     if dns:
         parts += ["", f"DNS: TXT records for s1 and s2, TTL {dns['ttl_s']} s; then s3 added (knot reload). The first "
                   f"curl through s3 succeeded {_fmt(dns['served_s'])} s later (curl every 0.1 s, 1 s timeout)."]
+    pub = results.get("publication")
+    if pub:
+        parts += ["", f"Self-publication ([dns], a lab of its own whose zone no one edits): s1 and two clients serve, "
+                  f"and 8 browsers resolve the domain at the lab's Knot for each connection, keeping its records for "
+                  f"their TTL ({pub['ttl_s']} s). `sptun server run` on s2: its address was in the zone "
+                  f"{_fmt(pub['published_s'])} s later (it publishes it once a client is healthy), and the first "
+                  f"request through it was served {_fmt(pub['served_s'])} s after the start; {pub['failed']} of "
+                  f"{pub['requests']} requests failed. Then s2's clients died for it (their WireGuard packets "
+                  f"dropped): its address left the zone {_fmt(pub['withdrawn_s'])} s later, with a hold-down of "
+                  f"{pub['hold_down_s']} s counted from the last health check a client passed."]
     return "\n".join(parts) or "_not measured_"
 
 

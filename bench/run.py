@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import common, control, dataplane, faults, report
+from bench import common, control, dataplane, faults, publication, report
 from bench.benchlab import bench_lab
 from bench.common import log
 
@@ -112,7 +112,7 @@ def run(profile: Profile, out: Path) -> dict[str, Any]:
     tag = f"{os.getpid() % 100000}"
     results: dict[str, Any] = {"smoke": profile.smoke, "profile": profile.__dict__, "machine": machine(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bns{tag}"]}
+                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bns{tag}", f"bnp{tag}"]}
     started = time.monotonic()
     with bench_lab(f"bnl{tag}") as lab:
         s1, s2 = lab.servers[0], lab.servers[1]
@@ -135,6 +135,8 @@ def run(profile: Profile, out: Path) -> dict[str, Any]:
         step(results, "dns", faults.dns_change, lab)
         step(results, "registration", control.registration_bench, lab, s2, list(profile.registrations),
              profile.registration_inflight)
+    # A lab of its own, whose servers publish themselves: after the first is gone.
+    step(results, "publication", publication.publication, f"bnp{tag}", 30.0)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     results["commands"] = common.COMMANDS
     return results
