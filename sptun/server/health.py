@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sptun.config import ServerConfig
 from sptun.leases import Lease
@@ -28,7 +28,7 @@ class Health:
     streak: int = 0  # checks in a row that disagree with `up`
     reason: str = "not checked yet"
     checked: float = 0.0
-    passed: float = field(default_factory=time.time)  # the last check it passed (or this record's making)
+    passed: float = 0.0  # time.time() of the last check it passed (or of its adoption)
 
     def record(self, ok: bool, reason: str, fall: int, rise: int) -> bool:
         """Take one check's result; True if the backend changed state."""
@@ -89,7 +89,8 @@ class HealthChecks:
         table = self.of(family)
         for lease in leases:
             if lease.overlay_ip in serving and lease.public_key not in table:
-                table[lease.public_key] = Health(up=True, reason="in rotation when this daemon started")
+                table[lease.public_key] = Health(up=True, reason="in rotation when this daemon started",
+                                                 passed=time.time())
 
     async def check(self, cfg: ServerConfig, leases: list[Lease], device: Device,
                     answered: Set[str] = frozenset(), suspects: Set[str] = frozenset(), family: int = 4) -> bool:

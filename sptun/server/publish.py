@@ -295,9 +295,9 @@ class Publisher:
         """The domains whose addresses should be withdrawn: served by no healthy client for
         the hold-down (no flapping), or never yet since this daemon started (a new server
         announces its TXT record, so that clients join, and its addresses once one serves:
-        browsers never find it empty). A domain that is served (again) is published at once. last_served:
-        when each domain's clients last passed a check (monotonic), where the hold-down starts:
-        they may have died before the checks said so."""
+        browsers never find it empty). A domain that is served (again) is published at once.
+        last_served: when each domain's clients last passed a check (monotonic), where the
+        hold-down starts: they may have died before the checks said so."""
         for domain, ok in served.items():
             if ok:
                 self.unserved_since.pop(domain, None)
