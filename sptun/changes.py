@@ -239,12 +239,14 @@ class UpdateRotation:
 
 @dataclass(frozen=True)
 class ReleaseUnreplied:
-    """Forget the connections a backend that left the rotation never answered."""
+    """Forget the connections the backends that left the rotation never answered: one
+    change (one dump of the kernel's table) however many left at once."""
 
-    backend: str
+    backends: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"release the unanswered connections to {self.backend}"
+        shown = ", ".join(self.backends[:5]) + (f" and {len(self.backends) - 5} more" if len(self.backends) > 5 else "")
+        return f"release the unanswered connections to {shown}"
 
 
 @dataclass(frozen=True)
@@ -363,8 +365,8 @@ class Applier:
                 e.firewall.write(nft.delete_table())
             case UpdateRotation(index=index, current=current, new=new, family=family):
                 e.firewall.write("\n".join(nft.rotation_update(index, list(current), list(new), family)))
-            case ReleaseUnreplied(backend=backend):
-                if released := e.conntrack.release_unreplied(backend):
+            case ReleaseUnreplied(backends=backends):
+                for backend, released in e.conntrack.release_unreplied(backends).items():
                     log.info("released %d unanswered connections to %s: their next SYN goes to another backend",
                              released, backend)
             case StartProxy(config=config, replacing=replacing):

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,12 +24,13 @@ SEEN_REPLY = 0x2  # IPS_SEEN_REPLY, a conntrack status bit
 
 
 class ConntrackTable(Protocol):
-    def release_unreplied(self, backend: str) -> int:
-        """Delete the entries of sptun's connections to `backend` (DNATed, or the SNI proxy's)
-        that it never answered (TCP in SYN_SENT, UDP unreplied): a browser's next SYN
-        retransmission is then a new connection, DNATed to a backend in the rotation; and
+    def release_unreplied(self, backends: Collection[str]) -> dict[str, int]:
+        """Delete the entries of sptun's connections to these backends (DNATed, or the SNI
+        proxy's) that they never answered (TCP in SYN_SENT, UDP unreplied): a browser's next
+        SYN retransmission is then a new connection, DNATed to a backend in the rotation; and
         a new connection that reuses a stale entry's ports is not taken for a retransmission
-        (which the passive check would count against the backend). Returns how many went."""
+        (which the passive check would count against the backend). Returns how many went,
+        for each backend that had any."""
         ...
 
 
@@ -40,26 +42,31 @@ class NetlinkConntrack:
     with 700 to 2,000 entries under the fault tests' load, while the browsers' SYNs still
     went to the backend that left. For IPv6 it finds nothing at all.)"""
 
-    def release_unreplied(self, backend: str) -> int:
+    def release_unreplied(self, backends: Collection[str]) -> dict[str, int]:
         from pyroute2 import Conntrack
         from pyroute2.netlink.exceptions import NetlinkError
 
-        target = ipaddress.ip_address(backend)
-        released = 0
+        targets = {ipaddress.ip_address(b) for b in backends}
+        released: Counter[str] = Counter()
         try:
-            with Conntrack(nfgen_family=socket.AF_INET6 if target.version == 6 else socket.AF_INET) as ct:
-                for entry in (e for mark in (DNAT_MARK, PROXIED_MARK) for e in unreplied(ct, mark)):
-                    if (entry.tuple_reply.saddr and ipaddress.ip_address(entry.tuple_reply.saddr) == target
-                            and not entry.status & SEEN_REPLY and (entry.mark or 0) & OUR_CONNECTIONS):
+            for version in sorted({t.version for t in targets}):
+                with Conntrack(nfgen_family=socket.AF_INET6 if version == 6 else socket.AF_INET) as ct:
+                    for entry in (e for mark in (DNAT_MARK, PROXIED_MARK) for e in unreplied(ct, mark)):
+                        if not entry.tuple_reply.saddr or entry.status & SEEN_REPLY or not (entry.mark or 0) & OUR_CONNECTIONS:
+                            continue
+                        backend = ipaddress.ip_address(entry.tuple_reply.saddr)
+                        if backend not in targets:
+                            continue
                         try:
                             ct.delete(entry)
-                            released += 1
+                            released[str(backend)] += 1
                         except NetlinkError as e:
                             if e.code != errno.ENOENT:  # gone meanwhile (it timed out): as good
                                 raise
         except (OSError, NetlinkError) as e:  # no conntrack module, ...: the connections time out as before
-            raise SptunError(f"cannot release the unanswered connections to {backend}: {e}") from None
-        return released
+            shown = ", ".join(sorted(backends)[:3]) + (", ..." if len(backends) > 3 else "")
+            raise SptunError(f"cannot release the unanswered connections to {shown}: {e}") from None
+        return dict(released)
 
 
 def unreplied(ct: Any, mark: int) -> list[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,9 +329,10 @@ class FakeConntrack:
     def __init__(self, k: FakeKernel) -> None:
         self.k = k
 
-    def release_unreplied(self, backend: str) -> int:
-        self.k.released.append(backend)
-        return self.k.unreplied.pop(backend, 0)
+    def release_unreplied(self, backends: Collection[str]) -> dict[str, int]:
+        self.k.released.extend(backends)
+        released = {b: self.k.unreplied.pop(b, 0) for b in backends}
+        return {b: n for b, n in released.items() if n}
 
 
 class FakeSysctls:

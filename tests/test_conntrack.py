@@ -68,7 +68,7 @@ for address in ("fd99::1", "10.99.0.1"):
         except BlockingIOError:
             pass
     time.sleep(0.3)
-    out[address] = NetlinkConntrack().release_unreplied(address)
+    out[address] = NetlinkConntrack().release_unreplied([address]).get(address, 0)
 out["left"] = [line for line in open("/proc/net/nf_conntrack") if "SYN_SENT" in line]
 print(json.dumps(out))
 """

@@ -222,7 +222,7 @@ def plan_proxy_rotation(wanted: SniWanted | None, proxy: sni.ProxyState) -> list
 
 
 def releases(backends: set[str]) -> list[Change]:
-    return [ReleaseUnreplied(ip) for ip in sorted(backends, key=nft.ip_key)]
+    return [ReleaseUnreplied(tuple(sorted(backends, key=nft.ip_key)))] if backends else []
 
 
 def plan_teardown(interface: str, has_link: bool, has_table: bool, proxy: bool = False,
