@@ -4,34 +4,45 @@ whose update policy gives each server's TSIG key the lab's domains only.
 The zone starts without the domains' records. s1 and s2 publish theirs; a third server
 started with only `sptun server run` appears in TXT and A, and every agent tunnels to it.
 When every client goes dark, all servers but the last withdraw their addresses after the
-hold-down, and publish them again when the clients answer. The third server's `sptun down` withdraws its addresses first, its TXT one TTL later, and leaves the
-other servers' records alone.
+hold-down, and publish them again when the clients answer. The third server's `sptun down`
+withdraws its addresses first, its TXT one TTL later, and leaves the other servers' records
+alone. Browsers that resolve the domain see no failed connection throughout.
 
     .venv/bin/python -m pytest -q -s tests/test_dns_publication.py
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from support import LAB_TOOLS, netns_marks
 
-from sptun.lab import DNS_ADDRESS, DOMAIN, LAB_HOLD_DOWN, Lab, config_path, slow, sptun, start_daemons, status, wait_served, write_configs
+from test_failover import Browsers
+
+from sptun.lab import (
+    DNS_ADDRESS,
+    DOMAIN,
+    LAB_HOLD_DOWN,
+    Lab,
+    config_path,
+    slow,
+    sptun,
+    start_daemons,
+    status,
+    wait_served,
+    write_configs,
+)
 
 # No kernel path of its own: DNS updates are the same on any kernel.
 pytestmark = [*netns_marks(*LAB_TOOLS, "wireguard-go"), pytest.mark.host_only]
 
 BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
 PREFIX = f"dnp{os.getpid() % 100000}"
-BROWSERS = Path(__file__).resolve().parents[1] / "bench" / "browsers.py"
 
 
 @pytest.fixture(scope="module")
@@ -71,35 +82,30 @@ def test_each_server_publishes_its_own_records_with_its_key(lab: Lab) -> None:
         assert any(f"ip={server.address};pk={key}" in r for r in lab.zone_records(DOMAIN)), lab.zone_records(DOMAIN)
 
 
-class Browsers:
-    """bench/browsers.py in the lab's browser namespace, resolving the domain at the lab's DNS
-    server for each connection (its answers kept for their TTL, as browsers keep them): 8
-    browsers making new TLS connections, each waiting 10 s for a connect."""
+def resolving_browsers(lab: Lab, seconds: float) -> Browsers:
+    """8 browsers making new TLS connections, each waiting 10 s for a connect, that resolve the
+    domain at the lab's DNS server (its answers kept for their TTL, as browsers keep them)."""
+    return Browsers(lab, f"@{DNS_ADDRESS}", "--browsers", "8", "--seconds", str(seconds))
 
-    def __init__(self, lab: Lab, seconds: float) -> None:
-        self.out = lab.browser.dir / f"browsers-{time.monotonic_ns()}.json"
-        self.proc = lab.browser.spawn([sys.executable, BROWSERS, f"@{DNS_ADDRESS}", "--ca", lab.ca_cert,
-                                       "--domain", DOMAIN, "--browsers", "8", "--seconds", str(seconds)], log=self.out)
 
-    def result(self) -> dict[str, Any]:
-        self.proc.wait(timeout=120)
-        summary: dict[str, Any] = json.loads(self.out.read_text().splitlines()[-1])["summary"]
-        print(f"\nbrowsers: {summary['requests']} requests, {summary['failed']} failed {summary['failed_by_kind']}; "
-              f"by server {summary['by_server']}; longest {summary['longest']:.2f} s")
-        return summary
+def summary_of(browsers: Browsers) -> dict[str, Any]:
+    summary: dict[str, Any] = browsers.result()["summary"]
+    print(f"\nbrowsers: {summary['requests']} requests, {summary['failed']} failed {summary['failed_by_kind']}; "
+          f"by server {summary['by_server']}; longest {summary['longest']:.2f} s")
+    return summary
 
 
 def test_a_third_server_started_alone_appears_in_dns_and_every_agent_joins_it(lab: Lab) -> None:
     """While browsers resolve the domain: no connection fails, and once its address is
     published they reach the new server too."""
     s1, s2, s3 = lab.servers
-    browsers = Browsers(lab, seconds=40 * slow())
+    browsers = resolving_browsers(lab, seconds=40 * slow())
     start_daemons(lab, [s3])
     wait_until("s3 in TXT and A", lambda: s3.address in published(lab)[0] and s3.address in published(lab)[1])
     wait_served(lab)  # every client healthy and in rotation on all three servers
     for client in lab.clients:
         assert {t["server"] for t in status(client)["tunnels"] if t["healthy"]} == {s1.address, s2.address, s3.address}
-    summary = browsers.result()
+    summary = summary_of(browsers)
     assert summary["failed"] == 0 and summary["by_server"].get(s3.address, 0) > 0, summary
 
 
@@ -153,7 +159,7 @@ def test_servers_whose_clients_all_go_away_withdraw_their_addresses_but_never_th
 def test_down_withdraws_the_addresses_first_and_the_txt_a_ttl_later(lab: Lab) -> None:
     s1, s2, s3 = lab.servers
     wait_until("s3 in TXT and A", lambda: published(lab) == ({s1.address, s2.address, s3.address},) * 2)
-    browsers = Browsers(lab, seconds=30 * slow())  # they outlast the down: no connection fails
+    browsers = resolving_browsers(lab, seconds=30 * slow())  # they outlast the down: no connection fails
     time.sleep(3)  # they use s3 too
     down = subprocess.Popen(s3.cmd(sptun("down", "-c", config_path(s3))), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -169,7 +175,7 @@ def test_down_withdraws_the_addresses_first_and_the_txt_a_ttl_later(lab: Lab) ->
     assert (others | {s3.address}, others) in states, states
     assert states[-1] == (others, others), states
     assert all(others <= txt and others <= a for txt, a in states), states
-    summary = browsers.result()
+    summary = summary_of(browsers)
     assert summary["failed"] == 0 and summary["by_server"].get(s3.address, 0) > 0, summary
     # The agents learn it from DNS and let the tunnel go; the others keep serving.
     wait_until("the agents drop s3", lambda: all(s3.address not in {t["server"] for t in status(c)["tunnels"]}

@@ -87,11 +87,13 @@ def serve_stream(client: Host) -> None:
 
 
 class Browsers:
-    """bench/browsers.py from the browser to one server, in the background."""
+    """bench/browsers.py from the browser to one server (or to @NAMESERVER: the domain's
+    addresses resolved there), in the background."""
 
-    def __init__(self, lab: Lab, server: Host, *args: str) -> None:
+    def __init__(self, lab: Lab, server: Host | str, *args: str) -> None:
         self.out = lab.browser.dir / f"browsers-{time.monotonic_ns()}.json"
-        self.proc = lab.browser.spawn([sys.executable, BROWSERS, server.address, "--ca", lab.ca_cert, "--domain", DOMAIN,
+        target = server if isinstance(server, str) else server.address
+        self.proc = lab.browser.spawn([sys.executable, BROWSERS, target, "--ca", lab.ca_cert, "--domain", DOMAIN,
                                        *args], log=self.out)
 
     def lines(self) -> list[dict[str, Any]]:
