@@ -254,3 +254,23 @@ def test_the_real_reader_in_a_namespace() -> None:
         assert in_ns(read) == "[['fd99::3'], ['10.99.0.2', 'fd99::2', 'fd99::4']]"
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+def test_a_client_registered_again_comes_back_only_by_its_own_probes(probes: list[str]) -> None:
+    """After a deregistration and a registration again (`sptun down`, `sptun up`), the kernel's
+    record of its old connections (ANSWERED) does not bring it back: `rise` probes through its
+    tunnel do. Then ANSWERED counts again."""
+    leases, device = backends(1)
+    (lease,) = leases
+    checks = HealthChecks()
+    check(checks, leases, device, {lease.overlay_ip})
+    check(checks, leases, device, {lease.overlay_ip})
+    assert checks.is_up(lease.public_key) and probes == []
+    checks.rejoin(lease.public_key)
+    assert not checks.is_up(lease.public_key)
+    check(checks, leases, device, {lease.overlay_ip})
+    assert probes == [lease.overlay_ip] and not checks.is_up(lease.public_key)
+    assert check(checks, leases, device, {lease.overlay_ip})  # rise = 2 probes
+    assert checks.is_up(lease.public_key) and len(probes) == 2
+    check(checks, leases, device, {lease.overlay_ip})
+    assert len(probes) == 2  # up again: answering passes without a probe, as for any backend

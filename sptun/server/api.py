@@ -85,7 +85,8 @@ class RegistrationApi:
         held = leases.by_key.get(claim.client_key)
         if (held is None or held.domain != domain.name) and leases.count[domain.name] >= domain.max_clients:
             raise ProtocolError(f"{domain.name} has its {domain.max_clients} clients (max_clients)", reason="full")
-        self.role.draining.pop(claim.client_key, None)
+        if self.role.draining.pop(claim.client_key, None) is not None:
+            self.role.health.rejoin(claim.client_key)
         lease, changed = leases.acquire(claim.client_key, claim.domain, generation, ipv6=claim.ipv6)
         if changed:
             self.change_version += 1

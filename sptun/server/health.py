@@ -29,6 +29,10 @@ class Health:
     reason: str = "not checked yet"
     checked: float = 0.0
     passed: float = 0.0  # time.time() of the last check it passed (or of its adoption)
+    # Registered again after a deregistration: its tunnel may be new (its agent made the
+    # interface again), so the kernel's record of its old connections' SYN-ACKs proves
+    # nothing: only its own probes, through the tunnel, bring it back.
+    rejoined: bool = False
 
     def record(self, ok: bool, reason: str, fall: int, rise: int) -> bool:
         """Take one check's result; True if the backend changed state."""
@@ -38,6 +42,7 @@ class Health:
         self.streak = self.streak + 1 if ok != self.up else 0
         if self.streak >= (rise if ok else fall):
             self.up, self.streak = ok, 0
+            self.rejoined = self.rejoined and not ok
             return True
         return False
 
@@ -49,6 +54,7 @@ def check_port(cfg: ServerConfig, domain: str) -> int | None:
 
 
 NO_HANDSHAKE = "no recent WireGuard handshake"
+REJOINED = "registered again: not checked since"
 UNANSWERED = "connections to it go unanswered (seen by the kernel)"
 ANSWERING = "answering its connections (seen by the kernel)"
 
@@ -111,9 +117,10 @@ class HealthChecks:
         to_probe = []
         for lease in leases:
             state = device.peers.get(lease.public_key)
+            health = table.get(lease.public_key)
             if state is None or not handshake_fresh(state.last_handshake, now):
                 results[lease.public_key] = (False, NO_HANDSHAKE)
-            elif lease.overlay_ip in answered and lease.overlay_ip not in suspects:
+            elif lease.overlay_ip in answered and lease.overlay_ip not in suspects and not (health and health.rejoined):
                 results[lease.public_key] = (True, ANSWERING)
             else:
                 to_probe.append(lease)
@@ -143,6 +150,14 @@ class HealthChecks:
                 flipped = True
                 log.info("backend %s of %s is down over IPv%d: %s", lease.overlay_ip, lease.domain, family, UNANSWERED)
         return flipped
+
+    def rejoin(self, key: str) -> None:
+        """A client back from a deregistration (`sptun down` and up, say): out of rotation
+        until `rise` probes through its tunnel pass. Its old health would put it back at
+        once, before its agent has even made its new tunnel: the connections sent to it then
+        wait a SYN retransmission (a second) for it."""
+        for table in (self.by_key, self.by_key6):
+            table[key] = Health(reason=REJOINED, rejoined=True)
 
     def forget(self, key: str) -> None:
         self.by_key.pop(key, None)
