@@ -9,9 +9,11 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from bench.common import log, note_command
+from bench.common import PY, log, note_command
 from sptun.lab import (
+    DOMAIN,
     Host,
     Lab,
     config_path,
@@ -24,7 +26,12 @@ from sptun.lab import (
     write_configs,
 )
 
-PORTS = ("tcp/443", "tcp/80")
+PORTS = ("tcp/443", "tcp/80", "udp/9000")  # udp: bench.ratios.udp
+# A UDP socket that never reads (bench.ratios.udp counts and drops the datagrams in nft first),
+# gone with the lab or after two hours.
+UDP_SERVICE = ("import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+               f"s.bind(('', {PORTS[-1].split('/')[1]})); time.sleep(7200)")
+MAX_CLIENTS = 20000  # the domain's cap on each server: room for the 10k-lease benchmarks
 WIREGUARD = "auto"  # wireguard-go on this host: the kernel has no module
 
 
@@ -46,7 +53,12 @@ def bench_lab(prefix: str) -> Iterator[Lab]:
         for server in lab.servers:
             server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, WIREGUARD, ports=PORTS)
+        for server in lab.servers:
+            path = Path(config_path(server))
+            path.write_text(path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\nmax_clients = {MAX_CLIENTS}\n', 1))
         share_by_sni(lab, {}, sni_address)
+        for client in lab.clients:  # the UDP service: its agent registers only while every port listens
+            client.spawn([PY, "-c", UDP_SERVICE], log=client.dir / "udp-service.log")
         start_daemons(lab)
         for host in lab.servers + lab.clients:
             note_command("lab", sptun("server" if host.spec.role == "server" else "agent", "run", "-c", config_path(host)))

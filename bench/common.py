@@ -39,6 +39,11 @@ def log(msg: str) -> None:
     print(f"[bench {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
+def wireguard_backend() -> str:
+    """What a lab's `wireguard = "auto"` picks on this machine."""
+    return "kernel" if Path("/sys/module/wireguard").exists() else "wireguard-go"
+
+
 # --- statistics ------------------------------------------------------------------------------
 
 

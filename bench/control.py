@@ -45,6 +45,14 @@ def nft_bench(prefix: str, sizes: list[int], repeats: int) -> list[dict[str, Any
     return result
 
 
+def domains_bench(prefix: str, domains: int, repeats: int) -> dict[str, Any]:
+    with scratch(prefix) as host:
+        argv: list[Arg] = [PY, BENCH_DIR / "nftbench.py", "domains", str(domains), str(repeats)]
+        note_command("nft changes (in a scratch namespace)", argv)
+        result: dict[str, Any] = json.loads(host.run(argv, timeout=600))
+    return result
+
+
 # --- a server with many leases --------------------------------------------------------------------
 
 SCALE_TOML = """\

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.benchlab import client_overlay, rotation
 from bench.common import BENCH_DIR, PY, daemon_pid, log, note_command, wait_for
-from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun
+from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun, status
 
 
 def _all_back(server: Host, want: set[str], timeout: float = 45) -> None:
@@ -72,6 +72,64 @@ def crash(lab: Lab, seconds: float) -> dict[str, Any]:
     log(f"crash: out of the rotation after {detection:.2f} s; {len(failed)}/{len(rest)} connections failed, the "
         f"slowest request took {row['longest_s']} s; {len(lost)} were connected to c2 at the cut")
     return row
+
+
+def crash_with_leases(lab: Lab, seconds: float, leases: int) -> dict[str, Any]:
+    """The crash again, with s1 holding `leases` leases and its health checks running: the lab's
+    three clients, and fresh keys registered from the browser (real registrations, peers
+    that never handshake: a server's stale leases). Run last: s1 keeps them."""
+    from bench.control import add_sources
+
+    s1 = lab.servers[0]
+    need = leases - len(overlay_ips_all(s1))
+    if need > 0:
+        argv: list[Arg] = [PY, BENCH_DIR / "regclient.py", s1.address, "51821", DOMAIN, s1.dir / "tokens" / DOMAIN,
+                           str(need), "128", ",".join(add_sources(lab))]
+        note_command("faults", argv)
+        out = json.loads(lab.browser.run(argv, timeout=900))
+        log(f"{out['ok']} more leases on s1 ({out['per_second']:.0f}/s), failures {out['failures']}")
+    held = len(overlay_ips_all(s1))
+    time.sleep(3)  # a health round or more over all of them
+    row = crash(lab, seconds)
+    row["leases"] = held
+    return row
+
+
+def join(lab: Lab, repeats: int) -> dict[str, Any]:
+    """A client joining: c3 down (`sptun down`: out of every rotation), then `sptun up`, timed
+    from the command to its registration answered (the command returns), to its overlay
+    address in s1's map, and to the first request through s1 that c3 answers (a browser
+    opening new connections meanwhile, bench/firstserved.py)."""
+    s1, c3 = lab.servers[0], lab.clients[2]
+    ip = client_overlay(lab, s1)["c3"]
+    rows = []
+    for _ in range(repeats):
+        c3.run(sptun("down", "-c", config_path(c3)), timeout=120)
+        wait_for("c3 out of s1's rotation", lambda: ip not in rotation(s1, 0), 30, interval=0.1)
+        out = lab.browser.dir / f"firstserved-{time.monotonic_ns()}.json"
+        argv: list[Arg] = [PY, BENCH_DIR / "firstserved.py", s1.address, "c3", "60"]
+        note_command("join", [f"[{lab.browser.name}]", *argv])
+        poller = lab.browser.spawn(argv, log=out)
+        time.sleep(1.0)  # the poller is up and answered by c1 and c2
+        up = sptun("up", "-c", config_path(c3))
+        note_command("join", [f"[{c3.name}]", *up])
+        started = time.monotonic()
+        c3.run(up, timeout=120)
+        registered = time.monotonic() - started
+        in_map = wait_for("c3 in s1's rotation", lambda: ip in rotation(s1, 0), 60, interval=0.02) + registered
+        poller.wait(timeout=90)
+        served_at = json.loads(out.read_text().strip().splitlines()[-1])["served_at"]
+        rows.append({"registered_s": round(registered, 3), "in_map_s": round(in_map, 3),
+                     "served_s": round(served_at - started, 3) if served_at else None})
+    _all_back(s1, set(client_overlay(lab, s1).values()))
+    log("join: " + "; ".join(f"registered {r['registered_s']} s, in the map {r['in_map_s']} s, served {r['served_s']} s"
+                             for r in rows))
+    return {"runs": rows}
+
+
+def overlay_ips_all(server: Host) -> list[str]:
+    """Every lease's overlay address on server, from `sptun status --json`."""
+    return [b["overlay_ip"] for d in status(server)["domains"] for b in d["backends"]]
 
 
 def _respawn(host: Host, role: str, log_name: str) -> None:

@@ -14,6 +14,7 @@ from bench.benchlab import WIREGUARD
 from bench.common import BENCH_DIR, PY, log, note_command, wait_for
 from sptun.lab import (
     DNS_ADDRESS,
+    Arg,
     DOMAIN,
     LAB_HOLD_DOWN,
     Lab,
@@ -48,7 +49,7 @@ def publication(prefix: str, seconds: float) -> dict[str, Any]:
         wait_served(lab, expected={"s2": 0}, timeout=90)
         wait_for("s1's address published", lambda: addresses(lab) == {s1.address}, 30)
         out = lab.browser.dir / "browsers-publication.json"
-        argv = [PY, BENCH_DIR / "browsers.py", f"@{DNS_ADDRESS}", "--ca", lab.ca_cert, "--domain", DOMAIN,
+        argv: list[Arg] = [PY, BENCH_DIR / "browsers.py", f"@{DNS_ADDRESS}", "--ca", lab.ca_cert, "--domain", DOMAIN,
                 "--browsers", "8", "--seconds", str(seconds)]
         note_command("publication", argv)
         browsers = lab.browser.spawn(argv, log=out)

@@ -745,6 +745,9 @@ http {{
         location / {{
             return 200 "client={name} remote=$remote_addr\\n";
         }}
+        location /bytes/ {{  # bodies for throughput benchmarks, where one puts them
+            alias {dir}/bytes/;
+        }}
     }}
 }}
 """
