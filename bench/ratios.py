@@ -36,6 +36,7 @@ from bench.benchlab import client_overlay
 from bench.common import BENCH_DIR, PY, log, machine_cpu, median, note_command, parse_wrk, percentile, wireguard_backend, wrk_argv
 from bench.dataplane import HAPROXY_PORTS, Target, start_haproxy, targets
 from sptun.lab import Arg, Host, Lab
+from sptun.errors import CommandError
 from sptun.nft import DNAT_MARK
 
 MODES = [("keep-alive", "http"), ("keep-alive", "https"), ("close", "http"), ("close", "https")]
@@ -361,3 +362,57 @@ def udp(lab: Lab, server: Host, rounds: int, seconds: float) -> dict[str, Any]:
                              if cell[(rnd, "routed")]["pps"]])
     return {"backend": wireguard_backend(), "rounds": rounds, "seconds": seconds, "flows": UDP_FLOWS, "size": UDP_SIZE,
             "runs": rows, "paths": paths, "sptun_routed": ratio}
+
+
+# --- the flowtable fast path: established forwarded flows past the forward hook ------------------------------
+
+FLOWTABLE = """table inet benchflow {
+\tflowtable ft { hook ingress priority 0; devices = { eth0, %s }; }
+\tchain forward {
+\t\ttype filter hook forward priority 10; policy accept;
+\t\tmeta l4proto tcp flow add @ft;
+\t}
+}
+"""
+
+
+def flowtable(lab: Lab, server: Host, rounds: int, seconds: float, interface: str = "sptun0") -> dict[str, Any]:
+    """sptun's path with and without an nft flowtable on s1 (a table of the bench's own, after
+    sptun's forward chain: only flows it accepted are offloaded), in turn: rps keep-alive and
+    per request, and a 100 MiB body. Where the kernel has no flowtables (CONFIG_NF_FLOW_TABLE),
+    says so."""
+    table = FLOWTABLE % interface
+    try:
+        server.run(["nft", "-f", "-"], input=table)
+    except CommandError as e:  # this kernel cannot: a result, not a failure
+        why = next((line.split(": ", 1)[1] for line in e.stderr.splitlines() if "Error:" in line), str(e))
+        return {"backend": wireguard_backend(), "available": False, "error": why.strip()[:200]}
+    server.run(["nft", "delete", "table", "inet", "benchflow"])
+    note_command("flowtable", [f"[{server.name}]", "nft", "-f", "-", "# " + " ".join(table.split())])
+    overlay = client_overlay(lab, server)
+    target = Target("sptun", lab.browser, {"http": f"http://{server.address}/"})
+    rows: list[dict[str, Any]] = []
+    for rnd in range(rounds):
+        for on in ((False, True) if rnd % 2 == 0 else (True, False)):
+            if on:
+                server.run(["nft", "-f", "-"], input=table)
+            try:
+                row: dict[str, Any] = {"round": rnd, "flowtable": on}
+                for keep in ("keep-alive", "close"):
+                    row[keep] = load(target, [target.urls["http"]] * LOADERS, keep, seconds)["rps"]
+                speed = lab.browser.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{speed_download}",
+                                         f"http://{server.address}/bytes/100MiB"], timeout=600)
+                row["gbit_s"] = float(speed) * 8 / 1e9
+                conntrack = server.run(["cat", "/proc/net/nf_conntrack"], check=False)
+                row["offloaded"] = conntrack.count("[OFFLOAD]") + conntrack.count("[HW_OFFLOAD]")
+            finally:
+                if on:
+                    server.run(["nft", "delete", "table", "inet", "benchflow"], check=False)
+            rows.append(row)
+        log(f"flowtable ({wireguard_backend()}): round {rnd + 1}/{rounds} done")
+    cell = {(r["round"], r["flowtable"]): r for r in rows}
+    ratios_of = {what: summarize_ratio([cell[(rnd, True)][what] / cell[(rnd, False)][what] for rnd in range(rounds)
+                                        if cell[(rnd, False)][what]])
+                 for what in ("keep-alive", "close", "gbit_s")}
+    return {"backend": wireguard_backend(), "available": True, "rounds": rounds, "overlay": overlay, "runs": rows,
+            "on_off": ratios_of}

@@ -50,7 +50,7 @@ FIGURES = [
 ]
 BACKENDS = ("wireguard-go", "kernel")
 VM_ONLY = {"kernel_haproxy", "kernel_cpu"}  # rows that only `scripts/bench --vm` measures
-NOT_BUILT = {"rotation_200"}  # rows whose benchmark does not exist yet (issue 18)
+NOT_BUILT: set[str] = set()  # rows whose benchmark does not exist yet
 MB = 1e6
 # The hand baseline: a dated footnote, with its source; it is not a figure of this run.
 BASELINE = ("Hand baseline (2026-11-22, taken by hand on this machine before sptun's data plane existed; recorded in "
@@ -272,6 +272,16 @@ def _ratio_rows(results: dict[str, Any], out: dict[str, Row]) -> None:
         out["dead_10k"].note = (f"the crash above again, on s1 with its 3 clients and the rest fresh registrations that "
                                 f"never handshake; {crashed['failed']} of {crashed['requests'] - crashed['lost_at_cut']} "
                                 f"connections failed, the slowest request {_fmt(crashed['longest_s'])} s")
+    fleets = [f for f in (results.get(f"fleet_{b}") for b in BACKENDS) if f]
+    if fleets:
+        fl = max(fleets, key=lambda f: f["n"])
+        spread = fl["largest"] - fl["smallest"]  # round-robin: never more than 1, however many connections
+        out["rotation_200"].measured = (f"{spread} ({fl['smallest']}–{fl['largest']} each of {fl['n']} clients, "
+                                        f"{fl['counted']:,} of {fl['connections']:,} connections counted)")
+        out["rotation_200"].result = _verdict(spread <= 1 and fl["n"] >= 200)
+        out["rotation_200"].note = (f"{fl['n']} clients ({'kernel' if fl['kernel'] else 'wireguard-go'}) registered in "
+                                    f"{_fmt(fl['registered_s'])} s, configured {_fmt(fl['configured_s'])} s, all in the "
+                                    f"rotation {_fmt(fl['in_rotation_s'])} s")
     many = results.get("domains")
     if many:
         worst = max(many["join"]["median_ms"], many["leave"]["median_ms"])
@@ -380,6 +390,22 @@ def _ratios_md(results: dict[str, Any]) -> str:
         parts += [_table(["mode", "path", "rps (median)", "p50 ms", "p99 ms", "machine CPU s/10k req",
                           "of which wrk", "errors"], body), ""]
     parts.append("![ratios with their 95% intervals](ratios.png)")
+    for backend in BACKENDS:
+        ft = results.get(f"flowtable_{backend}")
+        if not ft:
+            continue
+        parts += ["", f"### The flowtable fast path, {backend}", ""]
+        if not ft["available"]:
+            parts.append(f"Not measured: this kernel has no nft flowtables (`{ft['error']}`).")
+            continue
+        wins = all(v["lo"] > 1.0 for v in ft["on_off"].values())
+        parts.append(f"sptun's path with an nft flowtable on s1 for the flows sptun's forward chain accepted, against "
+                     f"without, in turn, {ft['rounds']} rounds; with ÷ without: "
+                     + "; ".join(f"{what.replace('gbit_s', '100 MiB body')} {_interval(v)}"
+                                 for what, v in ft["on_off"].items())
+                     + f"; flows offloaded at the end of a run: {max(r['offloaded'] for r in ft['runs'])} at most. "
+                     + ("It wins on every figure." if wins else
+                        "It does not win on every figure (an interval reaches 1 or below): sptun does not use it."))
     for backend in BACKENDS:
         u = results.get(f"udp_{backend}")
         if not u:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import common, control, dataplane, faults, publication, ratios, report
+from bench import common, control, dataplane, faults, fleet, publication, ratios, report
 from bench.benchlab import bench_lab
 from bench.common import log
 
@@ -34,8 +34,10 @@ RATIOS = f"ratios_{common.wireguard_backend()}"
 THROUGHPUT = f"throughput_{common.wireguard_backend()}"
 LATENCY = f"latency_{common.wireguard_backend()}"
 UDP = f"udp_{common.wireguard_backend()}"
-STEPS = ("nft", "domains", "scale", "agent_idle", "dataplane", "ratios", "throughput", "latency", "udp", "status_after_load", "split", "one_backend", "buffers",
-         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication")
+FLOWTABLE = f"flowtable_{common.wireguard_backend()}"
+FLEET = f"fleet_{common.wireguard_backend()}"
+STEPS = ("nft", "domains", "scale", "agent_idle", "dataplane", "ratios", "throughput", "latency", "udp", "flowtable", "status_after_load", "split", "one_backend", "buffers",
+         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication", "fleet")
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,18 @@ class Profile:
     ratio_rounds: int
     ratio_seconds: float
     domains: int
+    fleet: int
 
 
 FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=4, split_connections=300, buffer_repeats=2, buffer_seconds=4,
                nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
                scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
                crash_seconds=12, restart_seconds=9, health_sizes=(100, 1000, 10000), health_seconds=6,
-               ratio_rounds=8, ratio_seconds=3, domains=1000)
+               ratio_rounds=8, ratio_seconds=3, domains=1000, fleet=200)
 SMOKE = Profile(smoke=True, wrk_seconds=1, wrk_repeats=1, split_connections=30, buffer_repeats=1, buffer_seconds=1,
                 nft_sizes=(10, 10000), nft_repeats=2, scale_leases=500, scale_repeats=1, scale_idle_seconds=2,
                 registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3,
-                health_sizes=(100, 1000), health_seconds=1, ratio_rounds=2, ratio_seconds=1, domains=1000)
+                health_sizes=(100, 1000), health_seconds=1, ratio_rounds=2, ratio_seconds=1, domains=1000, fleet=20)
 
 
 def _first_line(argv: list[str]) -> str:
@@ -130,7 +133,7 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
     tag = f"{os.getpid() % 100000}"
     results: dict[str, Any] = {"only": only, "smoke": profile.smoke, "profile": profile.__dict__, "machine": machine(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bnd{tag}", f"bns{tag}", f"bnp{tag}"]}
+                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bnd{tag}", f"bns{tag}", f"bnp{tag}", f"bnf{tag}"]}
     started = time.monotonic()
     with bench_lab(f"bnl{tag}") as lab:
         s1, s2 = lab.servers[0], lab.servers[1]
@@ -149,6 +152,7 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
         step(results, "latency", ratios.latency, lab, s1, results.get(RATIOS), 1 if profile.smoke else 3,
              profile.ratio_seconds, key=LATENCY)
         step(results, "udp", ratios.udp, lab, s1, profile.ratio_rounds, 2.0 if not profile.smoke else 1.0, key=UDP)
+        step(results, "flowtable", ratios.flowtable, lab, s1, profile.ratio_rounds, profile.ratio_seconds, key=FLOWTABLE)
         step(results, "status_after_load", control.status_with_conntrack, s1)
         step(results, "split", dataplane.split_check, lab, s1, profile.split_connections)
         step(results, "one_backend", dataplane.one_backend, lab, s1, min(3, profile.wrk_repeats), profile.wrk_seconds)
@@ -164,6 +168,7 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
         step(results, "crash_leases", faults.crash_with_leases, lab, profile.crash_seconds, profile.scale_leases)
     # A lab of its own, whose servers publish themselves: after the first is gone.
     step(results, "publication", publication.publication, f"bnp{tag}", 30.0)
+    step(results, "fleet", fleet.fleet, f"bnf{tag}", profile.fleet, 10, key=FLEET)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     results["commands"] = common.COMMANDS
     return results

@@ -89,3 +89,15 @@ def test_the_prose_follows_the_figures() -> None:
     missed = next(r for r in table if r.key == "kernel_haproxy")
     assert f"**{missed.figure}**: {missed.measured}" in analysis
     assert "[^baseline]: Hand baseline (2026-11-22" in analysis
+
+
+def test_the_largest_rotation_measured_is_the_one_judged() -> None:
+    fleet = {"kernel": True, "registered_s": 1.0, "configured_s": 2.0, "in_rotation_s": 3.0, "connections": 2000}
+    results = {"fleet_wireguard-go": {**fleet, "kernel": False, "n": 100, "counted": 1000, "smallest": 10, "largest": 10},
+               "fleet_kernel": {**fleet, "n": 200, "counted": 2000, "smallest": 9, "largest": 11}}
+    row = next(r for r in report.rows(results) if r.key == "rotation_200")
+    assert row.result == "MISS" and row.measured.startswith("2 (9–11 each of 200 clients")  # uneven by 2: a miss
+    results["fleet_kernel"].update(smallest=10, largest=10)
+    assert next(r for r in report.rows(results) if r.key == "rotation_200").result == "PASS"
+    del results["fleet_kernel"]  # 100 clients, however even, are not 200
+    assert next(r for r in report.rows(results) if r.key == "rotation_200").result == "MISS"

@@ -1,0 +1,77 @@
+"""One domain with hundreds of live clients in one rotation: a lab of one server and one client
+namespace, where bench/fleetclient.py makes N WireGuard clients (no agents: each a real
+registration, interface, address and policy route). Measured: the time for all N to be
+registered, configured and in the server's rotation, and the split of new connections."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from bench.benchlab import rotation
+from bench.common import BENCH_DIR, PY, log, note_command, wait_for, wireguard_backend
+from sptun.lab import DOMAIN, Arg, Lab, config_path, sptun, write_configs
+
+FLEET_TOML_CAP = 'max_clients = 4096\n'
+# Each wireguard-go takes an inotify instance (it watches its UAPI socket), and root gets 128
+# (fs.inotify.max_user_instances), which the bench does not raise on the host: so at most
+# this many userspace clients; the kernel module has no such limit (scripts/bench --vm).
+USERSPACE_MAX = 100
+
+
+def counter_table(addresses: list[str], port: int) -> str:
+    rules = "".join(f"\t\tip daddr {ip} tcp dport {port} tcp flags syn / syn,ack counter\n" for ip in addresses)
+    return (f"table inet benchfleet {{\n\tchain input {{\n\t\ttype filter hook input priority -5; policy accept;\n"
+            f"{rules}\t}}\n}}\n")
+
+
+def counted(host: Any) -> dict[str, int]:
+    out = json.loads(host.run(["nft", "-j", "list", "chain", "inet", "benchfleet", "input"]))
+    counts = {}
+    for item in out["nftables"]:
+        rule = item.get("rule")
+        if not rule:
+            continue
+        ip = next(e["match"]["right"] for e in rule["expr"] if "match" in e and e["match"]["left"].get("payload", {})
+                  .get("field") == "daddr")
+        counts[ip] = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    return counts
+
+
+def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
+    n = wanted if wireguard_backend() == "kernel" else min(wanted, USERSPACE_MAX)
+    connections = n * per_client
+    lab = Lab(prefix, servers=1, clients=1)
+    try:
+        lab.up()
+        lab.set_txt([f"r=superprotocol;ip={lab.servers[0].address}"], a=[lab.servers[0].address])
+        write_configs(lab, "auto", ports=("tcp/443", "tcp/80"))
+        s1, home = lab.servers[0], lab.clients[0]
+        path = s1.dir / "server.toml"
+        path.write_text(path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\n{FLEET_TOML_CAP}', 1))
+        s1.spawn(sptun("server", "run", "-c", config_path(s1)), log=s1.dir / "sptun.log")
+        wait_for("the server answering registrations", lambda: "51821" in s1.run(["ss", "-Hltn"]), 60, interval=0.2)
+        argv: list[Arg] = [PY, BENCH_DIR / "fleetclient.py", s1.address, DOMAIN, s1.dir / "tokens" / DOMAIN, str(n),
+                           "12", home.dir / "fleet-keys"]  # under the server's 16 per source (one NAT)
+        note_command("rotation of hundreds", [f"[{home.name}]", *argv])
+        started = time.monotonic()
+        out: dict[str, Any] = json.loads(home.run(argv, timeout=900))
+        in_rotation = wait_for(f"all {n} in the rotation", lambda: len(rotation(s1, 1)) == n, 300, interval=0.2)
+        out["in_rotation_s"] = round(time.monotonic() - started, 3)
+        log(f"{n} clients: registered {out['registered_s']} s, configured {out['configured_s']} s, all in the rotation "
+            f"{out['in_rotation_s']} s ({in_rotation:.1f} s after the last was configured)")
+        home.run(["nft", "-f", "-"], input=counter_table(out["overlay"], 80))
+        curl: list[Arg] = ["curl", "-s", "-Z", "--parallel-max", "8", "-H", "Connection: close", "-o", "/dev/null",
+                           f"http://{s1.address}/?n=[1-{connections}]"]
+        note_command("rotation of hundreds", [f"[{lab.browser.name}]", *curl])
+        lab.browser.run(curl, timeout=600)
+        counts = counted(home)
+        shares = sorted(counts.values())
+        out.update(wanted=wanted, connections=connections, counted=sum(shares), smallest=shares[0], largest=shares[-1],
+                   clients_seen=sum(1 for v in shares if v))
+        out.pop("overlay")
+        log(f"{connections} connections over {n} clients: {shares[0]}..{shares[-1]} each")
+        return out
+    finally:
+        lab.down()
