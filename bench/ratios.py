@@ -253,6 +253,8 @@ def _h2load(target_host: Host, urls: list[str], rate: float, seconds: float, log
     """Three h2load processes at once (one per URL), each LATENCY_CLIENTS connections sending
     at a constant rate that sums to `rate`; the latencies of every request, from their logs."""
     per_client = max(1, round(rate / len(urls) / LATENCY_CLIENTS))
+    for log_file in logs:  # h2load appends
+        log_file.unlink(missing_ok=True)
     argvs: list[list[Arg]] = [["h2load", "--h1", "-c", str(LATENCY_CLIENTS), "-t", "1", "--rps", str(per_client),
                                "-D", f"{seconds:g}", "--log-file", log, url] for url, log in zip(urls, logs, strict=True)]
     for argv in argvs:
@@ -400,11 +402,19 @@ def flowtable(lab: Lab, server: Host, rounds: int, seconds: float, interface: st
                 row: dict[str, Any] = {"round": rnd, "flowtable": on}
                 for keep in ("keep-alive", "close"):
                     row[keep] = load(target, [target.urls["http"]] * LOADERS, keep, seconds)["rps"]
-                speed = lab.browser.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{speed_download}",
-                                         f"http://{server.address}/bytes/100MiB"], timeout=600)
+                curl = subprocess.Popen(lab.browser.cmd(["curl", "-sS", "--fail", "-o", "/dev/null", "-w",
+                                                         "%{speed_download}", f"http://{server.address}/bytes/100MiB"]),
+                                        stdout=subprocess.PIPE, text=True)
+                try:
+                    time.sleep(0.5)  # mid-transfer: is its flow offloaded?
+                    conntrack = server.run(["cat", "/proc/net/nf_conntrack"], check=False)
+                    row["offloaded"] = conntrack.count("[OFFLOAD]") + conntrack.count("[HW_OFFLOAD]")
+                    speed = curl.communicate(timeout=600)[0]
+                finally:
+                    if curl.poll() is None:
+                        curl.kill()
+                        curl.wait()
                 row["gbit_s"] = float(speed) * 8 / 1e9
-                conntrack = server.run(["cat", "/proc/net/nf_conntrack"], check=False)
-                row["offloaded"] = conntrack.count("[OFFLOAD]") + conntrack.count("[HW_OFFLOAD]")
             finally:
                 if on:
                     server.run(["nft", "delete", "table", "inet", "benchflow"], check=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import rcvbuf
 from bench.common import median
 
 # (key, figure, target): the rows of the targets table, in order. tests/test_bench_smoke.py
@@ -403,7 +404,8 @@ def _ratios_md(results: dict[str, Any]) -> str:
                      f"without, in turn, {ft['rounds']} rounds; with ÷ without: "
                      + "; ".join(f"{what.replace('gbit_s', '100 MiB body')} {_interval(v)}"
                                  for what, v in ft["on_off"].items())
-                     + f"; flows offloaded at the end of a run: {max(r['offloaded'] for r in ft['runs'])} at most. "
+                     + f"; flows offloaded (conntrack's [OFFLOAD]) half a second into a 100 MiB transfer: "
+                     f"{max(r['offloaded'] for r in ft['runs'] if r['flowtable'])} at most. "
                      + ("It wins on every figure." if wins else
                         "It does not win on every figure (an interval reaches 1 or below): sptun does not use it."))
     for backend in BACKENDS:
@@ -508,7 +510,8 @@ def _buffers_md(results: dict[str, Any]) -> str:
         _table(["load (sptun path, wrk from the browser)", "rps default → raised", "ratio", "p99 ms",
                 "UDP RcvbufErrors (drop rate), default → raised", "where the default drops"], body),
         "",
-        f"Default: 212,992 bytes (Debian's `net.core.rmem_default`, which Debian 12's wireguard-go keeps). Raised: "
+        f"Default: {rcvbuf.DEFAULT:,} bytes (Debian's `net.core.rmem_default`, which Debian 12's wireguard-go keeps). "
+        "Raised: "
         f"{b['raised_bytes']:,} bytes on every wireguard-go UDP socket of s1 and the clients, which is what "
         f"`net.core.rmem_default = {b['raised_bytes']}` gives a socket opened after it. Runs alternate default and "
         "raised; RcvbufErrors are summed over s1 and the clients' namespaces (/proc/net/snmp). Pipelined loads: each "

@@ -152,7 +152,8 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
         step(results, "latency", ratios.latency, lab, s1, results.get(RATIOS), 1 if profile.smoke else 3,
              profile.ratio_seconds, key=LATENCY)
         step(results, "udp", ratios.udp, lab, s1, profile.ratio_rounds, 2.0 if not profile.smoke else 1.0, key=UDP)
-        step(results, "flowtable", ratios.flowtable, lab, s1, profile.ratio_rounds, profile.ratio_seconds, key=FLOWTABLE)
+        step(results, "flowtable", ratios.flowtable, lab, s1, max(2, profile.ratio_rounds // 2), profile.ratio_seconds,
+             key=FLOWTABLE)
         step(results, "status_after_load", control.status_with_conntrack, s1)
         step(results, "split", dataplane.split_check, lab, s1, profile.split_connections)
         step(results, "one_backend", dataplane.one_backend, lab, s1, min(3, profile.wrk_repeats), profile.wrk_seconds)

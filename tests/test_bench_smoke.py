@@ -66,3 +66,30 @@ def test_bench_smoke_writes_every_row(tmp_path: Path) -> None:
     for prefix in results["lab_prefixes"]:  # its labs are gone
         assert not [ns for ns in namespaces() if ns.startswith(f"{prefix}-")]
         assert not Path("/run/sptun-lab", prefix).exists()
+
+
+KERNEL_DATA_PLANE = "ratios,throughput,latency,udp,flowtable"
+
+
+@pytest.mark.skipif(not Path("/sys/module/wireguard").exists(), reason="kernel WireGuard: the VM tier (scripts/test-vm)")
+def test_the_data_plane_steps_run_on_kernel_wireguard(tmp_path: Path) -> None:
+    """What `scripts/bench --vm` runs in the guest, reduced: every path serves on the kernel's
+    WireGuard, and the flowtable (which the host's kernel lacks) can be tried there."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--only", KERNEL_DATA_PLANE, "--ratio-seconds",
+                           "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results.get("errors"), results.get("errors")
+    ratios = results["ratios_kernel"]
+    for mode in ("keep-alive http", "close http"):  # under emulation, TLS may not finish a handshake in 2 s
+        for path in ("sptun", "haproxy", "routed"):
+            cell = ratios["paths"][mode][path]
+            assert cell["rps"] > 0 and cell["errors"] == 0, (mode, path, cell)
+    assert results["throughput_kernel"]["summary"]["100MiB"]["gbit_s"]["sptun"] > 0
+    assert results["udp_kernel"]["paths"]["sptun"]["pps"] > 0
+    flowtable = results["flowtable_kernel"]
+    assert flowtable["available"], flowtable
+    assert all(r["gbit_s"] > 0 for r in flowtable["runs"])  # with the flowtable, as without, sptun serves
+    for prefix in results["lab_prefixes"]:
+        assert not [ns for ns in namespaces() if ns.startswith(f"{prefix}-")]
