@@ -1,17 +1,19 @@
 """One domain with hundreds of live clients in one rotation: a lab of one server and one client
 namespace, where bench/fleetclient.py makes N WireGuard clients (no agents: each a real
 registration, interface, address and policy route). Measured: the time for all N to be
-registered, configured and in the server's rotation, and the split of new connections."""
+registered, configured and in the server's rotation, the split of new connections, and one
+client's death to its removal from the kernel's map."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from typing import Any
 
 from bench.benchlab import rotation
 from bench.common import BENCH_DIR, PY, log, note_command, wait_for, wireguard_backend
-from sptun.lab import DOMAIN, Arg, Lab, config_path, sptun, write_configs
+from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun, write_configs
 
 FLEET_TOML_CAP = 'max_clients = 4096\n'
 # Each wireguard-go takes an inotify instance (it watches its UAPI socket), and root gets 128
@@ -37,6 +39,28 @@ def counted(host: Any) -> dict[str, int]:
                   .get("field") == "daddr")
         counts[ip] = next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
     return counts
+
+
+def death(lab: Lab, home: Host, overlay: list[str]) -> dict[str, Any]:
+    """One client of the rotation dies (its interface goes down) while a browser opens new
+    connections through the server, 8 at a time with a browser's 10 s connect: the time until
+    the server's map no longer holds it (passive detection: its SYNs go unanswered)."""
+    s1 = lab.servers[0]
+    victim = len(overlay) // 2
+    ip = overlay[victim]
+    argv: list[Arg] = ["curl", "-s", "-Z", "--parallel-max", "8", "--connect-timeout", "10", "-H", "Connection: close",
+                       "-o", "/dev/null", f"http://{s1.address}/?d=[1-100000]"]  # bounded: killed once it is out
+    note_command("rotation of hundreds", [f"[{lab.browser.name}]", *argv])
+    load = subprocess.Popen(lab.browser.cmd(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        home.run(["ip", "link", "set", f"fl{victim}", "down"])
+        took = wait_for("the dead client out of the map", lambda: ip not in rotation(s1, 1), 30, interval=0.05)
+    finally:
+        load.kill()
+        load.wait()
+    log(f"a dead client out of a rotation of {len(overlay)}: {took:.2f} s")
+    return {"backends": len(overlay), "detection_s": round(took, 2)}
 
 
 def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
@@ -70,8 +94,8 @@ def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
         shares = sorted(counts.values())
         out.update(wanted=wanted, connections=connections, counted=sum(shares), smallest=shares[0], largest=shares[-1],
                    clients_seen=sum(1 for v in shares if v))
-        out.pop("overlay")
         log(f"{connections} connections over {n} clients: {shares[0]}..{shares[-1]} each")
+        out["death"] = death(lab, home, out.pop("overlay"))
         return out
     finally:
         lab.down()

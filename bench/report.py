@@ -273,6 +273,11 @@ def _ratio_rows(results: dict[str, Any], out: dict[str, Row]) -> None:
         out["dead_10k"].note = (f"the crash above again, on s1 with its 3 clients and the rest fresh registrations that "
                                 f"never handshake; {crashed['failed']} of {crashed['requests'] - crashed['lost_at_cut']} "
                                 f"connections failed, the slowest request {_fmt(crashed['longest_s'])} s")
+    deaths = [f for f in (results.get(f"fleet_{b}") for b in BACKENDS) if f and f.get("death")]
+    if deaths:
+        out["dead_10k"].note += "; with one rotation of " + ", ".join(
+            f"{f['death']['backends']} live clients ({'kernel' if f['kernel'] else 'wireguard-go'}): "
+            f"{_fmt(f['death']['detection_s'])} s" for f in deaths)
     fleets = [f for f in (results.get(f"fleet_{b}") for b in BACKENDS) if f]
     if fleets:
         fl = max(fleets, key=lambda f: f["n"])
@@ -723,7 +728,9 @@ def markdown(results: dict[str, Any], table: list[Row]) -> str:
         f"wall time {results.get('wall_seconds', 0) / 60:.1f} min. "
         + ("**Smoke run: reduced sizes and durations, to keep the harness working; not the figures to quote.** " if smoke else "")
         + f"{passed} PASS, {missed} MISS"
-        + (f", {sum(r.result == 'n/a' for r in table)} not measured" if any(r.result == "n/a" for r in table) else "") + ".",
+        + (f", {sum(r.result == 'n/a' for r in table)} not measured" if any(r.result == "n/a" for r in table) else "") + "."
+        + (" Benchmarks run again since, by themselves (`--only`, `--vm`): " + "; ".join(results["reruns"]) + "."
+           if results.get("reruns") else ""),
         "",
         "## Machine",
         "",

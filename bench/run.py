@@ -195,6 +195,8 @@ def merge(base: dict[str, Any], new: dict[str, Any], machine_key: str = "machine
     if errors:
         merged["errors"] = errors
     merged["commands"] = {**base.get("commands", {}), **new.get("commands", {})}
+    where = "in the VM" if machine_key == "vm_machine" else "on this machine"
+    merged["reruns"] = [*base.get("reruns", []), f"{', '.join(sorted(ran))} ({new.get('started', '?')}, {where})"]
     return merged
 
 
