@@ -22,6 +22,10 @@ SEEN_STEP = 60.0  # s: `seen` is kept (and written) no finer than this, or lease
 MAX_EVICTED = 4096  # evicted keys remembered; the oldest is forgotten first
 
 
+class OverlayFull(SptunError):
+    """No address of the overlay is free: the server's capacity, not the client's fault."""
+
+
 @dataclass(frozen=True)
 class Lease:
     public_key: str
@@ -139,7 +143,7 @@ class Leases:
             if candidate not in self._used:
                 self._next = int(candidate) + 1
                 return candidate
-        raise SptunError(f"the overlay {self.overlay} is full", hint="use a larger overlay")
+        raise OverlayFull(f"the overlay {self.overlay} is full", hint="use a larger overlay")
 
     def for_domain(self, domain: str) -> list[Lease]:
         return [lease for lease in self.all() if lease.domain == domain]

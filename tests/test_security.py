@@ -81,6 +81,24 @@ def test_one_token_holder_cannot_take_the_pool(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_full_overlay_refuses_clearly_and_blames_no_client(tmp_path: Path) -> None:
+    """The server's capacity, not the client's fault: refused as "full", with no penalty for the
+    address (behind one NAT, many clients share it), and a refresh of a held lease still works."""
+    server = make_server(tmp_path, FakeKernel(), extra='overlay = "10.99.0.0/29"')  # 10.99.0.2 .. .6
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            secret = secret_of(token(tmp_path))
+            keys = [(await register(record, secret))[0] for _ in range(5)]
+            for _ in range(12):  # more than the failure limiter allows a source
+                error = await refused("full", record, secret)
+            assert "10.99.0.0/29 is full" in str(error)
+            assert server.api.limiter.failures == {}
+            await register(record, secret, key=keys[0])  # a held lease still refreshes
+
+    run(scenario)
+
+
 # --- leases expire -----------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sptun import proto
 from sptun.changes import Applier, UpdatePeer
 from sptun.errors import ProtocolError, SptunError, printable
+from sptun.leases import OverlayFull
 from sptun.server.limits import FailureLimiter, RejectionLog, source_key
 from sptun.server.plan import peer_of
 from sptun.tokens import valid_tokens
@@ -87,7 +88,10 @@ class RegistrationApi:
             raise ProtocolError(f"{domain.name} has its {domain.max_clients} clients (max_clients)", reason="full")
         if self.role.draining.pop(claim.client_key, None) is not None:
             self.role.health.rejoin(claim.client_key)
-        lease, changed = leases.acquire(claim.client_key, claim.domain, generation, ipv6=claim.ipv6)
+        try:
+            lease, changed = leases.acquire(claim.client_key, claim.domain, generation, ipv6=claim.ipv6)
+        except OverlayFull as e:  # a refusal like max_clients: no penalty for the client's address
+            raise ProtocolError(f"{e} (no overlay address free for {domain.name})", reason="full") from None
         if changed:
             self.change_version += 1
             if held is None or held.domain != lease.domain:
