@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.common import PY, log, note_command
 from sptun.lab import (
     DOMAIN,
+    LAB_OVERLAY,
     Host,
     Lab,
     config_path,
@@ -32,6 +33,7 @@ PORTS = ("tcp/443", "tcp/80", "udp/9000")  # udp: bench.ratios.udp
 UDP_SERVICE = ("import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
                f"s.bind(('', {PORTS[-1].split('/')[1]})); time.sleep(7200)")
 MAX_CLIENTS = 20000  # the domain's cap on each server: room for the 10k-lease benchmarks
+OVERLAY = "10.99.0.0/18"  # and addresses for them (the lab's /20 has 4,094); clear of the home LAN, 10.99.100.0/24
 WIREGUARD = "auto"  # wireguard-go on this host: the kernel has no module
 
 
@@ -55,7 +57,8 @@ def bench_lab(prefix: str) -> Iterator[Lab]:
         write_configs(lab, WIREGUARD, ports=PORTS)
         for server in lab.servers:
             path = Path(config_path(server))
-            path.write_text(path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\nmax_clients = {MAX_CLIENTS}\n', 1))
+            text = path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\nmax_clients = {MAX_CLIENTS}\n', 1)
+            path.write_text(text.replace(f'overlay = "{LAB_OVERLAY}"', f'overlay = "{OVERLAY}"', 1))
         share_by_sni(lab, {}, sni_address)
         for client in lab.clients:  # the UDP service: its agent registers only while every port listens
             client.spawn([PY, "-c", UDP_SERVICE], log=client.dir / "udp-service.log")

@@ -48,8 +48,9 @@ def main() -> None:
         batch = "".join(f"link add {name} type wireguard\n" for name in names)
         subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
     else:
-        for name in names:  # each forks itself into the background; gone with the namespace
-            subprocess.run(["wireguard-go", name], check=True, capture_output=True)
+        for name in names:  # each forks itself into the background; gone with the namespace. Not
+            # to a pipe: its daemon would die of SIGPIPE at its first log line after we are gone.
+            subprocess.run(["wireguard-go", name], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     keydir.mkdir(mode=0o700, exist_ok=True)
     batch = ""
     for i, (name, key, a) in enumerate(zip(names, keys, assignments, strict=True)):
