@@ -45,6 +45,14 @@ def in_dns(lab: Lab, n: int = 2) -> Lab:
     return view
 
 
+def make_room(server: Host, max_clients: int = MAX_CLIENTS) -> None:
+    """The server's config, with room for the benchmarks' crowds: the domain's max_clients
+    and an overlay with that many addresses."""
+    path = Path(config_path(server))
+    text = path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\nmax_clients = {max_clients}\n', 1)
+    path.write_text(text.replace(f'overlay = "{LAB_OVERLAY}"', f'overlay = "{OVERLAY}"', 1))
+
+
 @contextmanager
 def bench_lab(prefix: str) -> Iterator[Lab]:
     lab = Lab(prefix, servers=3, clients=3)
@@ -56,9 +64,7 @@ def bench_lab(prefix: str) -> Iterator[Lab]:
             server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, WIREGUARD, ports=PORTS)
         for server in lab.servers:
-            path = Path(config_path(server))
-            text = path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\nmax_clients = {MAX_CLIENTS}\n', 1)
-            path.write_text(text.replace(f'overlay = "{LAB_OVERLAY}"', f'overlay = "{OVERLAY}"', 1))
+            make_room(server)
         share_by_sni(lab, {}, sni_address)
         for client in lab.clients:  # the UDP service: its agent registers only while every port listens
             client.spawn([PY, "-c", UDP_SERVICE], log=client.dir / "udp-service.log")

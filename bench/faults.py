@@ -12,9 +12,9 @@ import time
 from functools import partial
 from typing import Any
 
-from bench.benchlab import client_overlay, rotation
+from bench.benchlab import client_overlay, overlay_ips, rotation
 from bench.common import BENCH_DIR, PY, daemon_pid, log, note_command, wait_for
-from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun, status
+from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun
 
 
 def _all_back(server: Host, want: set[str], timeout: float = 45) -> None:
@@ -82,7 +82,7 @@ def crash_with_leases(lab: Lab, seconds: float, leases: int) -> dict[str, Any]:
 
     s1 = lab.servers[0]
     for _ in range(5):  # a server busy with thousands of new peers turns some away: register those again
-        need = leases - len(overlay_ips_all(s1))
+        need = leases - len(overlay_ips(s1))
         if need <= 0:
             break
         argv: list[Arg] = [PY, BENCH_DIR / "regclient.py", s1.address, "51821", DOMAIN, s1.dir / "tokens" / DOMAIN,
@@ -90,7 +90,7 @@ def crash_with_leases(lab: Lab, seconds: float, leases: int) -> dict[str, Any]:
         note_command("faults", argv)
         out = json.loads(lab.browser.run(argv, timeout=900))
         log(f"{out['ok']} more leases on s1 ({out['per_second']:.0f}/s), failures {out['failures']}")
-    held = len(overlay_ips_all(s1))
+    held = len(overlay_ips(s1))
     time.sleep(3)  # a health round or more over all of them
     row = crash(lab, seconds)
     row["leases"] = held
@@ -127,11 +127,6 @@ def join(lab: Lab, repeats: int) -> dict[str, Any]:
     log("join: " + "; ".join(f"registered {r['registered_s']} s, in the map {r['in_map_s']} s, served {r['served_s']} s"
                              for r in rows))
     return {"runs": rows}
-
-
-def overlay_ips_all(server: Host) -> list[str]:
-    """Every lease's overlay address on server, from `sptun status --json`."""
-    return [b["overlay_ip"] for d in status(server)["domains"] for b in d["backends"]]
 
 
 def _respawn(host: Host, role: str, log_name: str) -> None:

@@ -11,11 +11,10 @@ import subprocess
 import time
 from typing import Any
 
-from bench.benchlab import rotation
+from bench.benchlab import make_room, rotation
 from bench.common import BENCH_DIR, PY, log, note_command, wait_for, wireguard_backend
 from sptun.lab import DOMAIN, Arg, Host, Lab, config_path, sptun, write_configs
 
-FLEET_TOML_CAP = 'max_clients = 4096\n'
 # Each wireguard-go takes an inotify instance (it watches its UAPI socket), and root gets 128
 # (fs.inotify.max_user_instances) for all its processes, which the bench does not raise on
 # the host: so at most this many userspace clients (at 100, one failed to start on a run
@@ -73,8 +72,7 @@ def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
         lab.set_txt([f"r=superprotocol;ip={lab.servers[0].address}"], a=[lab.servers[0].address])
         write_configs(lab, "auto", ports=("tcp/443", "tcp/80"))
         s1, home = lab.servers[0], lab.clients[0]
-        path = s1.dir / "server.toml"
-        path.write_text(path.read_text().replace(f'name = "{DOMAIN}"\n', f'name = "{DOMAIN}"\n{FLEET_TOML_CAP}', 1))
+        make_room(s1, 4096)
         s1.spawn(sptun("server", "run", "-c", config_path(s1)), log=s1.dir / "sptun.log")
         wait_for("the server answering registrations", lambda: "51821" in s1.run(["ss", "-Hltn"]), 60, interval=0.2)
         argv: list[Arg] = [PY, BENCH_DIR / "fleetclient.py", s1.address, DOMAIN, s1.dir / "tokens" / DOMAIN, str(n),
