@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sptun.attest import BUILTINS, AttestationConfig, command_argv
 from sptun.errors import ConfigError
 
 SERVER_CONFIG = Path("/etc/sptun/server.toml")
@@ -82,6 +83,7 @@ class ServerConfig:
     lease_ttl: float = 24 * 3600.0  # s: a client with no registration nor handshake this long loses its lease
     overlay6: ipaddress.IPv6Network | None = None  # IPv6 overlay: each client's /128 mirrors its IPv4 lease
     dns: DnsConfig | None = None  # self-publication; off by default
+    attestation: AttestationConfig | None = None  # attested joins; off by default
 
     role = "server"
 
@@ -130,6 +132,8 @@ class AgentConfig:
     keepalive: int = 15
     drain_timeout: float = 10.0  # seconds `down` waits for in-flight connections
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (address, port); off by default
+    attestation: str | None = None  # the evidence it presents: a built-in prover, or a command
+    server_attestation: AttestationConfig | None = None  # the evidence it requires of its servers
 
     role = "agent"
 
@@ -267,6 +271,7 @@ def load_server(path: Path) -> ServerConfig:
     lease_ttl = _duration(r, "lease_ttl", "24h", MIN_LEASE_TTL)
     overlay6 = _overlay6(r, overlay)
     raw_dns = r.get("dns", dict, None, "use a [dns] table")
+    raw_attestation = r.get("attestation", dict, None, "use an [attestation] table")
     r.finish()
 
     domains: list[Domain] = []
@@ -276,8 +281,42 @@ def load_server(path: Path) -> ServerConfig:
         domains.append(_load_domain(path, i, raw, overlay, overlay6))
     _check_domains(path, domains, overlay6 is not None)
     dns = _load_dns(path, raw_dns, domains) if raw_dns is not None else None
+    attestation = _load_attestation(path, raw_attestation, "attestation.") if raw_attestation is not None else None
     return ServerConfig(path, interface, listen_port, api_port, overlay, state_dir, wireguard, tuple(domains), health,
-                        metrics, lease_ttl, overlay6, dns)
+                        metrics, lease_ttl, overlay6, dns, attestation)
+
+
+def _attestation_method(r: _Reader, key: str, default: str | None) -> str | None:
+    fix = f'use {", ".join(repr(b) for b in BUILTINS)}, or the absolute path of a command (with its arguments)'
+    value: str | None = r.get(key, str, default, fix)
+    if value is not None and value not in BUILTINS and command_argv(value) is None:
+        raise r.error(key, f"{value!r} is neither a built-in nor an absolute command path", fix)
+    return value
+
+
+def _load_attestation(path: Path, raw: dict[str, Any], where: str, server: bool = True) -> AttestationConfig:
+    """[attestation] (server) or [server_attestation] (agent). The tpm2 verifier needs the
+    reference PCR values: without them it could only say that *some* TPM signed."""
+    r = _Reader(path, raw, where)
+    require = r.get("require", bool, False, "use true or false")
+    verify = _attestation_method(r, "verify", "tpm2")
+    assert verify is not None
+    enrolled = r.path_("enrolled", Path("/etc/sptun/attestation"))
+    fix = 'use a table of PCR index to hex value, like pcrs = { 0 = "00…00", 16 = "00…00" } (sha256 bank)'
+    raw_pcrs = r.get("pcrs", dict, {}, fix)
+    pcrs = []
+    for index, value in raw_pcrs.items():
+        if not (index.isascii() and index.isdigit() and int(index) < 24):
+            raise r.error("pcrs", f"{index!r} is not a PCR index (0 to 23)", fix)
+        if not isinstance(value, str) or not re.fullmatch(r"(0x)?[0-9A-Fa-f]{64}", value):
+            raise r.error("pcrs", f"PCR {index}: {value!r} is not a sha256 value (64 hex digits)", fix)
+        pcrs.append((int(index), value.lower().removeprefix("0x")))
+    if verify == "tpm2" and not pcrs:
+        raise r.error("pcrs", "is missing: the tpm2 verifier compares the quoted PCRs with reference values",
+                      fix + "; read them on a reference machine with `tpm2_pcrread sha256:0,16`")
+    evidence = _attestation_method(r, "evidence", None) if server else None
+    r.finish()
+    return AttestationConfig(require, verify, enrolled, tuple(sorted(pcrs)), evidence)
 
 
 def _load_dns(path: Path, raw: dict[str, Any], domains: list[Domain]) -> DnsConfig:
@@ -471,9 +510,13 @@ def load_agent(path: Path) -> AgentConfig:
         raise r.error("keepalive", f"{keepalive} is out of range", "use seconds from 1 to 3600")
     drain_timeout = _seconds(r, "drain_timeout", 10.0, 0, 600)
     metrics = r.metrics()
+    attestation = _attestation_method(r, "attestation", None)
+    raw_server_attestation = r.get("server_attestation", dict, None, "use a [server_attestation] table")
     r.finish()
+    server_attestation = (_load_attestation(path, raw_server_attestation, "server_attestation.", server=False)
+                          if raw_server_attestation is not None else None)
     return AgentConfig(path, domain, token_file, ports, tuple(nameservers), realm, state_dir, wireguard, keepalive,
-                       drain_timeout, metrics)
+                       drain_timeout, metrics, attestation, server_attestation)
 
 
 def check_token_files(cfg: Config) -> None:

@@ -32,13 +32,14 @@ class ConfigError(SptunError):
 class CommandError(SptunError):
     """An external command (nft, wireguard-go, ...) failed."""
 
-    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+    def __init__(self, argv: list[str], returncode: int, stderr: str, stdout: str = "") -> None:
         detail = stderr.strip().splitlines()
         last = detail[-1] if detail else f"exit status {returncode}"
         super().__init__(f"{argv[0]} failed: {last}")
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+        self.stdout = stdout
 
 
 class WireGuardUnavailable(SptunError):

@@ -2,9 +2,11 @@
 
 One JSON object per line, each at most MAX_MESSAGE bytes:
 
-    server -> agent  {"sptun": 2, "key": SERVER_PUB, "challenge": B64}
+    server -> agent  {"sptun": 2, "key": SERVER_PUB, "challenge": B64[, "attest": ASK]}
+   [agent  -> server {"attest": B64, "key": CLIENT_PUB, "domain": D, "ask": ASK}
+    server -> agent  {"evidence": EVIDENCE} | a refusal]
     agent  -> server {"key": CLIENT_PUB, "nonce": B64, "box": B64}
-        box: {"op": OP, "domain": D, "challenge": B64, "proof": B64}
+        box: {"op": OP, "domain": D, "challenge": B64, "proof": B64[, "evidence": EVIDENCE]}
     server -> agent  {"ok": true, "nonce": B64, "box": B64} | {"ok": false, "reason": R, "error": TEXT}
         box: {"op": OP, "challenge": B64, "assignment": {...} | null}
 
@@ -17,6 +19,12 @@ domain, the server's key, the client's key and the server's fresh challenge: a s
 challenge, and a token of 128 random bits cannot be guessed from it offline. The reply
 carries the same challenge and op, so an old reply (or a deregistration's) cannot be
 replayed to an agent as the answer to a registration.
+
+Attestation (sptun.attest), both optional: a server that verifies clients says what it
+wants (ASK) in its hello, and the agent's box carries evidence over attest.nonce(challenge,
+client key, server key, domain). An agent that verifies its server first sends its own
+challenge (the bracketed exchange) and checks the server's evidence before it sends its
+request.
 """
 
 from __future__ import annotations
@@ -38,11 +46,12 @@ import nacl.exceptions
 import nacl.utils
 from nacl.public import Box, PrivateKey, PublicKey
 
+from sptun import attest
 from sptun.errors import ProtocolError, SptunError, printable
 from sptun.keys import decode_key
 
 VERSION = 2
-MAX_MESSAGE = 4096
+MAX_MESSAGE = 16384  # room for attestation evidence (a TPM quote is about 2 KiB as sent)
 CHALLENGE_LEN = 32
 OPS = ("register", "deregister")
 
@@ -70,6 +79,7 @@ class Claim:
     client_key: str  # canonical base64
     proof: bytes
     ipv6: bool = True  # as Request's (an older agent does not say: as before, it gets IPv6)
+    evidence: Any = field(default=None, compare=False)  # attestation evidence, unchecked (attest.Verifier)
 
     def proves(self, token: str, server_key: str, challenge: bytes) -> bool:
         expected = token_proof(token, self.op, self.domain, server_key, self.client_key, challenge)
@@ -187,8 +197,39 @@ def _open(box: Box, obj: dict[str, Any], reason: str) -> dict[str, Any]:
 # --- server side -------------------------------------------------------------------------
 
 
-def hello(server_key: str, challenge: bytes) -> bytes:
-    return _line({"sptun": VERSION, "key": server_key, "challenge": _b64(challenge)})
+def hello(server_key: str, challenge: bytes, ask: dict[str, Any] | None = None) -> bytes:
+    """ask: what evidence this server wants of its clients (its verifier's), if it attests them."""
+    return _line({"sptun": VERSION, "key": server_key, "challenge": _b64(challenge)} | ({"attest": ask} if ask is not None else {}))
+
+
+@dataclass(frozen=True)
+class EvidenceRequest:
+    """An agent's request for the server's own evidence, before its registration."""
+
+    challenge: bytes
+    client_key: str
+    domain: str
+    ask: dict[str, Any]
+
+
+def parse_evidence_request(line: bytes) -> EvidenceRequest | None:
+    """The request, if this line is one (else it is the registration itself)."""
+    obj = _parse(line)
+    if "attest" not in obj:
+        return None
+    challenge = _unb64(obj["attest"], "attest")
+    key, domain, ask = obj.get("key"), obj.get("domain"), obj.get("ask")
+    if len(challenge) != CHALLENGE_LEN:
+        raise ProtocolError("attest has the wrong length")
+    if not isinstance(key, str) or canonical_key(key) != key:
+        raise ProtocolError("key is not a base64 WireGuard key")
+    if not isinstance(domain, str) or not 0 < len(domain) <= 253 or not isinstance(ask, dict):
+        raise ProtocolError("domain or ask is missing")
+    return EvidenceRequest(challenge, key, domain.lower().rstrip("."), ask)
+
+
+def evidence_reply(evidence: dict[str, Any]) -> bytes:
+    return _line({"evidence": evidence})
 
 
 def open_request(line: bytes, server_private: str, challenge: bytes) -> Claim:
@@ -210,7 +251,7 @@ def open_request(line: bytes, server_private: str, challenge: bytes) -> Claim:
     proof = _unb64(inner.get("proof"), "proof")
     if len(proof) != hashlib.sha256().digest_size:
         raise ProtocolError("proof has the wrong length")
-    return Claim(op, domain.lower().rstrip("."), key, proof, inner.get("ipv6") is not False)
+    return Claim(op, domain.lower().rstrip("."), key, proof, inner.get("ipv6") is not False, inner.get("evidence"))
 
 
 def accept(assignment: Assignment | None, server_private: str, client_key: str, challenge: bytes, op: str) -> bytes:
@@ -234,16 +275,31 @@ def reject(reason: str, error: str) -> bytes:
 # --- agent side --------------------------------------------------------------------------
 
 
-def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes) -> bytes:
+def seal_request(request: Request, client_private: str, server_key: str, challenge: bytes,
+                 evidence: dict[str, Any] | None = None) -> bytes:
     box = _box(client_private, server_key, "server key")
     proof = token_proof(request.token, request.op, request.domain, server_key, request.client_key, challenge)
     inner: dict[str, Any] = {"op": request.op, "domain": request.domain, "challenge": _b64(challenge), "proof": _b64(proof)}
     if not request.ipv6:  # said only when not, so that the common request stays as it was
         inner["ipv6"] = False
+    if evidence is not None:
+        inner["evidence"] = evidence
     return _line({"key": request.client_key, **_seal(box, inner)})
 
 
 def parse_hello(line: bytes) -> tuple[str, bytes]:
+    hello = read_hello(line)
+    return hello.key, hello.challenge
+
+
+@dataclass(frozen=True)
+class Hello:
+    key: str
+    challenge: bytes
+    ask: dict[str, Any] | None  # the evidence the server wants, if it attests its clients
+
+
+def read_hello(line: bytes) -> Hello:
     obj = _parse(line)
     if obj.get("sptun") != VERSION:
         seen = obj.get("sptun")
@@ -253,7 +309,10 @@ def parse_hello(line: bytes) -> tuple[str, bytes]:
     challenge = _unb64(obj.get("challenge"), "challenge")
     if len(challenge) != CHALLENGE_LEN:
         raise ProtocolError("challenge has the wrong length")
-    return obj["key"], challenge
+    ask = obj.get("attest")
+    if ask is not None and not isinstance(ask, dict):
+        raise ProtocolError("attest is not an object")
+    return Hello(obj["key"], challenge, ask)
 
 
 def open_reply(line: bytes, client_private: str, server_key: str, challenge: bytes, op: str) -> Assignment | None:
@@ -337,17 +396,53 @@ def exchange(host: str, port: int, request: Request, client_private: str, pin: P
         raise _unreachable(host, port, e) from None
 
 
+@dataclass(frozen=True)
+class Attestation:
+    """An agent's side of attestation in its exchanges."""
+
+    prover: attest.Prover | None = None  # presents evidence to a server that asks for it
+    verifier: attest.Verifier | None = None  # checks each server's evidence before registering
+    require_server: bool = False  # False: a server that fails the check is logged, not refused
+    verdicts: dict[str, attest.Verdict] = field(default_factory=dict, compare=False)  # host -> the last check
+
+
+async def _check_server(host: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server_key: str,
+                        request: Request, attestation: Attestation) -> None:
+    """Ask the server for its evidence over our own challenge, and check it, before anything of ours is sent."""
+    assert attestation.verifier is not None
+    mine = nacl.utils.random(CHALLENGE_LEN)
+    ask = attestation.verifier.ask()
+    writer.write(_line({"attest": _b64(mine), "key": request.client_key, "domain": request.domain, "ask": ask}))
+    obj = _parse(await _read_line_async(reader))
+    if obj.get("ok") is False:
+        verdict = attest.Verdict(False, "it presents no evidence: " + printable(obj.get("error", "refused"), 200))
+    else:
+        nonce = attest.nonce(mine, server_key, request.client_key, request.domain)
+        verdict = await attestation.verifier.verify(obj.get("evidence"), nonce, server_key, request.domain)
+    attestation.verdicts[host] = verdict
+    if not verdict.ok and attestation.require_server:
+        raise ProtocolError(f"server {host} fails attestation: {verdict.detail}", reason="server-attestation")
+
+
 async def exchange_async(host: str, port: int, request: Request, client_private: str, pin: Pin | None = None,
-                         timeout: float = 5.0) -> tuple[str, Assignment | None]:
+                         timeout: float = 5.0, attestation: Attestation | None = None) -> tuple[str, Assignment | None]:
     """exchange() on the event loop: no thread per registration, and the deadline covers
     the whole round trip, however slowly the server accepts, trickles or stays silent."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE + 1)
-            server_key, challenge = parse_hello(await _read_line_async(reader))
+            hello = read_hello(await _read_line_async(reader))
+            server_key, challenge = hello.key, hello.challenge
             _check_pinned(host, server_key, pin)
-            writer.write(seal_request(request, client_private, server_key, challenge))
+            evidence = None
+            if attestation is not None and request.op == "register":
+                if attestation.verifier is not None:
+                    await _check_server(host, reader, writer, server_key, request, attestation)
+                if attestation.prover is not None and hello.ask is not None:
+                    nonce = attest.nonce(challenge, request.client_key, server_key, request.domain)
+                    evidence = await attestation.prover.evidence(nonce, hello.ask)
+            writer.write(seal_request(request, client_private, server_key, challenge, evidence))
             await writer.drain()
             return server_key, open_reply(await _read_line_async(reader), client_private, server_key, challenge, request.op)
     except (OSError, TimeoutError) as e:

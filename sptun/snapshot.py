@@ -26,6 +26,8 @@ class TunnelStatus:
     error: str | None
     overlay_ip6: str | None = None  # with a dual-stack server: ours and its, in its IPv6 overlay
     server_overlay_ip6: str | None = None
+    server_attested: bool | None = None  # with [server_attestation]: the server's last evidence verified
+    server_attestation: str | None = None  # what was verified, or why not
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class AgentStatus:
     dns: DnsStatus
     tunnels: list[TunnelStatus]
     role: str = "agent"
+    attestation_key: str | None = None  # with attestation = "tpm2": the fingerprint of the AK it quotes with
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class BackendStatus:
     overlay_ip6: str | None = None  # its mirror in the IPv6 overlay, on a dual-stack server
     healthy6: bool | None = None  # that mirror's own checks (None: no IPv6 there)
     reason6: str | None = None
+    attested: bool | None = None  # its last registration's evidence verified (None: not checked)
+    attestation: str | None = None  # what was verified, or why not
+    measurements: dict[str, str] | None = None  # the verified PCR values ("sha256:16" -> hex)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,26 @@ class DomainStatus:
 class RegistrationCounts:
     accepted: int
     rejected: dict[str, int]
+
+
+@dataclass(frozen=True)
+class AttestationRefusal:
+    at: float
+    public_key: str
+    domain: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AttestationStatus:
+    """[attestation]: how clients' evidence is checked, and what came of it."""
+
+    require: bool
+    verify: str
+    verified: int
+    refused: int
+    admitted: int  # failed, admitted all the same (require = false)
+    refusals: list[AttestationRefusal]  # the last few, newest last
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,7 @@ class ServerStatus:
     overlay6: str | None = None  # the IPv6 overlay, and the server's address there
     overlay_ip6: str | None = None
     publication: PublicationStatus | None = None  # with [dns]: this server's records in the zone
+    attestation: AttestationStatus | None = None  # with [attestation]
 
 
 @dataclass(frozen=True)

@@ -352,7 +352,7 @@ def test_messages_fit_the_limit() -> None:
     with pytest.raises(ProtocolError) as info:
         reject("error", "x" * MAX_MESSAGE)
     assert info.value.reason == "oversized"
-    huge = Request("register", "x" * 4000, TOKEN, CLIENT_PUB)
+    huge = Request("register", "x" * MAX_MESSAGE, TOKEN, CLIENT_PUB)
     with pytest.raises(ProtocolError):
         seal_request(huge, CLIENT_PRIV, SERVER_PUB, CHALLENGE)
 
@@ -379,7 +379,7 @@ def test_token_not_on_the_wire() -> None:
     lambda: open_request(sealed_line({**INNER, "op": "nope"}), SERVER_PRIV, CHALLENGE),
     lambda: open_request(sealed_line({**INNER, "domain": 5}), SERVER_PRIV, CHALLENGE),
     lambda: open_request(sealed_line({**INNER, "proof": TOKEN * 10}), SERVER_PRIV, CHALLENGE),
-    lambda: seal_request(Request("register", "x" * 4000, TOKEN, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB, CHALLENGE),
+    lambda: seal_request(Request("register", "x" * MAX_MESSAGE, TOKEN, CLIENT_PUB), CLIENT_PRIV, SERVER_PUB, CHALLENGE),
 ], ids=["unproven", "replay", "bad-op", "bad-domain", "token-as-proof", "oversized"])
 def test_token_not_in_errors(make: Callable[[], Any]) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -430,7 +430,7 @@ def test_fuzz_open_request_sealed_inner(inner: Any) -> None:
 
 
 def test_module_constants() -> None:
-    assert proto.OPS == ("register", "deregister") and MAX_MESSAGE == 4096 and CHALLENGE_LEN == 32
+    assert proto.OPS == ("register", "deregister") and MAX_MESSAGE == 16384 and CHALLENGE_LEN == 32
 
 
 # --- the whole round trip has one deadline -----------------------------------------------------

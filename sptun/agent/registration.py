@@ -196,7 +196,7 @@ class Registrar:
 
     def __init__(self, domain: str, token_file: Path, private_key: str, public_key: str,
                  on_change: Callable[[], None], known: KnownServers, clock: Callable[[], float] = time.monotonic,
-                 nameservers: tuple[str, ...] = ()) -> None:
+                 nameservers: tuple[str, ...] = (), attestation: proto.Attestation | None = None) -> None:
         self.domain, self.token_file = domain, token_file
         self.private_key, self.public_key = private_key, public_key
         self.on_change = on_change  # wakes the pass loop
@@ -205,11 +205,13 @@ class Registrar:
         self.nameservers = nameservers  # an assignment must not take a resolver's address
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.ipv6 = True  # the service listens on IPv6 too: say so, and get IPv6 browsers
+        self.attestation = attestation
 
     async def exchange(self, server: ServerRecord, op: str, deadline: float) -> proto.Assignment | None:
         request = proto.Request(op, self.domain, read_token(self.token_file), self.public_key, self.ipv6)
         key, assignment = await proto.exchange_async(server.ip, server.api, request, self.private_key,
-                                                     pin=self.known.pin(server), timeout=deadline)
+                                                     pin=self.known.pin(server), timeout=deadline,
+                                                     attestation=self.attestation)
         if assignment is not None:
             check_assignment(assignment, server, key, host_addresses() | set(self.nameservers))
         if op == "register":

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sptun import attest, proto
 from sptun.agent.plan import (
     PREFIX,
     FALLBACK_PRIORITY,
@@ -56,8 +57,12 @@ class Agent(Role):
         self.state = StateFile(cfg.state_dir / "agent.json")
         self.registrations: dict[str, Registration] = self.state.load()
         self.known = KnownServers.of(cfg.state_dir)
+        self.attestation = proto.Attestation(
+            attest.make_prover(cfg.attestation, cfg.state_dir) if cfg.attestation else None,
+            cfg.server_attestation.verifier() if cfg.server_attestation else None,
+            cfg.server_attestation is not None and cfg.server_attestation.require)
         self.registrar = Registrar(cfg.domain, cfg.token_file, self.private_key, self.public_key, self.wake.set,
-                                   self.known, clock, cfg.nameservers) \
+                                   self.known, clock, cfg.nameservers, self.attestation) \
             if self.private_key and self.public_key else None
         self.draining: dict[str, asyncio.Task[None]] = {}  # server ip -> its drain, while it runs
         self.listening = False
@@ -67,6 +72,10 @@ class Agent(Role):
 
     def check_config(self) -> None:
         check_token_files(self.cfg)
+
+    async def start_services(self) -> list[asyncio.AbstractServer]:
+        await attest.provision(self.attestation.prover)
+        return []
 
     # --- outside the lock: DNS, registrations, drains ----------------------------------
 
@@ -289,6 +298,7 @@ class Agent(Role):
             device = link.device if link is not None else None
             state = next(iter(device.peers.values()), None) if device else None
             handshake = state.last_handshake if state else 0.0
+            verdict = self.attestation.verdicts.get(ip)
             a = reg.assignment
             tunnels.append(TunnelStatus(
                 server=ip, interface=name, port=reg.server.port,
@@ -299,7 +309,8 @@ class Agent(Role):
                 handshake_age=round(now - handshake, 1) if handshake else None,
                 rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
                 error=reg.error or None, overlay_ip6=a.overlay_ip6 if a else None,
-                server_overlay_ip6=a.server_ip6 if a else None))
+                server_overlay_ip6=a.server_ip6 if a else None,
+                server_attested=verdict.ok if verdict else None, server_attestation=verdict.detail if verdict else None))
         d = self.discovery
         return AgentStatus(
             domain=self.cfg.domain, public_key=self.public_key, wireguard=self.edges.wg.kind, down=self.is_down(),
@@ -307,4 +318,4 @@ class Agent(Role):
             dns=DnsStatus([s.ip for s in d.servers or []],
                           f"{d.last_error}; retrying every {RETRY_AFTER_FAILURE:g} s" if d.last_error else None,
                           d.refreshes, d.failures),
-            tunnels=tunnels)
+            tunnels=tunnels, attestation_key=getattr(self.attestation.prover, "fingerprint", None) or None)

@@ -7,10 +7,10 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING
 
-from sptun import proto
+from sptun import attest, proto
 from sptun.changes import Applier, UpdatePeer
 from sptun.errors import ProtocolError, SptunError, printable
 from sptun.leases import OverlayFull
@@ -29,7 +29,10 @@ MAX_CONNECTIONS = 256
 MAX_PER_SOURCE = 16
 DRAIN_KEEP = 120.0  # s a deregistered client's peer stays, so its in-flight connections finish
 SUMMARY_EVERY = 10.0  # s between lines that total the rejections
-NO_PENALTY = ("busy", "rate-limited", "down", "full")  # refusals that are no sign of a bad client
+# Refusals that are no sign of a bad client. A failed attestation comes with a valid token:
+# the machine changed, and the limiter must not shut out its neighbours behind one NAT.
+NO_PENALTY = ("busy", "rate-limited", "down", "full", "attestation")
+MAX_ATTESTATION_REFUSALS = 32  # the last refusals kept for `status`
 
 
 class RegistrationApi:
@@ -49,6 +52,12 @@ class RegistrationApi:
         self.change_version = 0  # bumped by each registration that changes a lease or a peer ...
         self.committed_version = 0  # ... and how far the kernel and the leases file have it
         self.commit_lock = asyncio.Lock()
+        conf = role.cfg.attestation
+        self.verifier = conf.verifier() if conf else None
+        self.prover = attest.make_prover(conf.evidence, role.cfg.state_dir) if conf and conf.evidence else None
+        self.verdicts: dict[str, attest.Verdict] = {}  # lease holder's key -> its last check (role.forget_client drops it)
+        self.attestations: Counter[str] = Counter()  # verified | refused | admitted (require = false)
+        self.attestation_refusals: deque[tuple[float, str, str, str]] = deque(maxlen=MAX_ATTESTATION_REFUSALS)
 
     @property
     def private_key(self) -> str:
@@ -74,6 +83,39 @@ class RegistrationApi:
             if claim.proves(token.secret, self.public_key, challenge):
                 return token.generation
         raise ProtocolError(f"wrong token for {domain.name}", reason="bad-token")
+
+    async def check_evidence(self, claim: proto.Claim, challenge: bytes) -> attest.Verdict:
+        """The claim's evidence, checked against this exchange's nonce. With `require`, a
+        refusal also takes a client that holds a lease out of its rotation now: its
+        measurements changed since it was admitted."""
+        assert self.verifier is not None and self.role.cfg.attestation is not None
+        nonce = attest.nonce(challenge, claim.client_key, self.public_key, claim.domain)
+        verdict = await self.verifier.verify(claim.evidence, nonce, claim.client_key, claim.domain)
+        if verdict.ok:
+            self.attestations["verified"] += 1
+            return verdict
+        if not self.role.cfg.attestation.require:
+            self.attestations["admitted"] += 1
+            log.warning("attestation of %s (%s) failed, admitted as require = false: %s",
+                        claim.client_key, claim.domain, verdict.detail)
+            return verdict
+        self.attestations["refused"] += 1
+        self.attestation_refusals.append((time.time(), claim.client_key, claim.domain, verdict.detail))
+        async with self.role.lock:
+            lease = self.role.leases.by_key.get(claim.client_key)
+            if lease is not None:
+                log.warning("attestation of %s (%s, %s) failed: out of the rotation: %s",
+                            claim.client_key, lease.domain, lease.overlay_ip, verdict.detail)
+                await asyncio.to_thread(self.role.remove_client, claim.client_key)
+        raise ProtocolError(f"attestation failed: {verdict.detail}", reason="attestation")
+
+    async def present_evidence(self, asked: proto.EvidenceRequest) -> bytes:
+        """This server's own evidence, for an agent that checks its servers."""
+        if self.prover is None:
+            raise ProtocolError("this server presents no attestation evidence ([attestation] evidence)",
+                                reason="no-evidence")
+        nonce = attest.nonce(asked.challenge, self.public_key, asked.client_key, asked.domain)
+        return proto.evidence_reply(await self.prover.evidence(nonce, asked.ask))
 
     def register(self, claim: proto.Claim, generation: str) -> proto.Assignment:
         """Runs under the lock, in memory only: the lease, and the peer queued for commit().
@@ -150,6 +192,18 @@ class RegistrationApi:
             await asyncio.sleep(SUMMARY_EVERY)
             self.rejections.flush()
 
+    @staticmethod
+    async def read_line(reader: asyncio.StreamReader) -> bytes:
+        try:
+            line = await asyncio.wait_for(reader.readline(), API_READ_TIMEOUT)
+        except ValueError:  # longer than the stream limit
+            raise ProtocolError(f"message larger than {proto.MAX_MESSAGE} bytes", reason="oversized") from None
+        except TimeoutError:
+            raise ProtocolError("no request in time", reason="timeout") from None
+        if not line.endswith(b"\n"):
+            raise ProtocolError("truncated message", reason="truncated")
+        return line
+
     async def handle_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = str((writer.get_extra_info("peername") or ("?",))[0])
         source = source_key(address)  # an IPv6 /64 counts as one source
@@ -162,24 +216,24 @@ class RegistrationApi:
             if self.role.is_down():
                 raise ProtocolError("this server is down (sptun down)", reason="down")
             challenge = os.urandom(proto.CHALLENGE_LEN)
-            writer.write(proto.hello(self.public_key, challenge))
+            writer.write(proto.hello(self.public_key, challenge, self.verifier.ask() if self.verifier else None))
             await writer.drain()
-            try:
-                line = await asyncio.wait_for(reader.readline(), API_READ_TIMEOUT)
-            except ValueError:  # longer than the stream limit
-                raise ProtocolError(f"message larger than {proto.MAX_MESSAGE} bytes", reason="oversized") from None
-            except TimeoutError:
-                raise ProtocolError("no request in time", reason="timeout") from None
-            if not line.endswith(b"\n"):
-                raise ProtocolError("truncated message", reason="truncated")
+            line = await self.read_line(reader)
+            if (asked := proto.parse_evidence_request(line)) is not None:  # the agent checks us first
+                writer.write(await self.present_evidence(asked))
+                await writer.drain()
+                line = await self.read_line(reader)
             claim = proto.open_request(line, self.private_key, challenge)
             generation = self.authorize(claim, challenge)
+            verdict = await self.check_evidence(claim, challenge) if self.verifier and claim.op == "register" else None
             assignment = None
             async with self.role.lock:
                 if claim.op == "deregister":
                     await asyncio.to_thread(self.deregister, claim)  # an nft change
                 else:
                     assignment = self.register(claim, generation)
+                    if verdict is not None:
+                        self.verdicts[claim.client_key] = verdict
             await self.commit()  # the peer is in the kernel and the lease on disk before the client hears of it
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, claim.client_key, challenge, claim.op))

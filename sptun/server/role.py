@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
 
-from sptun import nft, proto
+from sptun import attest, nft, proto
 from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
 from sptun.config import ServerConfig, check_token_files, load_server
 from sptun.daemon import Role, config_changes
@@ -47,7 +47,8 @@ from sptun.server.plan import (
     sni_wanted,
 )
 from sptun.tokens import valid_tokens
-from sptun.snapshot import BackendStatus, DomainStatus, ForwardStatus, PublicationStatus, RegistrationCounts, ServerStatus
+from sptun.snapshot import (AttestationRefusal, AttestationStatus, BackendStatus, DomainStatus, ForwardStatus,
+                            PublicationStatus, RegistrationCounts, ServerStatus)
 from sptun.wg import Device, handshake_fresh
 
 log = logging.getLogger("sptun")
@@ -272,6 +273,13 @@ class Server(Role):
         self.leases.release(key)
         self.draining.pop(key, None)
         self.health.forget(key)
+        self.api.verdicts.pop(key, None)
+
+    def remove_client(self, key: str) -> list[str]:
+        """Out of the leases, the peers and the rotation now. Under the lock."""
+        self.forget_client(key)
+        self.store.save(self.leases)
+        return self.reconcile() if not self.is_down() else []
 
     def evict(self, key: str) -> list[str]:
         """`sptun evict`: out of the leases, the peers and the rotation now, and kept out
@@ -282,10 +290,8 @@ class Server(Role):
             raise SptunError(f"no client with key {printable(key, 60)} holds a lease here",
                              hint="`sptun status` lists the clients and their keys")
         self.leases.evict(lease.public_key, lease.generation)
-        self.forget_client(lease.public_key)
-        self.store.save(self.leases)
         done = [f"evict {lease.public_key} ({lease.domain}, {lease.overlay_ip}): out until the token is rotated"]
-        return done + (self.reconcile() if not self.is_down() else [])
+        return done + self.remove_client(lease.public_key)
 
     async def command(self, cmd: str, arg: str | None) -> dict[str, Any] | None:
         if cmd != "evict" or arg is None:
@@ -374,6 +380,7 @@ class Server(Role):
                              hint="is another sptun server running, or the port in use?") from None
         log.info("registration api on port %d, WireGuard on %d (%s), key %s", self.cfg.api_port,
                  self.cfg.listen_port, self.edges.wg.kind, self.public_key)
+        await attest.provision(self.api.prover)
         self.health_task = asyncio.create_task(self.health_loop())
         self.summary_task = asyncio.create_task(self.api.summarise_rejections())
         if self.publisher is not None:
@@ -536,7 +543,7 @@ class Server(Role):
                     rx_bytes=state.rx_bytes if state else 0, tx_bytes=state.tx_bytes if state else 0,
                     active_connections=active[lease.overlay_ip] if active is not None else None, since=lease.since,
                     overlay_ip6=self.cfg.ip6_of(lease.overlay_ip) if lease.ipv6 else None,
-                    healthy6=healthy6, reason6=reason6))
+                    healthy6=healthy6, reason6=reason6, **self.attestation_of(lease.public_key)))
             forwarded = [ForwardStatus(f.listen or "*", str(f.port), *counters.get(f.key, (0, 0)))
                          for f in fwds if f.domain == domain.name]
             forwarded += [ForwardStatus(g.listen or "*", str(g.port), proxy.totals.get(sni.backend_name(gi, domain.name), 0), 0)
@@ -550,7 +557,21 @@ class Server(Role):
             table_loaded=view.table_loaded, registrations=registrations, domains=domains,
             overlay6=str(self.cfg.overlay6) if self.cfg.overlay6 else None,
             overlay_ip6=str(self.cfg.server_ip6) if self.cfg.server_ip6 else None,
-            publication=self.publication())
+            publication=self.publication(), attestation=self.attestation())
+
+    def attestation_of(self, key: str) -> dict[str, Any]:
+        verdict = self.api.verdicts.get(key)
+        if verdict is None:
+            return {}
+        return {"attested": verdict.ok, "attestation": verdict.detail, "measurements": verdict.measurements or None}
+
+    def attestation(self) -> AttestationStatus | None:
+        conf, api = self.cfg.attestation, self.api
+        if conf is None:
+            return None
+        return AttestationStatus(conf.require, conf.verify, api.attestations["verified"], api.attestations["refused"],
+                                 api.attestations["admitted"],
+                                 [AttestationRefusal(*r) for r in api.attestation_refusals])
 
     def publication(self) -> PublicationStatus | None:
         pub = self.publisher
