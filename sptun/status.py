@@ -57,11 +57,16 @@ def view(status: dict[str, Any]) -> Group:
         if status["dns"].get("error"):  # without tunnels, it is why the agent does not serve
             alarm = "[bold red]not serving: " if not status["tunnels"] else "[yellow]"
             parts.append(f"{alarm}DNS: {escape(status['dns']['error'])}[/]")
-        table = Table("server", "interface", "overlay address", "handshake", "rx", "tx", "registered", "health")
+        if status.get("attestation_key"):
+            parts.append(f"attestation key {status['attestation_key']}")
+        checks_servers = any(t.get("server_attested") is not None for t in status["tunnels"])
+        table = Table("server", "interface", "overlay address", "handshake", "rx", "tx", "registered", "health",
+                      *(["server attested"] if checks_servers else []))
         for t in status["tunnels"]:
             table.add_row(t["server"], t["interface"], _both(t["overlay_ip"], t.get("overlay_ip6")), _age(t["handshake_age"]),
                           _bytes(t["rx_bytes"]), _bytes(t["tx_bytes"]), "yes" if t["registered"] else
-                          f"[red]no[/] {t.get('error') or ''}", _health(t["healthy"]))
+                          f"[red]no[/] {escape(t.get('error') or '')}", _health(t["healthy"]),
+                          *([_attested(t.get("server_attested"), t.get("server_attestation"))] if checks_servers else []))
     else:
         parts.append(f"server [bold]{status['interface']}[/] {_both(status['overlay_ip'], status.get('overlay_ip6'))} "
                      f"({status['wireguard']} WireGuard, "
@@ -70,20 +75,34 @@ def view(status: dict[str, Any]) -> Group:
             parts.append(f"DNS {pub['zone']}: " + (f"[red]{pub['error']}[/]" if pub["error"] else
                                                    "published" if pub["published"] else "not published yet")
                          + "".join(f"; {d}'s addresses withdrawn (no healthy client)" for d in pub["withdrawn"]))
-        table = Table("domain", "listen", "forwarded", "backend", "health", "why", "handshake", "rx", "tx", "active")
+        if att := status.get("attestation"):
+            parts.append(f"attestation ({escape(att['verify'])}, {'required' if att['require'] else 'not required'}): "
+                         f"{att['verified']} verified, {att['refused']} refused, {att['admitted']} admitted unverified"
+                         + "".join(f"\n  [red]refused[/] {r['public_key']} ({r['domain']}): {escape(r['reason'])}"
+                                   for r in att["refusals"][-3:]))
+        attests = bool(status.get("attestation"))
+        table = Table("domain", "listen", "forwarded", "backend", "health", "why", "handshake", "rx", "tx", "active",
+                      *(["attested"] if attests else []))
         for d in status["domains"]:
             listen = f"{','.join(d['listen'])} {','.join(d['ports'])}"
             connections = str(sum(f["connections"] for f in d.get("forwards", [])))
             if not d["backends"]:
-                table.add_row(d["name"], listen, connections, "[yellow]no clients[/]", "", "", "", "", "", "")
+                table.add_row(d["name"], listen, connections, "[yellow]no clients[/]", *[""] * (6 + attests))
             for i, b in enumerate(d["backends"]):
                 first = i == 0
                 table.add_row(d["name"] if first else "", listen if first else "", connections if first else "",
                               _both(b["overlay_ip"], b.get("overlay_ip6")), _health(b["healthy"], b.get("healthy6")),
                               _why(b.get("reason", ""), b.get("healthy6"), b.get("reason6")), _age(b["handshake_age"]),
-                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b["active_connections"]) if b.get("active_connections") is not None else "?")
+                              _bytes(b["rx_bytes"]), _bytes(b["tx_bytes"]), str(b["active_connections"]) if b.get("active_connections") is not None else "?",
+                              *([_attested(b.get("attested"), b.get("attestation"))] if attests else []))
     parts += [table, _daemon(status)]
     return Group(*parts)
+
+
+def _attested(ok: bool | None, detail: str | None) -> str:
+    if ok is None:
+        return "not checked yet"
+    return "[green]yes[/]" if ok else f"[red]no[/]: {escape(detail or '')}"
 
 
 def _both(ip: str | None, ip6: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from fakes import FakeKernel
 from sptun import attest, proto
@@ -27,6 +29,8 @@ from sptun.config import load_agent, load_server
 from sptun.discovery import ServerRecord
 from sptun.server import Server
 from sptun.server.health import Health
+from sptun.snapshot import to_json
+from sptun.status import render
 from test_roles import DOMAIN, run, serving, token
 from test_security import make_server, secret_of
 
@@ -310,6 +314,15 @@ def test_require_false_admits_and_counts(tmp_path: Path, tpms: list[Tpm], caplog
             assert status is not None and (status.verified, status.refused, status.admitted) == (1, 0, 2)
             assert server.attestation_of(public_key(bare))["attested"] is False
             assert "is not enrolled" in server.attestation_of(public_key(unknown))["attestation"]
+            # What `sptun status` shows of it.
+            shown = to_json(await server.status())
+            by_key = {b["public_key"]: b for b in shown["domains"][0]["backends"]}
+            assert by_key[public_key(good)]["measurements"] == {"sha256:0": ZERO, "sha256:16": ZERO}
+            out = Console(file=io.StringIO(), width=300)
+            render(shown, out)
+            text = out.file.getvalue()  # type: ignore[attr-defined]
+            assert "attestation (tpm2, not required): 1 verified, 0 refused, 2 admitted unverified" in text
+            assert "no: attestation key" in text and "is not enrolled" in text
 
     with caplog.at_level("WARNING", logger="sptun"):
         run(scenario)

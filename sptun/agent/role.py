@@ -43,6 +43,13 @@ KERNEL_CHECK_EVERY = 10.0  # s between full reads of the kernel when nothing cha
 MAX_ROUNDS = 4  # observe-plan-apply rounds in one pass: link, then rules and table, then peer
 
 
+def attestation_of(cfg: AgentConfig) -> proto.Attestation:
+    """The evidence this agent presents, and what it requires of its servers."""
+    check = cfg.server_attestation
+    return proto.Attestation(attest.make_prover(cfg.attestation, cfg.state_dir) if cfg.attestation else None,
+                             check.verifier() if check else None, check is not None and check.require)
+
+
 class Agent(Role):
     nft_in_process = False  # the agent loads its table rarely: `nft -f -`, not libnftables in its memory
 
@@ -57,10 +64,7 @@ class Agent(Role):
         self.state = StateFile(cfg.state_dir / "agent.json")
         self.registrations: dict[str, Registration] = self.state.load()
         self.known = KnownServers.of(cfg.state_dir)
-        self.attestation = proto.Attestation(
-            attest.make_prover(cfg.attestation, cfg.state_dir) if cfg.attestation else None,
-            cfg.server_attestation.verifier() if cfg.server_attestation else None,
-            cfg.server_attestation is not None and cfg.server_attestation.require)
+        self.attestation = attestation_of(cfg)
         self.registrar = Registrar(cfg.domain, cfg.token_file, self.private_key, self.public_key, self.wake.set,
                                    self.known, clock, cfg.nameservers, self.attestation) \
             if self.private_key and self.public_key else None
@@ -279,10 +283,13 @@ class Agent(Role):
         changed = config_changes(self.cfg, new, needs_restart=("state_dir", "wireguard", "metrics"))
         if (new.domain, new.nameservers, new.realm) != (self.cfg.domain, self.cfg.nameservers, self.cfg.realm):
             self.discovery = Discovery(new.domain, DnsTxtSource(new.nameservers), new.realm)
+        if (new.attestation, new.server_attestation) != (self.cfg.attestation, self.cfg.server_attestation):
+            self.attestation = attestation_of(new)
         self.cfg = new
         if self.registrar is not None:
             self.registrar.domain, self.registrar.token_file = new.domain, new.token_file
             self.registrar.nameservers = new.nameservers
+            self.registrar.attestation = self.attestation
         for reg in self.registrations.values():  # register again now, with the new token or domain
             reg.next_at = 0.0
         return ", ".join(changed) or "nothing changed"

@@ -52,12 +52,19 @@ class RegistrationApi:
         self.change_version = 0  # bumped by each registration that changes a lease or a peer ...
         self.committed_version = 0  # ... and how far the kernel and the leases file have it
         self.commit_lock = asyncio.Lock()
-        conf = role.cfg.attestation
-        self.verifier = conf.verifier() if conf else None
-        self.prover = attest.make_prover(conf.evidence, role.cfg.state_dir) if conf and conf.evidence else None
+        self.verifier: attest.Verifier | None = None
+        self.prover: attest.Prover | None = None
+        self.configure_attestation()
         self.verdicts: dict[str, attest.Verdict] = {}  # lease holder's key -> its last check (role.forget_client drops it)
         self.attestations: Counter[str] = Counter()  # verified | refused | admitted (require = false)
         self.attestation_refusals: deque[tuple[float, str, str, str]] = deque(maxlen=MAX_ATTESTATION_REFUSALS)
+
+    def configure_attestation(self) -> None:
+        """The verifier of clients' evidence and the prover of this server's own, from the
+        config (again after a reload: a new reference applies from the next registration)."""
+        conf = self.role.cfg.attestation
+        self.verifier = conf.verifier() if conf else None
+        self.prover = attest.make_prover(conf.evidence, self.role.cfg.state_dir) if conf and conf.evidence else None
 
     @property
     def private_key(self) -> str:

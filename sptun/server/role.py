@@ -331,6 +331,8 @@ class Server(Role):
         changed = config_changes(self.cfg, new, needs_restart=("interface", "overlay", "state_dir", "api_port",
                                                                "wireguard", "metrics"))
         self.cfg = new
+        if "attestation" in changed:
+            self.api.configure_attestation()
         self.leases.seen_step = min(SEEN_STEP, new.lease_ttl / 4)
         return ", ".join(changed) or "nothing changed"
 
