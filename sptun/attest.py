@@ -45,7 +45,11 @@ log = logging.getLogger("sptun")
 
 BUILTINS = ("tpm2",)
 AK_HANDLE = "0x81010002"  # the persistent handle of sptun's AK (0x81010001 is the EK's by convention)
-TIMEOUT = 5.0  # s for one quote or one check: a registration's deadline is 5 s too
+TIMEOUT = 10.0  # s for one quote or one check (a hardware TPM signs in tenths of a second; TDX's quoting service in about one)
+PROVISION_TIMEOUT = 120.0  # s for each step of making the AK: an RSA key generation, slow on a TPM chip
+# s a registration may take beyond its usual deadline when evidence is made or checked
+# (both ends allow it: the agent's deadline, and the server's wait for the request).
+EXCHANGE_GRACE = 15.0
 MAX_EVIDENCE = 12 * 1024  # bytes of evidence as JSON: a TDX quote with its certificates fits
 MAX_ENROLLED = 10_000  # AK files read from an enrolled directory
 CONCURRENT = 8  # quotes or checks at once; more wait (a flood of registrations must not fork a flood)
@@ -151,9 +155,13 @@ class Tpm2Prover:
         self.pem_path = state_dir / "attestation-key.pem"
         self.fingerprint = ""
         self.env = {**os.environ, "TPM2TOOLS_TCTI": tcti} if tcti else None  # None: the process's own
+        # One quote at a time: a TPM runs one command at a time, and a TCTI with no resource
+        # manager (swtpm's socket, /dev/tpm0) refuses a second client meanwhile. An agent
+        # registers with all its servers at once.
+        self.lock = asyncio.Lock()
 
     def _tpm(self, *argv: str) -> str:
-        return run(list(argv), timeout=TIMEOUT, env=self.env)
+        return run(list(argv), timeout=PROVISION_TIMEOUT, env=self.env)
 
     def provision(self) -> str:
         """The AK's fingerprint, after making the AK if the TPM has none. Blocking."""
@@ -186,12 +194,13 @@ class Tpm2Prover:
         selection = ask.get("pcrs")
         if not isinstance(selection, str) or not _SELECTION.fullmatch(selection):
             raise SptunError(f"the verifier asks for a PCR selection sptun does not quote: {printable(selection, 60)}")
-        if not self.fingerprint:
-            await asyncio.to_thread(self.provision)
         with tempfile.TemporaryDirectory(prefix="sptun-quote-") as tmp:
             m, s, p = (str(Path(tmp) / n) for n in ("msg", "sig", "pcrs"))
-            await _run(["tpm2_quote", "-c", AK_HANDLE, "-l", selection, "-q", nonce.hex(),
-                        "-m", m, "-s", s, "-o", p, "-g", "sha256"], env=self.env)
+            async with self.lock:
+                if not self.fingerprint:  # the TPM was not there at start
+                    await asyncio.to_thread(self.provision)
+                await _run(["tpm2_quote", "-c", AK_HANDLE, "-l", selection, "-q", nonce.hex(),
+                            "-m", m, "-s", s, "-o", p, "-g", "sha256"], env=self.env)
             return {"kind": "tpm2", "ak": self.fingerprint, "message": _b64(Path(m).read_bytes()),
                     "signature": _b64(Path(s).read_bytes()), "pcrs": _b64(Path(p).read_bytes())}
 
@@ -384,6 +393,9 @@ class AttestationConfig:
     enrolled: Path = Path("/etc/sptun/attestation")
     pcrs: tuple[tuple[int, str], ...] = ()  # the tpm2 reference: (index, hex) in the sha256 bank
     evidence: str | None = None  # server: what it presents to agents that ask
+    # server, with require: a client whose last good evidence is older than this (it stopped
+    # registering, and so stopped proving what it runs) leaves its rotation
+    max_age: float = 60.0
 
     def verifier(self) -> Verifier:
         if self.verify == "tpm2":

@@ -241,7 +241,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     _need_root("sptun lab")
     from sptun import lab
 
-    return lab.main(args.action, args.prefix)
+    return lab.main(args.action, args.prefix, attest=args.attest)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -303,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("lab", help="the single-machine lab in network namespaces")
     q.add_argument("action", choices=["up", "demo", "down"])
     q.add_argument("--prefix", default="sptlab", help="name prefix of the lab's namespaces (default: sptlab)")
+    q.add_argument("--attest", action="store_true",
+                   help="give each host a software TPM (swtpm) and require attested joins both ways")
     q.set_defaults(func=cmd_lab)
     return p
 

@@ -198,6 +198,7 @@ sys.exit(0 if ok else 1)""")])
     ('pcrs = { 0 = "00" }', "not a sha256 value"),
     ('require = "yes"\npcrs = { 0 = "' + ZERO + '" }', "attestation.require"),
     ('pcrs = { 0 = "' + ZERO + '" }\nrequired = true', "attestation.required: unknown key"),
+    ('pcrs = { 0 = "' + ZERO + '" }\nmax_age = "5s"', "attestation.max_age"),
 ])
 def test_bad_attestation_config_is_one_clear_error(tmp_path: Path, table: str, says: str) -> None:
     conf = tmp_path / "server.toml"
@@ -282,14 +283,25 @@ def test_a_client_whose_measurements_change_is_refused_and_leaves_the_rotation(t
                 assert info.value.reason == "attestation"
             assert public_key(other) not in server.leases.by_key
 
-            # c1's measurements change: its next registration is refused, and it is out at once.
+            # c1's measurements change: its next registration is refused, and it is out of the
+            # rotation at once; its peer stays while its connections finish (a drain).
             c1.extend(16)
             with pytest.raises(ProtocolError, match="PCR sha256:16"):
                 await register_attested(record, key, c1.prover)
-            assert public_key(key) not in server.leases.by_key and public_key(key) not in k.devices["sptun0"].peers
+            assert public_key(key) in server.draining and not await in_rotation(server, k, key)
+            assert public_key(key) in k.devices["sptun0"].peers
+            (backend,) = [b for b in (await server.status()).domains[0].backends if b.public_key == public_key(key)]
+            assert backend.reason == "draining (attestation failed)" and backend.attested is False
+            assert "PCR sha256:16" in (backend.attestation or "")
+            with pytest.raises(ProtocolError, match="PCR sha256:16"):  # and again: still out
+                await register_attested(record, key, c1.prover)
             assert not await in_rotation(server, k, key)
+            server.draining[public_key(key)] = 0.0  # the drain is over: lease and peer go
+            await server.run_pass()
+            assert public_key(key) not in server.leases.by_key and public_key(key) not in k.devices["sptun0"].peers
+            assert public_key(key) not in server.api.verdicts
             status = server.attestation()
-            assert status is not None and (status.verified, status.refused, status.admitted) == (2, 3, 0)
+            assert status is not None and (status.verified, status.refused, status.admitted) == (2, 4, 0)
             assert status.refusals[-1].public_key == public_key(key) and "PCR sha256:16" in status.refusals[-1].reason
             assert server.api.limiter.failures == {}  # a valid token, a changed machine: no penalty
 
@@ -353,5 +365,32 @@ def test_an_agent_checks_the_servers_evidence_before_it_sends_its_request(tmp_pa
                 await register_attested(record, generate_private_key(), None, verifier)
             assert info.value.reason == "server-attestation" and server.api.accepted == accepted
             assert len(server.leases.by_key) == 1
+
+    run(scenario)
+
+
+def test_a_client_that_stops_proving_itself_leaves_after_max_age(tmp_path: Path, tpms: list[Tpm]) -> None:
+    """A changed client could simply stop registering: with require, evidence older than
+    max_age takes it out of its rotation as a refusal does."""
+    c1 = tpms[0]
+    c1.enrol(tmp_path / "enrolled", "c1")
+    k = FakeKernel()
+    server = attested_server(tmp_path, k, True, tmp_path / "enrolled")
+
+    async def scenario() -> None:
+        async with serving(server) as record:
+            key, quiet = generate_private_key(), generate_private_key()
+            for client in (key, quiet):
+                assert await register_attested(record, client, c1.prover) is not None
+                assert await in_rotation(server, k, client)
+            server.api.verified_at[public_key(quiet)] -= 61  # its last evidence, 61 s ago (max_age 60 s)
+            server.last_expiry = 0.0
+            assert not await in_rotation(server, k, quiet) and await in_rotation(server, k, key)
+            assert public_key(quiet) in server.draining
+            shown = server.attestation_of(public_key(quiet))
+            assert shown["attested"] is False and "no fresh evidence for 61 s" in shown["attestation"]
+            # It proves itself again: back in the rotation (once its checks pass, as any rejoining client).
+            assert await register_attested(record, quiet, c1.prover) is not None
+            assert public_key(quiet) not in server.draining
 
     run(scenario)

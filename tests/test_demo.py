@@ -25,3 +25,16 @@ def test_the_lab_demo_passes_in_both_families_with_an_ipv6_only_client() -> None
     assert "s2 2001:db8::1:11: 12/12 ok; split c1=4, c2=4, c5=4 (even); browser address kept" in out
     assert "s1 198.51.100.10: 12/12 ok; split c1=6, c2=6 (even); browser address kept" in out
     assert out.count("routed by SNI") == 2 and "demo passed" in out
+
+
+def test_the_attested_demo_shows_measurements_and_a_changed_client_leaving() -> None:
+    """`sptun lab demo --attest`: each host with its own swtpm, joins attested both ways."""
+    prefix = f"dma{os.getpid() % 100000}"
+    result = subprocess.run([sys.executable, "-m", "sptun", "lab", "demo", "--attest", "--prefix", prefix],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"})
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
+    assert "s1: its clients' evidence (tpm2 quotes by enrolled attestation keys)" in out
+    assert out.count("0=0000000000000000…, 16=0000000000000000…") >= 8  # each client on each server
+    assert "c1's PCR 16 extended (its boot chain changed): out of s1 after" in out
+    assert "says: PCR sha256:16 is" in out and "demo passed" in out

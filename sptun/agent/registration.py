@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from sptun import proto
+from sptun import attest, proto
 from sptun.discovery import ServerRecord
 from sptun.errors import ProtocolError, SptunError, printable
 from sptun.keys import read_token, write_file_atomic
@@ -229,7 +229,8 @@ class Registrar:
     async def register(self, reg: Registration) -> None:
         server = reg.server
         try:
-            assignment = await self.exchange(server, "register", REGISTER_DEADLINE)
+            attests = self.attestation is not None and (self.attestation.prover or self.attestation.verifier)
+            assignment = await self.exchange(server, "register", REGISTER_DEADLINE + (attest.EXCHANGE_GRACE if attests else 0))
         except SptunError as e:
             if str(e) != reg.error:
                 log.warning("registration with %s failed: %s", server.ip, e)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from sptun.attest import Tpm2Prover
+from sptun.agent.registration import REGISTER_EVERY
 from sptun.control import control_request
 from sptun.errors import SptunError
 from sptun.keys import new_token, write_file_atomic
@@ -147,7 +153,77 @@ def share_by_sni(lab: Lab, client_domains: dict[str, str], address: Callable[[Ho
 def start_daemons(lab: Lab, hosts: list[Host] | None = None) -> None:
     for host in hosts or lab.servers + lab.clients:
         role = host.spec.role if host.spec.role == "server" else "agent"
-        host.spawn(sptun(role, "run", "-c", config_path(host)), log=host.dir / "sptun.log")
+        tpm = tpm_socket(host)  # with attest_lab(): the host's own TPM, as tpm2-tools find it
+        env = {**os.environ, "TPM2TOOLS_TCTI": f"swtpm:path={tpm}"} if tpm.exists() else None
+        host.spawn(sptun(role, "run", "-c", config_path(host)), log=host.dir / "sptun.log", env=env)
+
+
+# --- attested joins ---------------------------------------------------------------------
+
+
+ATTESTED_PCRS = (0, 16)  # a fresh swtpm has measured nothing: PCR 16 (debug) is the one the lab extends
+
+
+def tpm_socket(host: Host) -> Path:
+    return host.dir / "tpm" / "tpm.sock"
+
+
+def attest_lab(lab: Lab) -> dict[int, str]:
+    """After write_configs: each server and client gets its own software TPM (swtpm, in its
+    namespace), and sptun's attestation key in it. Each client presents tpm2 evidence, which
+    each server requires; each server presents its own, which each agent requires. The keys
+    are enrolled as an operator would: each host's attestation-key.pem copied into the other
+    side's enrolled directory. The reference PCR values are read from the first client's
+    TPM (all alike, fresh). Returns them."""
+    for host in lab.servers + lab.clients:
+        (host.dir / "tpm").mkdir(mode=0o700)
+        sock = tpm_socket(host)
+        host.spawn(["swtpm", "socket", "--tpmstate", f"dir={sock.parent}", "--tpm2", "--server",
+                    f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
+                    "--flags", "not-need-init,startup-clear"], log=host.dir / "swtpm.log")
+        deadline = time.monotonic() + 10 * slow()
+        while not Path(f"{sock}.ctrl").exists():
+            if time.monotonic() > deadline:
+                raise SptunError(f"{host.name}: swtpm did not start (see {host.dir / 'swtpm.log'})")
+            time.sleep(0.02)
+        (host.dir / "state").mkdir(mode=0o700, exist_ok=True)
+        Tpm2Prover(host.dir / "state", tcti=f"swtpm:path={sock}").provision()
+    reference = read_pcrs(lab.clients[0])
+    pcrs = "{ " + ", ".join(f'{i} = "{v}"' for i, v in reference.items()) + " }"
+    for server in lab.servers:
+        enrolled = server.dir / "enrolled"
+        enrolled.mkdir(mode=0o700)
+        for client in lab.clients:
+            shutil.copy(client.dir / "state" / "attestation-key.pem", enrolled / f"{client.name}.pem")
+        with open(server.dir / "server.toml", "a") as f:
+            f.write(f'\n[attestation]\nrequire = true\nverify = "tpm2"\nenrolled = "{enrolled}"\n'
+                    f'pcrs = {pcrs}\nevidence = "tpm2"\n')
+    for client in lab.clients:
+        enrolled = client.dir / "enrolled-servers"
+        enrolled.mkdir(mode=0o700)
+        for server in lab.servers:
+            shutil.copy(server.dir / "state" / "attestation-key.pem", enrolled / f"{server.name}.pem")
+        path = client.dir / "agent.toml"  # a top-level key, before any table
+        path.write_text('attestation = "tpm2"\n' + path.read_text() +
+                        f'\n[server_attestation]\nrequire = true\nenrolled = "{enrolled}"\npcrs = {pcrs}\n')
+    return reference
+
+
+def tpm2(host: Host, *argv: str) -> str:
+    """A tpm2-tools command against the host's own TPM."""
+    return host.run(["env", f"TPM2TOOLS_TCTI=swtpm:path={tpm_socket(host)}", *argv])
+
+
+def read_pcrs(host: Host) -> dict[int, str]:
+    out = tpm2(host, "tpm2_pcrread", "sha256:" + ",".join(map(str, ATTESTED_PCRS)))
+    values = {int(m.group(1)): m.group(2).lower() for m in re.finditer(r"(\d+)\s*:\s*0x([0-9A-Fa-f]{64})", out)}
+    assert sorted(values) == list(ATTESTED_PCRS), out
+    return values
+
+
+def extend_pcr(host: Host, pcr: int = 16) -> None:
+    """What a changed boot chain or kernel does to the host's measurements."""
+    tpm2(host, "tpm2_pcrextend", f"{pcr}:sha256={'ab' * 32}")
 
 
 def status(host: Host) -> dict[str, Any]:
@@ -287,12 +363,62 @@ def show_zone(lab: Lab, console: Console) -> bool:
     return ok
 
 
+def show_attestation(lab: Lab, console: Console) -> bool:
+    """Each server's clients with their verified measurements, and each agent's check of its
+    servers; then one client's measurements change while the others are served: it leaves
+    every rotation at its next registration, and the others keep serving."""
+    ok = True
+    for server in lab.servers:
+        table = Table("client", "domain", "attested", "measurements (sha256 bank)",
+                      title=f"{server.name}: its clients' evidence (tpm2 quotes by enrolled attestation keys)")
+        for d in status(server)["domains"]:
+            for b in d["backends"]:
+                shown = ", ".join(f"{k.split(':')[1]}={v[:16]}…" for k, v in (b.get("measurements") or {}).items())
+                table.add_row(b["overlay_ip"], d["name"], "yes" if b.get("attested") else f"[red]no: {b.get('attestation')}[/]",
+                              shown)
+                ok = ok and bool(b.get("attested"))
+        console.print(table)
+    for client in lab.clients:
+        agent = status(client)
+        checked = [t for t in agent["tunnels"] if t["registered"]]
+        ok = ok and all(t.get("server_attested") for t in checked)
+        console.print(f"{client.name} (attestation key {(agent.get('attestation_key') or '?')[:16]}…) verified "
+                      + ", ".join(f"{t['server']}: {'yes' if t.get('server_attested') else 'NO'}" for t in checked))
+    victim = lab.clients[0]
+    key = status(victim)["public_key"]
+    servers = [s for s in lab.servers if reaches(lab, victim, s)]
+    extend_pcr(victim)
+    started = time.monotonic()
+    deadline = started + (REGISTER_EVERY + 10) * slow()
+    left: dict[str, float] = {}
+    while len(left) < len(servers) and time.monotonic() < deadline:
+        for server in servers:
+            if server.name not in left and not any(b["public_key"] == key and b["in_rotation"]
+                                                   for d in status(server)["domains"] for b in d["backends"]):
+                left[server.name] = time.monotonic() - started
+        time.sleep(0.2)
+    refusals = status(servers[0])["attestation"]["refusals"]
+    why = next((r["reason"] for r in reversed(refusals) if r["public_key"] == key), "no refusal recorded")
+    console.print(f"{victim.name}'s PCR 16 extended (its boot chain changed): out of "
+                  + ", ".join(f"{n} after {t:.1f} s" for n, t in left.items())
+                  + f" (it re-registers every {REGISTER_EVERY:g} s); {servers[0].name} says: {why}")
+    ok = ok and len(left) == len(servers)
+    for server in servers:
+        hits = browse(lab, server, REQUESTS_PER_SERVER)
+        served = Counter(h.client for h in hits if h.ok)
+        failed = sum(not h.ok for h in hits)
+        console.print(f"{server.name}: {len(hits) - failed}/{len(hits)} ok, by " + ", ".join(f"{c}={n}" for c, n in sorted(served.items()))
+                      + ("" if victim.name not in served else f" [red]({victim.name} still served)[/]"))
+        ok = ok and not failed and victim.name not in served
+    return ok
+
+
 def even(hits: list[Hit], clients: list[str]) -> bool:
     counts = Counter(h.client for h in hits if h.ok)
     return len(hits) % len(clients) == 0 and all(counts[c] == len(hits) // len(clients) for c in clients)
 
 
-def demo(prefix: str, wireguard: str = "auto") -> int:
+def demo(prefix: str, wireguard: str = "auto", attest: bool = False) -> int:
     console = Console(width=120)
     lab = Lab(prefix, clients=3 + len(DEMO_SNI_CLIENTS), ipv6_only=DEMO_IPV6_ONLY)
     try:
@@ -305,6 +431,8 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
             server.run(["ip", "addr", "add", f"{sni_address(server)}/24", "dev", "eth0"])
         write_configs(lab, wireguard, publish=True, ipv6_first=ipv6_first(lab))
         share_by_sni(lab, DEMO_SNI_CLIENTS, sni_address)
+        if attest:
+            attest_lab(lab)
         start_daemons(lab)
         started = time.monotonic()
         wait_served(lab, expected={s.name: sum(reaches(lab, c, s) for c in lab.clients) for s in lab.servers})
@@ -335,6 +463,8 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
                 ok = ok and not failed and balanced and sources_ok
         for server in lab.servers:
             ok = show_sni(lab, console, server) and ok
+        if attest:
+            ok = show_attestation(lab, console) and ok
         console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
         return 0 if ok else 1
     except SptunError as e:
@@ -350,17 +480,19 @@ def demo(prefix: str, wireguard: str = "auto") -> int:
         console.print(f"lab {prefix} removed")
 
 
-def main(action: str, prefix: str, wireguard: str = "auto") -> int:
+def main(action: str, prefix: str, wireguard: str = "auto", attest: bool = False) -> int:
     if action == "down":
         destroy(prefix)
         print(f"lab {prefix} removed")
         return 0
     if action == "demo":
-        return demo(prefix, wireguard)
+        return demo(prefix, wireguard, attest)
     lab = Lab(prefix)
     lab.up()
     try:
         write_configs(lab, wireguard)
+        if attest:
+            attest_lab(lab)
         start_daemons(lab)
         wait_served(lab)
     except BaseException:

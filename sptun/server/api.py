@@ -56,6 +56,8 @@ class RegistrationApi:
         self.prover: attest.Prover | None = None
         self.configure_attestation()
         self.verdicts: dict[str, attest.Verdict] = {}  # lease holder's key -> its last check (role.forget_client drops it)
+        self.verified_at: dict[str, float] = {}  # lease holder's key -> when its evidence last verified (monotonic)
+        self.started = time.monotonic()  # a restarted server gives the clients it adopts max_age to prove themselves
         self.attestations: Counter[str] = Counter()  # verified | refused | admitted (require = false)
         self.attestation_refusals: deque[tuple[float, str, str, str]] = deque(maxlen=MAX_ATTESTATION_REFUSALS)
 
@@ -93,8 +95,9 @@ class RegistrationApi:
 
     async def check_evidence(self, claim: proto.Claim, challenge: bytes) -> attest.Verdict:
         """The claim's evidence, checked against this exchange's nonce. With `require`, a
-        refusal also takes a client that holds a lease out of its rotation now: its
-        measurements changed since it was admitted."""
+        refusal also takes a client that holds a lease out of its rotation now, as a
+        deregistration does (its measurements changed since it was admitted): no new
+        connection goes to it, and those it serves finish (or its peer goes after DRAIN_KEEP)."""
         assert self.verifier is not None and self.role.cfg.attestation is not None
         nonce = attest.nonce(challenge, claim.client_key, self.public_key, claim.domain)
         verdict = await self.verifier.verify(claim.evidence, nonce, claim.client_key, claim.domain)
@@ -109,12 +112,32 @@ class RegistrationApi:
         self.attestations["refused"] += 1
         self.attestation_refusals.append((time.time(), claim.client_key, claim.domain, verdict.detail))
         async with self.role.lock:
-            lease = self.role.leases.by_key.get(claim.client_key)
-            if lease is not None:
-                log.warning("attestation of %s (%s, %s) failed: out of the rotation: %s",
-                            claim.client_key, lease.domain, lease.overlay_ip, verdict.detail)
-                await asyncio.to_thread(self.role.remove_client, claim.client_key)
+            if claim.client_key in self.role.leases.by_key:
+                self.verdicts[claim.client_key] = verdict
+                if claim.client_key not in self.role.draining:
+                    log.warning("attestation of %s (%s) failed: out of its rotation: %s", claim.client_key,
+                                claim.domain, verdict.detail)
+                    await asyncio.to_thread(self.drain, claim.client_key, "attestation failed")
         raise ProtocolError(f"attestation failed: {verdict.detail}", reason="attestation")
+
+    def expire_attestations(self) -> list[str]:
+        """Runs under the lock, in a pass. With `require`: a client whose last good evidence
+        is older than max_age leaves its rotation, as on a refusal: it stopped registering,
+        and so stopped proving what it runs."""
+        conf = self.role.cfg.attestation
+        if conf is None or not conf.require:
+            return []
+        now, done = time.monotonic(), []
+        for lease in self.role.leases.all():
+            key = lease.public_key
+            age = now - self.verified_at.get(key, self.started)
+            if key in self.role.draining or age <= conf.max_age:
+                continue
+            self.verdicts[key] = attest.Verdict(False, f"no fresh evidence for {age:.0f} s (max_age {conf.max_age:g} s)")
+            log.warning("attestation of %s (%s): no fresh evidence for %.0f s: out of its rotation", key, lease.domain, age)
+            self.drain(key, "no fresh evidence")
+            done.append(f"drain {lease.overlay_ip} of {key} ({lease.domain}): no fresh evidence for {age:.0f} s")
+        return done
 
     async def present_evidence(self, asked: proto.EvidenceRequest) -> bytes:
         """This server's own evidence, for an agent that checks its servers."""
@@ -164,13 +187,14 @@ class RegistrationApi:
         return proto.Assignment(lease.overlay_ip, str(cfg.server_ip), self.public_key, cfg.overlay.prefixlen, seen,
                                 ip6, str(cfg.server_ip6) if ip6 else None, cfg.overlay6.prefixlen if ip6 and cfg.overlay6 else None)
 
-    def deregister(self, claim: proto.Claim) -> None:
+    def drain(self, key: str, why: str) -> None:
         """Runs under the lock: out of the rotation now; the peer stays while its connections finish."""
-        lease = self.role.leases.by_key.get(claim.client_key)
+        lease = self.role.leases.by_key.get(key)
         if lease is not None:
             self.role.draining[lease.public_key] = time.monotonic() + DRAIN_KEEP
             self.role.apply_rotation()
-            log.info("deregistered %s (%s) from %s; draining", lease.public_key, lease.overlay_ip, lease.domain)
+            log.info("%s (%s) out of the rotation of %s, draining: %s", lease.public_key, lease.overlay_ip,
+                     lease.domain, why)
 
     async def commit(self) -> None:
         """Put what registrations changed so far into the kernel (the queued peers, in one
@@ -200,9 +224,9 @@ class RegistrationApi:
             self.rejections.flush()
 
     @staticmethod
-    async def read_line(reader: asyncio.StreamReader) -> bytes:
+    async def read_line(reader: asyncio.StreamReader, timeout: float) -> bytes:
         try:
-            line = await asyncio.wait_for(reader.readline(), API_READ_TIMEOUT)
+            line = await asyncio.wait_for(reader.readline(), timeout)
         except ValueError:  # longer than the stream limit
             raise ProtocolError(f"message larger than {proto.MAX_MESSAGE} bytes", reason="oversized") from None
         except TimeoutError:
@@ -225,22 +249,25 @@ class RegistrationApi:
             challenge = os.urandom(proto.CHALLENGE_LEN)
             writer.write(proto.hello(self.public_key, challenge, self.verifier.ask() if self.verifier else None))
             await writer.drain()
-            line = await self.read_line(reader)
+            wait = API_READ_TIMEOUT + (attest.EXCHANGE_GRACE if self.verifier or self.prover else 0)
+            line = await self.read_line(reader, wait)
             if (asked := proto.parse_evidence_request(line)) is not None:  # the agent checks us first
                 writer.write(await self.present_evidence(asked))
                 await writer.drain()
-                line = await self.read_line(reader)
+                line = await self.read_line(reader, wait)
             claim = proto.open_request(line, self.private_key, challenge)
             generation = self.authorize(claim, challenge)
             verdict = await self.check_evidence(claim, challenge) if self.verifier and claim.op == "register" else None
             assignment = None
             async with self.role.lock:
                 if claim.op == "deregister":
-                    await asyncio.to_thread(self.deregister, claim)  # an nft change
+                    await asyncio.to_thread(self.drain, claim.client_key, "deregistered")  # an nft change
                 else:
                     assignment = self.register(claim, generation)
-                    if verdict is not None:
+                    if verdict is not None:  # kept for lease holders only: forget_client drops them
                         self.verdicts[claim.client_key] = verdict
+                        if verdict.ok:
+                            self.verified_at[claim.client_key] = time.monotonic()
             await self.commit()  # the peer is in the kernel and the lease on disk before the client hears of it
             self.accepted += 1
             writer.write(proto.accept(assignment, self.private_key, claim.client_key, challenge, claim.op))

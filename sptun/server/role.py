@@ -188,7 +188,7 @@ class Server(Role):
             done += self.adopt_orphans()
         elif now - self.last_expiry >= EXPIRY_EVERY:  # once a pass has read the handshakes
             self.last_expiry = now
-            done += self.expire_leases()
+            done += self.expire_leases() + self.api.expire_attestations()
         if self.store.damaged:  # loaded from the backup: write a good file now
             self.store.save(self.leases)
             done.append(f"rewrote the damaged {self.store.path} ({len(self.leases.by_key)} leases)")
@@ -274,6 +274,7 @@ class Server(Role):
         self.draining.pop(key, None)
         self.health.forget(key)
         self.api.verdicts.pop(key, None)
+        self.api.verified_at.pop(key, None)
 
     def remove_client(self, key: str) -> list[str]:
         """Out of the leases, the peers and the rotation now. Under the lock."""
@@ -304,8 +305,8 @@ class Server(Role):
         now = time.monotonic()
         for key, until in list(self.draining.items()):
             if now >= until:
-                del self.draining[key]
-                lease = self.leases.release(key)
+                lease = self.leases.by_key.get(key)
+                self.forget_client(key)
                 if lease is not None:
                     self.store.save(self.leases)
                     changes.append(f"release {lease.overlay_ip} of {key} ({lease.domain}): drained")
@@ -534,7 +535,8 @@ class Server(Role):
                 if lease.ipv6 and self.cfg.overlay6 and self.daemon:
                     healthy6, reason6 = view.health6.get(lease.public_key, (False, "not checked yet"))
                 if lease.public_key in view.draining:
-                    reason = "draining (deregistered)"
+                    verdict = self.api.verdicts.get(lease.public_key)
+                    reason = f"draining ({'attestation failed' if verdict and not verdict.ok else 'deregistered'})"
                     reason6 = reason if reason6 is not None else None
                 backends.append(BackendStatus(
                     overlay_ip=lease.overlay_ip, public_key=lease.public_key, healthy=is_healthy, reason=reason,
