@@ -81,7 +81,8 @@ def test_units_match_sptun(role: str) -> None:
     assert s["RuntimeDirectoryPreserve"] == ["yes"] and "/run/wireguard" in writable
     # ip_forward (server), rp_filter (agent) under a read-only /proc/sys.
     assert s["ProtectKernelTunables"] == ["yes"] and "/proc/sys/net" in writable
-    assert s["DeviceAllow"] == ["/dev/net/tun rw"] and s["DevicePolicy"] == ["closed"]
+    # wireguard-go's tun, and the TPM for attested joins (tpm2-tools through the resource manager).
+    assert s["DeviceAllow"] == ["/dev/net/tun rw", "/dev/tpmrm0 rw"] and s["DevicePolicy"] == ["closed"]
     # The server's SNI proxy binds the public ports (443): it inherits the server's set.
     wanted_caps = "CAP_NET_ADMIN CAP_NET_BIND_SERVICE" if role == "server" else "CAP_NET_ADMIN"
     assert s["CapabilityBoundingSet"] == [wanted_caps]
