@@ -167,7 +167,8 @@ def test_check_health_reads_both_sets_and_probes_only_the_others(tmp_path: Path,
     assert reads == 1  # one read of the kernel per round, for both sets
     assert sorted(probes) == sorted([c, d])  # c: a suspect, even though it answered; d: idle
     assert server.health.by_key[keys[0]].reason == server.health.by_key[keys[1]].reason == ANSWERING
-    assert not server.health.is_up(keys[2])  # the suspect is out at once
+    assert not server.health.is_up(keys[2])  # the suspect is out at once ...
+    assert c not in k.maps["rr0"] and sorted(k.maps["rr0"]) == sorted([a, b, d])  # ... of the kernel's map too, with no pass
     assert server.edges.firewall.passive() == ({c}, {a, b, c})
 
 

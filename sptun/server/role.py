@@ -341,16 +341,31 @@ class Server(Role):
 
     async def check_health(self) -> None:
         """One round of checks of every backend, after one read of the kernel's passive
-        health (who left connections unanswered, who answered); a flip wakes the loop."""
+        health (who left connections unanswered, who answered); a flip wakes the loop, and
+        the kernel's word goes into the rotations at once."""
         leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
         by_family = {4: leases, 6: [lease for lease in leases if lease.ipv6] if self.cfg.overlay6 else []}
         suspects, answered = (by_lease_family(self.cfg, ips) for ips in await asyncio.to_thread(self.edges.firewall.passive))
         if any([self.health.suspect(by_family[f], suspects[f], f) for f in (4, 6) if suspects[f]]):
-            self.wake.set()
+            await self.apply_flips()
         # The probes run beside the next rounds' passive reads: a probe of a dead backend
         # waits out its timeout, and the kernel's word must not wait for it.
         if self.probes is None or self.probes.done():
             self.probes = asyncio.create_task(self.probe(by_family, answered, suspects))
+
+    async def apply_flips(self) -> None:
+        """Backends the kernel saw fail, out of the rotations now: only the nft change (and the
+        SNI proxy's), not a whole pass, whose first step reads every peer of the interface
+        (half a second with 10k). The pass it wakes sees to the rest."""
+        try:
+            async with self.lock:
+                changes = [] if self.is_down() else await asyncio.to_thread(self.apply_rotation)
+        except SptunError as e:  # the pass tries again, from a fresh read of the kernel
+            log.warning("taking failed backends out: %s", e)
+            changes = []
+        for change in changes:
+            log.info("%s", change)
+        self.wake.set()
 
     async def probe(self, leases: dict[int, list[Lease]], answered: dict[int, set[str]],
                     suspects: dict[int, set[str]]) -> None:
