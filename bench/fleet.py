@@ -63,6 +63,12 @@ def death(lab: Lab, home: Host, overlay: list[str]) -> dict[str, Any]:
     return {"backends": len(overlay), "detection_s": round(took, 2)}
 
 
+def rotation_log(server: Host) -> list[str]:
+    """The server's log lines that change its rotation: a backend down or up, a rotation change."""
+    text = (server.dir / "sptun.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if " is down" in line or " is up" in line or "backends " in line]
+
+
 def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
     n = wanted if wireguard_backend() == "kernel" else min(wanted, USERSPACE_MAX)
     connections = n * per_client
@@ -88,12 +94,16 @@ def fleet(prefix: str, wanted: int, per_client: int) -> dict[str, Any]:
         curl: list[Arg] = ["curl", "-s", "-Z", "--parallel-max", "8", "-H", "Connection: close", "-o", "/dev/null",
                            f"http://{s1.address}/?n=[1-{connections}]"]
         note_command("rotation of hundreds", [f"[{lab.browser.name}]", *curl])
+        before = rotation_log(s1)
         lab.browser.run(curl, timeout=600)
+        changes = rotation_log(s1)[len(before):]  # numgen's count restarts on a change: an exact split needs none
         counts = counted(home)
         shares = sorted(counts.values())
         out.update(wanted=wanted, connections=connections, counted=sum(shares), smallest=shares[0], largest=shares[-1],
-                   clients_seen=sum(1 for v in shares if v))
-        log(f"{connections} connections over {n} clients: {shares[0]}..{shares[-1]} each")
+                   clients_seen=sum(1 for v in shares if v), rotation_changes=len(changes),
+                   backends_down=sum(" is down" in line for line in changes))
+        log(f"{connections} connections over {n} clients: {shares[0]}..{shares[-1]} each; the rotation changed "
+            f"{len(changes)} times meanwhile ({out['backends_down']} backends found down)")
         out["death"] = death(lab, home, out.pop("overlay"))
         return out
     finally:

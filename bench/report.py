@@ -298,9 +298,13 @@ def _ratio_rows(results: dict[str, Any], out: dict[str, Row]) -> None:
         out["rotation_200"].measured = (f"{spread} ({fl['smallest']}–{fl['largest']} each of {fl['n']} clients, "
                                         f"{fl['counted']:,} of {fl['connections']:,} connections counted)")
         out["rotation_200"].result = _verdict(spread <= 1 and fl["n"] >= 200)
+        changed = fl.get("rotation_changes")
+        during = ("" if changed is None else "; the rotation did not change while they were counted" if not changed else
+                  f"; the rotation changed {changed} times while they were counted ({fl['backends_down']} backends found "
+                  "down)" + (": each change shifts numgen's sequence over the map" if spread > 1 else ""))
         out["rotation_200"].note = (f"{fl['n']} clients ({'kernel' if fl['kernel'] else 'wireguard-go'}) registered in "
                                     f"{_fmt(fl['registered_s'])} s, configured {_fmt(fl['configured_s'])} s, all in the "
-                                    f"rotation {_fmt(fl['in_rotation_s'])} s")
+                                    f"rotation {_fmt(fl['in_rotation_s'])} s{during}")
     many = results.get("domains")
     if many:
         worst = max(many["join"]["median_ms"], many["leave"]["median_ms"])
