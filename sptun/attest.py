@@ -50,7 +50,9 @@ PROVISION_TIMEOUT = 120.0  # s for each step of making the AK: an RSA key genera
 # s a registration may take beyond its usual deadline when evidence is made or checked
 # (both ends allow it: the agent's deadline, and the server's wait for the request).
 EXCHANGE_GRACE = 15.0
-MAX_EVIDENCE = 12 * 1024  # bytes of evidence as JSON: a TDX quote with its certificates fits
+# bytes of a command's evidence line: what a registration (proto.MAX_MESSAGE, base64 of a
+# sealed box) has room for beside the rest. A TDX quote fits; its collateral is the verifier's to fetch.
+MAX_EVIDENCE = 10 * 1024
 MAX_ENROLLED = 10_000  # AK files read from an enrolled directory
 CONCURRENT = 8  # quotes or checks at once; more wait (a flood of registrations must not fork a flood)
 

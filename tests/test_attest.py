@@ -23,7 +23,7 @@ from rich.console import Console
 from fakes import FakeKernel
 from sptun import attest, proto
 from sptun.attest import Tpm2Prover, Tpm2Verifier
-from sptun.errors import ConfigError, ProtocolError
+from sptun.errors import ConfigError, ProtocolError, SptunError
 from sptun.keys import generate_private_key, public_key
 from sptun.config import load_agent, load_server
 from sptun.discovery import ServerRecord
@@ -185,6 +185,21 @@ sys.exit(0 if ok else 1)""")])
     assert asyncio.run(verifier.verify(evidence, os.urandom(32), "k", DOMAIN)) == \
         attest.Verdict(False, "report data is for another nonce")
     assert not asyncio.run(verifier.verify(None, n, "k", DOMAIN)).ok
+
+
+def test_the_largest_evidence_a_command_may_print_fits_in_a_registration(tmp_path: Path) -> None:
+    n = os.urandom(32)
+    for size, fits in ((attest.MAX_EVIDENCE, True), (attest.MAX_EVIDENCE + 1, False)):
+        prover = attest.CommandProver([script(tmp_path / f"prove{size}", f'print("A" * {size})')])
+        if not fits:
+            with pytest.raises(SptunError, match="more than"):
+                asyncio.run(prover.evidence(n, {}))
+            continue
+        evidence = asyncio.run(prover.evidence(n, {}))
+        key = generate_private_key()
+        request = proto.Request("register", "x" * 253, "t" * 40, public_key(key))
+        line = proto.seal_request(request, key, public_key(generate_private_key()), os.urandom(32), evidence)
+        assert len(line) <= proto.MAX_MESSAGE
 
 
 # --- configuration -----------------------------------------------------------------------------------
