@@ -24,6 +24,7 @@ from sptun.agent.plan import FALLBACK_PRIORITY
 from sptun.daemon import RMEM_WANTED, rmem_default
 from sptun.errors import CommandError
 from sptun.keys import ensure_private_dir, generate_private_key, public_key, write_file_atomic
+from sptun.proto import MAX_MESSAGE
 from sptun.daemon import SCRAPE_MAX_AGE
 from sptun.lab import (
     DOMAIN,
@@ -373,7 +374,7 @@ def test_garbage_on_the_registration_port_is_refused_and_serving_goes_on(lab: La
     s1 = lab.servers[0]
     probe = textwrap.dedent("""
         import socket, sys
-        for payload in (b"garbage\\n", b"{}\\n", b"x" * 10000 + b"\\n", b"{\\"key\\": 1"):
+        for payload in (b"garbage\\n", b"{}\\n", b"x" * 20000 + b"\\n", b"{\\"key\\": 1"):
             s = socket.create_connection((sys.argv[1], 51821), timeout=10)
             s.recv(4096)  # hello
             s.sendall(payload)
@@ -381,6 +382,7 @@ def test_garbage_on_the_registration_port_is_refused_and_serving_goes_on(lab: La
             print(s.recv(4096).decode().strip())
             s.close()
     """)
+    assert 20000 > MAX_MESSAGE  # the third payload is over the limit
     replies = [json.loads(line) for line in lab.browser.run([sys.executable, "-c", probe, s1.address]).splitlines()]
     assert [r["ok"] for r in replies] == [False] * 4
     assert {r["reason"] for r in replies} >= {"malformed", "oversized"}
