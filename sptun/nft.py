@@ -440,10 +440,14 @@ class Firewall(Protocol):
         twins: addresses of both families), in one read (none if there is no table)."""
         ...
 
+    def suspects(self) -> set[str]:
+        """The SUSPECTS sets alone (both families): small, so cheap to read often."""
+        ...
+
 
 class Nft:
     """The real table: reads with `nft -j` (one process per read), but the passive-health
-    sets, which the health loop reads twice a second, by netlink (read_sets); writes through
+    sets, which the health loop reads ten times a second, by netlink (read_sets); writes through
     libnftables in this process (no fork per change, which at one change per health flip is
     most of a server's cost), or with `nft -f -`: where the library is missing, and for the
     agent, which changes its table rarely and would carry the library's ~4 MiB for it."""
@@ -466,6 +470,14 @@ class Nft:
             log.debug("cannot read the passive-health sets: %s", e)
             return set(), set()
         return suspects | suspects6, answered | answered6
+
+    def suspects(self) -> set[str]:
+        try:
+            suspects, suspects6 = read_sets(TABLE, (SUSPECTS, SUSPECTS6))
+        except OSError as e:
+            log.debug("cannot read the passive-health sets: %s", e)
+            return set()
+        return suspects | suspects6
 
     def write(self, text: str) -> None:
         if not text.endswith("\n"):

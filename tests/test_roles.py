@@ -41,10 +41,10 @@ def token(tmp_path: Path) -> Path:
     return path
 
 
-def make_server(tmp_path: Path, kernel: FakeKernel, name: str = "s1") -> Server:
+def make_server(tmp_path: Path, kernel: FakeKernel, name: str = "s1", tables: str = "") -> Server:
     conf = tmp_path / f"{name}.toml"
     conf.write_text(f'state_dir = "{tmp_path}/{name}"\n[[domains]]\nname = "{DOMAIN}"\n'
-                    f'listen = ["198.51.100.10"]\ntoken_file = "{token(tmp_path)}"\n')
+                    f'listen = ["198.51.100.10"]\ntoken_file = "{token(tmp_path)}"\n{tables}')
     server = Server(load_server(conf), edges=kernel.edges(), conntrack=lambda: kernel.connections)
     server.daemon = True
     return server
@@ -385,3 +385,36 @@ def test_a_backend_the_kernel_saw_leave_syns_unanswered_is_out_and_its_syns_rele
     assert changes == [f"rotation {DOMAIN} 198.51.100.10 tcp/443: 1 backends -{ip}",
                        f"release the unanswered connections to {ip}"]
     assert k.maps["rr0"] == [other] and k.released == [ip] and k.unreplied == {}
+
+
+def test_a_suspect_is_out_between_health_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's SUSPECTS sets are read ten times a second, not once a round: a backend
+    whose SYN was retransmitted leaves within a poll, though the next round is a minute away."""
+    from sptun.server import health as health_module
+
+    async def probe(cfg: Any, lease: Any, address: str) -> tuple[bool, str]:
+        return True, "tcp/443 answers"
+
+    monkeypatch.setattr(health_module, "probe", probe)
+    k = FakeKernel()
+    server = make_server(tmp_path, k, tables="[health]\ninterval = 60\n")
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    other = add_healthy_backend(server, "B" * 43 + "=")
+    server.reconcile()
+
+    async def run() -> float:
+        loop = asyncio.create_task(server.health_loop())
+        try:
+            await asyncio.sleep(0.3)  # the first round is done; the next is a minute away
+            k.suspects = {ip}  # type: ignore[attr-defined]
+            started = time.monotonic()
+            while ip in k.maps["rr0"]:
+                assert time.monotonic() - started < 2, "the suspect waited for the next round"
+                await asyncio.sleep(0.01)
+            return time.monotonic() - started
+        finally:
+            loop.cancel()
+
+    took = asyncio.run(run())
+    assert took < 0.5 and k.maps["rr0"] == [other]

@@ -55,6 +55,7 @@ log = logging.getLogger("sptun")
 
 MAX_ROUNDS = 3  # observe-plan-apply rounds in one pass: the interface, then the rest
 EXPIRY_EVERY = 5.0  # s between checks of silent leases and rotated tokens
+SUSPECT_POLL = 0.1  # s between reads of the kernel's SUSPECTS sets (health rounds: cfg.health.interval)
 
 
 class Server(Role):
@@ -343,15 +344,30 @@ class Server(Role):
         """One round of checks of every backend, after one read of the kernel's passive
         health (who left connections unanswered, who answered); a flip wakes the loop, and
         the kernel's word goes into the rotations at once."""
-        leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
-        by_family = {4: leases, 6: [lease for lease in leases if lease.ipv6] if self.cfg.overlay6 else []}
+        by_family = self.checked_leases()
         suspects, answered = (by_lease_family(self.cfg, ips) for ips in await asyncio.to_thread(self.edges.firewall.passive))
-        if any([self.health.suspect(by_family[f], suspects[f], f) for f in (4, 6) if suspects[f]]):
-            await self.apply_flips()
+        await self.take_out(by_family, suspects)
         # The probes run beside the next rounds' passive reads: a probe of a dead backend
         # waits out its timeout, and the kernel's word must not wait for it.
         if self.probes is None or self.probes.done():
             self.probes = asyncio.create_task(self.probe(by_family, answered, suspects))
+
+    def checked_leases(self) -> dict[int, list[Lease]]:
+        """The leases whose health is checked, by family."""
+        leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
+        return {4: leases, 6: [lease for lease in leases if lease.ipv6] if self.cfg.overlay6 else []}
+
+    async def take_out(self, by_family: dict[int, list[Lease]], suspects: dict[int, set[str]]) -> None:
+        if any([self.health.suspect(by_family[f], suspects[f], f) for f in (4, 6) if suspects[f]]):
+            await self.apply_flips()
+
+    async def check_suspects(self) -> None:
+        """Between rounds, the kernel's SUSPECTS sets alone: a dead backend's first SYN
+        retransmission (a second after the SYN) takes it out within SUSPECT_POLL, not within
+        a whole interval."""
+        suspects = await asyncio.to_thread(self.edges.firewall.suspects)
+        if suspects:
+            await self.take_out(self.checked_leases(), by_lease_family(self.cfg, suspects))
 
     async def apply_flips(self) -> None:
         """Backends the kernel saw fail, out of the rotations now: only the nft change (and the
@@ -379,15 +395,20 @@ class Server(Role):
             log.exception("health probe round failed")
 
     async def health_loop(self) -> None:
+        next_round = 0.0
         while True:
             started = time.monotonic()
             # Not before the first pass has read the device and adopted the running rotation.
             if not self.is_down() and self.nft_table is not None:
                 try:
-                    await self.check_health()
+                    if started >= next_round:
+                        next_round = started + self.cfg.health.interval
+                        await self.check_health()
+                    else:
+                        await self.check_suspects()
                 except Exception:  # a bug here must not stop the checks for good
                     log.exception("health check round failed")
-            await asyncio.sleep(max(0.0, self.cfg.health.interval - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, min(started + SUSPECT_POLL, next_round) - time.monotonic()))
 
     async def start_services(self) -> list[asyncio.AbstractServer]:
         try:
