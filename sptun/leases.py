@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from sptun.errors import SptunError
@@ -48,6 +49,7 @@ class Leases:
         self._used: set[ipaddress.IPv4Address] = set()
         self._next = int(overlay.network_address) + 2  # the first address is the server's
         self._sorted: list[Lease] | None = None  # all(), kept until the next change: the daemon asks every second
+        self._by_ip: dict[str, Lease] | None = None  # at()'s index, kept likewise
         self.count: Counter[str] = Counter()  # leases per domain
         # Evicted keys, and the token generation they were evicted under: they stay out until
         # the domain's token changes.
@@ -89,7 +91,7 @@ class Leases:
             self.count[old.domain] -= 1
         self.count[lease.domain] += 1
         self.by_key[lease.public_key] = lease
-        self._sorted = None
+        self._sorted = self._by_ip = None
 
     def saw(self, public_key: str, when: float) -> bool:
         """A handshake (or registration) at `when`: True if the lease's `seen` moved, which
@@ -132,7 +134,7 @@ class Leases:
         if lease is not None:
             self._used.discard(ipaddress.IPv4Address(lease.overlay_ip))
             self.count[lease.domain] -= 1
-            self._sorted = None
+            self._sorted = self._by_ip = None
         return lease
 
     def _free_address(self) -> ipaddress.IPv4Address:
@@ -152,6 +154,13 @@ class Leases:
         if self._sorted is None:
             self._sorted = sorted(self.by_key.values(), key=_address_key)
         return list(self._sorted)
+
+    def at(self, addresses: Iterable[str]) -> list[Lease]:
+        """The leases of some IPv4 overlay addresses (none for an address nobody holds), in
+        address order: a few of them without a walk over all."""
+        if self._by_ip is None:
+            self._by_ip = {lease.overlay_ip: lease for lease in self.by_key.values()}
+        return sorted((lease for a in addresses if (lease := self._by_ip.get(a)) is not None), key=_address_key)
 
 
 def _address_key(lease: Lease) -> tuple[int, ...]:

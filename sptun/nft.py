@@ -464,20 +464,21 @@ class Nft:
             return TableState()
 
     def passive(self) -> tuple[set[str], set[str]]:
-        try:  # a server with no IPv6 forward has no SUSPECTS6 and ANSWERED6: they read as empty
-            suspects, answered, suspects6, answered6 = read_sets(TABLE, (SUSPECTS, ANSWERED, SUSPECTS6, ANSWERED6))
-        except OSError as e:  # as if nobody were suspect or answering: every backend is probed
-            log.debug("cannot read the passive-health sets: %s", e)
-            return set(), set()
+        # A server with no IPv6 forward has no SUSPECTS6 and ANSWERED6: they read as empty.
+        suspects, answered, suspects6, answered6 = self._passive_sets((SUSPECTS, ANSWERED, SUSPECTS6, ANSWERED6))
         return suspects | suspects6, answered | answered6
 
     def suspects(self) -> set[str]:
-        try:
-            suspects, suspects6 = read_sets(TABLE, (SUSPECTS, SUSPECTS6))
-        except OSError as e:
-            log.debug("cannot read the passive-health sets: %s", e)
-            return set()
+        suspects, suspects6 = self._passive_sets((SUSPECTS, SUSPECTS6))
         return suspects | suspects6
+
+    @staticmethod
+    def _passive_sets(names: tuple[str, ...]) -> list[set[str]]:
+        try:
+            return read_sets(TABLE, names)
+        except OSError as e:  # as if nobody were suspect or answering: every backend is probed
+            log.debug("cannot read the passive-health sets: %s", e)
+            return [set() for _ in names]
 
     def write(self, text: str) -> None:
         if not text.endswith("\n"):

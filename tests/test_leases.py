@@ -88,6 +88,14 @@ def test_for_domain_and_all_are_sorted_by_address() -> None:
     assert [x.public_key for x in leases.for_domain("app.example.test")] == [K3, K1]
 
 
+def test_at_finds_the_leases_of_some_addresses_and_follows_changes() -> None:
+    leases = Leases(NET, [lease(K1, "10.99.0.10"), lease(K2, "10.99.0.9"), lease(K3, "10.99.0.2")])
+    assert [x.public_key for x in leases.at({"10.99.0.10", "10.99.0.2", "10.99.0.77"})] == [K3, K1]
+    leases.release(K3)
+    moved, _ = leases.acquire(K4, "b.test")
+    assert leases.at({"10.99.0.2"}) == [moved]  # the index is not stale after a change
+
+
 @pytest.mark.parametrize("bad_ip", ["10.99.0.0", "10.99.0.1", "10.99.255.255", "10.100.0.2", "192.168.1.2"],
                          ids=["network", "server", "broadcast", "outside", "elsewhere"])
 def test_loading_drops_out_of_range_leases(bad_ip: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -352,9 +352,10 @@ class Server(Role):
         if self.probes is None or self.probes.done():
             self.probes = asyncio.create_task(self.probe(by_family, answered, suspects))
 
-    def checked_leases(self) -> dict[int, list[Lease]]:
-        """The leases whose health is checked, by family."""
-        leases = [lease for lease in self.leases.all() if lease.public_key not in self.draining]
+    def checked_leases(self, among: list[Lease] | None = None) -> dict[int, list[Lease]]:
+        """The leases whose health is checked (of all, or `among` some), by family."""
+        leases = [lease for lease in (self.leases.all() if among is None else among)
+                  if lease.public_key not in self.draining]
         return {4: leases, 6: [lease for lease in leases if lease.ipv6] if self.cfg.overlay6 else []}
 
     async def take_out(self, by_family: dict[int, list[Lease]], suspects: dict[int, set[str]]) -> None:
@@ -365,9 +366,11 @@ class Server(Role):
         """Between rounds, the kernel's SUSPECTS sets alone: a dead backend's first SYN
         retransmission (a second after the SYN) takes it out within SUSPECT_POLL, not within
         a whole interval."""
-        suspects = await asyncio.to_thread(self.edges.firewall.suspects)
-        if suspects:
-            await self.take_out(self.checked_leases(), by_lease_family(self.cfg, suspects))
+        suspects = by_lease_family(self.cfg, await asyncio.to_thread(self.edges.firewall.suspects))
+        # A suspect stays in the set (a backend already down, mostly) until its element times
+        # out: only its own lease is looked at, not all 10k of them ten times a second.
+        if suspects[4] or suspects[6]:
+            await self.take_out(self.checked_leases(self.leases.at(suspects[4] | suspects[6])), suspects)
 
     async def apply_flips(self) -> None:
         """Backends the kernel saw fail, out of the rotations now: only the nft change (and the
