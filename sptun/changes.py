@@ -80,15 +80,15 @@ class Edges:
     proxy: Proxy | None = None  # a server's, set by the role
 
 
-def observe_link(edges: Edges, name: str, tunnel: bool = False) -> LinkState | None:
+def observe_link(edges: Edges, name: str, tunnel: bool = False, device: Device | None = None) -> LinkState | None:
     """One interface in full (link, addresses, device), or None if there is no such link.
     tunnel (an agent's): also its rp_filter, and the default route of the routing table
-    that its mark names."""
+    that its mark names. device: the device as read already, and still true."""
     info: LinkInfo | None = edges.links.info(name)
     if info is None:
         return None
     ours = edges.wg.is_ours(name)
-    device = edges.wg.device(name) if ours else Device()
+    device = (device if device is not None else edges.wg.device(name)) if ours else Device()
     route = edges.links.default_route(nft.client_mark(info.index)) if tunnel else None
     route6 = edges.links.default_route(nft.client_mark(info.index), 6) if tunnel else None
     rp_filter = edges.sysctls.get(f"net/ipv4/conf/{name}/rp_filter") if tunnel else ""

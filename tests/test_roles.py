@@ -28,7 +28,9 @@ from sptun.errors import SptunError
 from sptun.keys import ensure_private_dir, new_token, write_file_atomic
 from sptun.server import Server
 from sptun.server.health import Health
+from sptun.server.plan import peer_of
 from sptun.snapshot import RegistrationCounts
+from sptun.wg import PeerChange
 
 DOMAIN = "app.example.test"
 
@@ -418,3 +420,71 @@ def test_a_suspect_is_out_between_health_rounds(tmp_path: Path, monkeypatch: pyt
 
     took = asyncio.run(run())
     assert took < 0.5 and k.maps["rr0"] == [other]
+
+
+def slow_device_reads(server: Server, monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[float]:
+    """Each read of the server's device takes `seconds` (10k peers on wireguard-go: about 0.5);
+    returns the times at which reads began."""
+    began: list[float] = []
+    read = server.edges.wg.device
+
+    def slow(ifname: str) -> Any:
+        began.append(time.monotonic())
+        time.sleep(seconds)
+        return read(ifname)
+
+    monkeypatch.setattr(server.edges.wg, "device", slow)
+    return began
+
+
+def test_a_flip_does_not_wait_for_a_pass_reading_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass reads the device before it takes the lock: a backend the kernel saw fail
+    leaves the rotation at once, not after half a second of reading 10k peers."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    other = add_healthy_backend(server, "B" * 43 + "=")
+    server.reconcile()
+    server.passes = 1  # past the first pass, which also reads the device for orphan peers
+    began = slow_device_reads(server, monkeypatch, 0.6)
+
+    async def run() -> float:
+        a_pass = asyncio.create_task(server.run_pass())
+        while not began:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        server.health.suspect(server.leases.all(), {ip})
+        await server.apply_flips()
+        took = time.monotonic() - started
+        await a_pass
+        return took
+
+    took = asyncio.run(run())
+    assert took < 0.3, f"the flip waited {took:.2f} s for the pass"
+    assert k.maps["rr0"] == [other] and len(began) == 1  # a rotation change leaves the read good
+
+
+def test_a_device_change_during_the_read_ahead_makes_the_pass_read_again(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration's commit that lands while the pass reads ahead: the read may miss its
+    peer, so the pass reads the device again under the lock."""
+    k = FakeKernel()
+    server = make_server(tmp_path, k)
+    server.reconcile()
+    server.passes = 1  # past the first pass, which also reads the device for orphan peers
+    began = slow_device_reads(server, monkeypatch, 0.3)
+    key = "C" * 43 + "="
+
+    async def run() -> None:
+        a_pass = asyncio.create_task(server.run_pass())
+        while not began:
+            await asyncio.sleep(0.01)
+        async with server.lock:
+            server.leases.acquire(key, DOMAIN)
+            server.api.pending_peers[key] = PeerChange("add", peer_of(server.leases.by_key[key], server.cfg))
+            await asyncio.to_thread(server.api._commit, list(server.api.pending_peers.values()))
+        await a_pass
+
+    asyncio.run(run())
+    assert len(began) == 2 and key in server.device.peers

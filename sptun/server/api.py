@@ -213,7 +213,7 @@ class RegistrationApi:
             self.committed_version = version
 
     def _commit(self, peers: list[PeerChange]) -> None:
-        Applier(self.role.edges, self.role.private_key).apply([UpdatePeer(self.role.cfg.interface, p) for p in peers])
+        self.role.apply(Applier(self.role.edges, self.role.private_key), [UpdatePeer(self.role.cfg.interface, p) for p in peers])
         self.role.store.save(self.role.leases)
         self.role.make_view()  # status shows the new leases now, not after the next pass
 

@@ -18,7 +18,8 @@ from typing import Any
 from dataclasses import dataclass, field
 
 from sptun import attest, nft, proto
-from sptun.changes import Applier, Change, Edges, LoadTable, UpdateRotation, observe_link
+from sptun.changes import (Applier, Change, CreateLink, DeleteLink, Edges, LoadTable, SetKey, UpdatePeer, UpdateRotation,
+                           observe_link)
 from sptun.config import ServerConfig, check_token_files, load_server
 from sptun.daemon import Role, config_changes
 from sptun.errors import ConfigError, SptunError, printable
@@ -55,6 +56,7 @@ log = logging.getLogger("sptun")
 
 MAX_ROUNDS = 3  # observe-plan-apply rounds in one pass: the interface, then the rest
 EXPIRY_EVERY = 5.0  # s between checks of silent leases and rotated tokens
+DEVICE_CHANGES = (CreateLink, DeleteLink, SetKey, UpdatePeer)  # the changes a read of the device sees
 SUSPECT_POLL = 0.1  # s between reads of the kernel's SUSPECTS sets (health rounds: cfg.health.interval)
 
 
@@ -75,6 +77,8 @@ class Server(Role):
         self.health = HealthChecks()
         self.draining: dict[str, float] = {}  # deregistered keys -> when their peer may go
         self.device = Device()  # the interface as the last pass read it
+        self.kernel_writes = 0  # device changes sptun applied so far: a read from before one is stale
+        self.prefetched: tuple[int, Device] | None = None  # prepare()'s read, and kernel_writes then
         self.nft_table: nft.TableState | None = None  # the table as sptun last loaded or read it
         self.view: ServerView | None = None  # for status: made by each pass, commit and teardown
         self.last_resync = 0.0
@@ -148,8 +152,26 @@ class Server(Role):
             self.health.adopt(self.leases.all(), serving[6], 6)
         return self.nft_table
 
+    async def prepare(self, wait: bool = False) -> None:
+        """Outside the lock: the read of the device, the pass's longest step (half a second
+        with 10k peers on wireguard-go), so that a flip or a registration's commit does not
+        wait for it. Only a device the last pass found; observe() reads again if it fails."""
+        self.prefetched = None
+        if self.device.public_key is None:
+            return
+        writes = self.kernel_writes
+        try:
+            self.prefetched = writes, await asyncio.to_thread(self.edges.wg.device, self.cfg.interface)
+        except Exception as e:  # the pass's own read, under the lock, reports it
+            log.debug("reading %s ahead of the pass: %s", self.cfg.interface, e)
+
+    def prefetched_device(self) -> Device | None:
+        """prepare()'s read, once, if nothing was applied since it began."""
+        prefetched, self.prefetched = self.prefetched, None
+        return prefetched[1] if prefetched is not None and prefetched[0] == self.kernel_writes else None
+
     def observe(self) -> ServerKernel:
-        link = observe_link(self.edges, self.cfg.interface)
+        link = observe_link(self.edges, self.cfg.interface, device=self.prefetched_device())
         self.device = link.device if link is not None else Device()
         assert self.edges.proxy is not None
         self.proxy = self.edges.proxy.read()  # first: read_nft_table adopts its rotations' health too
@@ -171,6 +193,9 @@ class Server(Role):
         except SptunError:
             self.nft_table = None  # our picture of the kernel may be wrong: read it again next pass
             raise
+        finally:
+            if any(isinstance(change, DEVICE_CHANGES) for change in changes):
+                self.kernel_writes += 1
         for change in changes:
             if isinstance(change, LoadTable):
                 self.nft_table = None
@@ -318,7 +343,7 @@ class Server(Role):
         assert self.edges.proxy is not None
         removal = plan_teardown(name, self.edges.links.info(name) is not None, self.edges.firewall.read().exists,
                                 self.edges.proxy.read().pid is not None, bool(self.proxy_routing()))
-        changes = Applier(self.edges, self.private_key).apply(removal)
+        changes = self.apply(Applier(self.edges, self.private_key), removal)
         self.nft_table, self.device = None, Device()
         self.health.clear()
         self.make_view()
