@@ -275,3 +275,24 @@ def test_a_client_registered_again_comes_back_only_by_its_own_probes(probes: lis
     assert checks.is_up(lease.public_key) and len(probes) == 2
     check(checks, leases, device, {lease.overlay_ip})
     assert len(probes) == 2  # up again: answering passes without a probe, as for any backend
+
+
+def test_probes_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of a thousand probes keeps at most PROBES_IN_FLIGHT connects open at once, and
+    still checks every backend: a thousand at once on a busy server all miss the timeout."""
+    in_flight, most = 0, 0
+
+    async def probe(cfg: ServerConfig, lease: Lease, address: str) -> tuple[bool, str]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return True, "tcp/443 answers"
+
+    monkeypatch.setattr(health_module, "probe", probe)
+    leases, device = backends(1000)
+    checks = HealthChecks()
+    asyncio.run(checks.check(CFG, leases, device))
+    assert most == health_module.PROBES_IN_FLIGHT
+    assert all(checks.by_key[lease.public_key].reason == "tcp/443 answers" for lease in leases)
