@@ -635,7 +635,8 @@ def _registration_md(results: dict[str, Any]) -> str:
         "Fresh keys, the domain's token, `sptun.proto.exchange_async` (as agents register) from the browser namespace, "
         "in as many processes as it has cores, each an event loop, all started at once behind a barrier. The server caps "
         "connections at 16 per source address (and 256 in all), so the browser got 8 extra addresses (203.0.113.20–27) "
-        "and each slot in flight binds one of them: at most 16 per source, at most 128 in flight. Server s2 (not the data-plane server); the leases accumulate from run to run.",
+        "and each slot in flight binds one of them: at most 16 per source, at most 128 in flight. Server s2 (not the "
+        "data-plane server); the leases accumulate from run to run.",
         "",
         _table(["registrations", "in flight", "leases before", "p50 ms", "p99 ms", "max ms", "per second", "failures",
                 "server CPU s"], body),

@@ -99,6 +99,16 @@ def add_healthy_backend(server: Server, key: str) -> str:
     return lease.overlay_ip
 
 
+def two_healthy_backends(server: Server) -> tuple[str, str]:
+    """A server's first pass, two healthy backends (keys A... and B...), and the pass that puts
+    them in its rotation: their overlay addresses."""
+    server.reconcile()
+    ip = add_healthy_backend(server, "A" * 43 + "=")
+    other = add_healthy_backend(server, "B" * 43 + "=")
+    server.reconcile()
+    return ip, other
+
+
 def test_the_rotation_is_believed_only_once_the_kernel_has_it(tmp_path: Path) -> None:
     """status (another thread) reports in_rotation from this belief: it must never run ahead."""
     k = FakeKernel()
@@ -375,10 +385,7 @@ def test_a_backend_the_kernel_saw_leave_syns_unanswered_is_out_and_its_syns_rele
     connections are released once it is out of the rotation."""
     k = FakeKernel()
     server = make_server(tmp_path, k)
-    server.reconcile()
-    ip = add_healthy_backend(server, "A" * 43 + "=")
-    other = add_healthy_backend(server, "B" * 43 + "=")
-    server.reconcile()
+    ip, other = two_healthy_backends(server)
     assert sorted(k.maps["rr0"]) == sorted([ip, other])
     k.suspects, k.unreplied = {ip}, {ip: 3}
     flipped = server.health.suspect(server.leases.all(), server.edges.firewall.suspects())
@@ -400,10 +407,7 @@ def test_a_suspect_is_out_between_health_rounds(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(health_module, "probe", probe)
     k = FakeKernel()
     server = make_server(tmp_path, k, tables="[health]\ninterval = 60\n")
-    server.reconcile()
-    ip = add_healthy_backend(server, "A" * 43 + "=")
-    other = add_healthy_backend(server, "B" * 43 + "=")
-    server.reconcile()
+    ip, other = two_healthy_backends(server)
 
     async def run() -> float:
         loop = asyncio.create_task(server.health_loop())
@@ -442,10 +446,7 @@ def test_a_flip_does_not_wait_for_a_pass_reading_the_device(tmp_path: Path, monk
     leaves the rotation at once, not after half a second of reading 10k peers."""
     k = FakeKernel()
     server = make_server(tmp_path, k)
-    server.reconcile()
-    ip = add_healthy_backend(server, "A" * 43 + "=")
-    other = add_healthy_backend(server, "B" * 43 + "=")
-    server.reconcile()
+    ip, other = two_healthy_backends(server)
     server.passes = 1  # past the first pass, which also reads the device for orphan peers
     began = slow_device_reads(server, monkeypatch, 0.6)
 
