@@ -400,7 +400,7 @@ def show_attestation(lab: Lab, console: Console) -> bool:
     refusals = status(servers[0])["attestation"]["refusals"]
     why = next((r["reason"] for r in reversed(refusals) if r["public_key"] == key), "no refusal recorded")
     console.print(f"{victim.name}'s PCR 16 extended (its boot chain changed): out of "
-                  + ", ".join(f"{n} after {t:.1f} s" for n, t in left.items())
+                  + ", ".join(f"{s.name} after {left[s.name]:.1f} s" for s in servers if s.name in left)
                   + f" (it re-registers every {REGISTER_EVERY:g} s); {servers[0].name} says: {why}")
     ok = ok and len(left) == len(servers)
     for server in servers:
