@@ -37,8 +37,9 @@ UDP = f"udp_{common.wireguard_backend()}"
 FLOWTABLE = f"flowtable_{common.wireguard_backend()}"
 FLEET = f"fleet_{common.wireguard_backend()}"
 STEPS = ("nft", "domains", "scale", "agent_idle", "dataplane", "ratios", "throughput", "latency", "udp", "flowtable", "status_after_load", "split", "one_backend", "buffers",
-         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication", "fleet", "attestation")
-OWN_LABS = {"publication", "fleet", "attestation"}  # the steps that build a lab of their own
+         "mtu", "health_scale", "crash", "restarts", "join", "dns", "registration", "crash_leases", "publication", "fleet",
+         "fleet_1000", "attestation")
+OWN_LABS = {"publication", "fleet", "fleet_1000", "attestation"}  # the steps that build a lab of their own
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Profile:
     ratio_seconds: float
     domains: int
     fleet: int
+    fleet_death: int  # clients in the rotation for the death at scale (kernel WireGuard only; 0: skipped)
     attest_per_round: int  # sequential registrations per round and kind (ratio_rounds rounds)
     attest_rate: int  # registrations at once, 16 in flight, for the rate
 
@@ -75,12 +77,13 @@ FULL = Profile(smoke=False, wrk_seconds=3, wrk_repeats=4, split_connections=300,
                nft_sizes=(10, 100, 1000, 10000), nft_repeats=7, scale_leases=10000, scale_repeats=5,
                scale_idle_seconds=10, registrations=(1, 100, 1000), registration_inflight=128, idle_seconds=30,
                crash_seconds=12, restart_seconds=9, health_sizes=(100, 1000, 10000), health_seconds=6,
-               ratio_rounds=8, ratio_seconds=3, domains=1000, fleet=200, attest_per_round=50, attest_rate=400)
+               ratio_rounds=8, ratio_seconds=3, domains=1000, fleet=200, fleet_death=1000, attest_per_round=50,
+               attest_rate=400)
 SMOKE = Profile(smoke=True, wrk_seconds=1, wrk_repeats=1, split_connections=30, buffer_repeats=1, buffer_seconds=1,
                 nft_sizes=(10, 10000), nft_repeats=2, scale_leases=500, scale_repeats=1, scale_idle_seconds=2,
                 registrations=(1, 100), registration_inflight=128, idle_seconds=8, crash_seconds=5, restart_seconds=3,
                 health_sizes=(100, 1000), health_seconds=1, ratio_rounds=2, ratio_seconds=1, domains=1000, fleet=20,
-                attest_per_round=10, attest_rate=40)
+                fleet_death=0, attest_per_round=10, attest_rate=40)
 
 
 def _first_line(argv: list[str]) -> str:
@@ -175,6 +178,10 @@ def run(profile: Profile, out: Path, only: list[str] | None = None) -> dict[str,
     # A lab of its own, whose servers publish themselves: after the first is gone.
     step(results, "publication", publication.publication, f"bnp{tag}", 30.0)
     step(results, "fleet", fleet.fleet, f"bnf{tag}", profile.fleet, 10, key=FLEET)
+    if profile.fleet_death and common.wireguard_backend() == "kernel":  # userspace: at most fleet.USERSPACE_MAX
+        step(results, "fleet_1000", fleet.fleet, f"bnf{tag}", profile.fleet_death, 0, fleet.SLOW_MACHINE_HEALTH)
+    elif only and "fleet_1000" in only:
+        log("fleet_1000 skipped: it needs kernel WireGuard and the full profile (scripts/bench --vm)")
     step(results, "attestation", attestation.attestation_bench, f"bna{tag}", profile.ratio_rounds, profile.attest_per_round,
          profile.attest_rate)
     results["wall_seconds"] = round(time.monotonic() - started, 1)

@@ -101,3 +101,18 @@ def test_the_largest_rotation_measured_is_the_one_judged() -> None:
     assert next(r for r in report.rows(results) if r.key == "rotation_200").result == "PASS"
     del results["fleet_kernel"]  # 100 clients, however even, are not 200
     assert next(r for r in report.rows(results) if r.key == "rotation_200").result == "MISS"
+
+
+def test_a_death_in_a_rotation_of_1000_is_judged_from_its_own_run_before_the_composite() -> None:
+    health = [{"mode": "crash", "backends": n, "work_ms_median": ms, "trials": 5} for n, ms in ((3, 1.0), (1000, 41.0))]
+    results: dict[str, Any] = {"crash": {"detection_s": 1.2, "failed": 0, "longest_s": 1.0, "requests": 10, "lost_at_cut": 0},
+                               "health_scale": health}
+    row = next(r for r in report.rows(results) if r.key == "crash_1k")
+    assert row.measured == "1.24 s" and "plus the server's extra work" in row.note
+    results["fleet_1000"] = {"in_rotation_s": 80.0, "health": "interval = 2\ntimeout = 5",
+                             "death": {"backends": 1000, "detection_s": 4.5, "reason": "no answer to 2 probes",
+                                       "first_syn_s": 3.3, "after_first_syn_s": 1.2, "syns_per_s": 300.0}}
+    row = next(r for r in report.rows(results) if r.key == "crash_1k")
+    assert (row.measured, row.result) == ("4.50 s", "MISS")
+    assert "1,000 live kernel clients" in row.note and "interval = 2, timeout = 5" in row.note
+    assert "out 1.20 s after the first SYN sent to it, which came 3.30 s after its death" in row.note
