@@ -72,6 +72,22 @@ CAUSES = {
                 "under emulation is low; from that SYN, removal takes about one SYN retransmission, as in the small "
                 "lab. Without such traffic, the active checks find it within interval + fall × timeout, which the "
                 "slow machine's settings lengthen.",
+    "haproxy_keepalive": "With keep-alive, HAProxy's work per request is one copy between two sockets it already "
+                         "holds, while wireguard-go's crossings into user space, the same on both paths, are most of "
+                         "each request's cost: removing the proxy gains little, and the run's noise decides the verdict.",
+    "kernel_haproxy": "The worst mode decides the row. Over HTTPS the TLS work at wrk and nginx adds the same cost to both "
+                      "paths (HAProxy forwards TCP, as sptun does), so the proxy's share of each request, all that sptun "
+                      "can save, is smaller than over HTTP; each mode's ratio is in the ratios section. Under emulation the rounds also spread "
+                      "widely, and a target passes only when the interval's lower bound clears it.",
+    "kernel_cpu": "As for the kernel path's rate: over HTTPS the TLS work adds the same CPU to both paths, so the "
+                  "proxy's share is smaller, and the rounds spread widely under emulation.",
+    "routed": "sptun's path does per connection what plain routing does not: the DNAT and its conntrack binding, the "
+              "rotation's numgen and map lookup, and the passive-health sets' updates on a SYN and a SYN-ACK. Keep-alive "
+              "spreads that over many requests; a new connection per request pays it every time, so the close modes "
+              "show it most.",
+    "throughput_100m": "A long transfer's per-connection work is negligible, and the rounds spread widely: where the "
+                       "interval spans 1, the run cannot tell sptun from routing, and the verdict needs the lower "
+                       "bound to clear the target.",
     "overlay_keepalive": "Path (c) runs wrk inside s1 against one client: two hops shorter than the browser's, and "
                          "no spreading. The like-for-like figure is sptun ÷ routed (the ratios section).",
     "overlay_close": "As for keep-alive: path (c) is two hops shorter; see sptun ÷ routed for the like-for-like figure.",
