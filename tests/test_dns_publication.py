@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,9 +90,13 @@ def resolving_browsers(lab: Lab, seconds: float) -> Browsers:
 
 
 def summary_of(browsers: Browsers) -> dict[str, Any]:
-    summary: dict[str, Any] = browsers.result()["summary"]
+    result = browsers.result()
+    summary: dict[str, Any] = result["summary"]
+    failed = Counter(r[6] for r in result["requests"] if not r[3])
+    first = {server: min(r[1] for r in result["requests"] if not r[3] and r[6] == server) for server in failed}
     print(f"\nbrowsers: {summary['requests']} requests, {summary['failed']} failed {summary['failed_by_kind']}; "
-          f"by server {summary['by_server']}; longest {summary['longest']:.2f} s")
+          f"by server {summary['by_server']}; longest {summary['longest']:.2f} s"
+          + "".join(f"; {n} failed at {server}, from {first[server]:.1f} s" for server, n in failed.items()))
     return summary
 
 

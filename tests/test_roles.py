@@ -109,6 +109,20 @@ def two_healthy_backends(server: Server) -> tuple[str, str]:
     return ip, other
 
 
+def test_a_server_publishes_its_addresses_only_once_the_kernel_carries_a_client(tmp_path: Path) -> None:
+    """A check that passes wakes the pass that puts the client in the rotation; an address
+    published before it would send browsers where nothing is behind 443: refused (seen in CI
+    as a third server joined under load)."""
+    k = FakeKernel()
+    dns = f'[dns]\nserver = "192.0.2.53"\nzone = "example.test"\ntsig_key_file = "{tmp_path}/tsig.key"\n'
+    server = make_server(tmp_path, k, tables=dns)
+    server.reconcile()
+    add_healthy_backend(server, "A" * 43 + "=")  # passed its checks; no pass since
+    assert [w.publish_addresses for w in server.dns_wanted()] == [False]
+    server.reconcile()
+    assert [w.publish_addresses for w in server.dns_wanted()] == [True]
+
+
 def test_the_rotation_is_believed_only_once_the_kernel_has_it(tmp_path: Path) -> None:
     """status (another thread) reports in_rotation from this belief: it must never run ahead."""
     k = FakeKernel()

@@ -145,12 +145,17 @@ class Server(Role):
         each resync, and otherwise kept in step by the applier."""
         if self.nft_table is None:
             self.nft_table = self.edges.firewall.read()
-            fwds = forwards(self.cfg)
-            proxied = [s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready]
-            serving = by_lease_family(self.cfg, [*(ip for r in self.nft_table.rotations(fwds) for ip in r), *proxied])
+            serving = self.carried()
             self.health.adopt(self.leases.all(), serving[4])
             self.health.adopt(self.leases.all(), serving[6], 6)
         return self.nft_table
+
+    def carried(self) -> dict[int, set[str]]:
+        """The leases (by family) that the kernel's rotations and the SNI proxy send connections
+        to now, as sptun believes them: the kernel's word, a pass behind the health checks'."""
+        assert self.nft_table is not None
+        proxied = [s.address for servers in self.proxy.backends.values() for s in servers.values() if s.ready]
+        return by_lease_family(self.cfg, [*(ip for r in self.nft_table.rotations(forwards(self.cfg)) for ip in r), *proxied])
 
     async def prepare(self, wait: bool = False) -> None:
         """Outside the lock: the read of the device, the pass's longest step (half a second
@@ -463,9 +468,13 @@ class Server(Role):
         assert self.publisher is not None and self.public_key is not None
         served = {d.name: False for d in self.cfg.domains}
         passed: dict[str, float] = {}  # domain -> the last check one of its clients passed (time.time())
+        # In the kernel's rotation, not only passed: a flip reaches the kernel with the pass it
+        # wakes, and an address published before would refuse the browsers it draws.
+        carried = self.carried()
         for lease in self.leases.all():
             if lease.domain in served:
-                served[lease.domain] |= self.in_rotation(lease)
+                served[lease.domain] |= any(self.in_rotation(lease, f) and lease.overlay_ip in carried[f]
+                                            for f in self.cfg.families)
                 for family in self.cfg.families:
                     if (health := self.health.of(family).get(lease.public_key)) is not None:
                         passed[lease.domain] = max(passed.get(lease.domain, 0.0), health.passed)
