@@ -34,6 +34,7 @@ import re
 import shlex
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,8 +72,14 @@ class Verdict:
     measurements: dict[str, str] = field(default_factory=dict)  # "sha256:16" -> hex, when verified
 
 
+def _always() -> bool:
+    return True
+
+
 class Prover(Protocol):
-    async def evidence(self, nonce: bytes, ask: dict[str, Any]) -> dict[str, Any]: ...
+    async def evidence(self, nonce: bytes, ask: dict[str, Any], wanted: Callable[[], bool] = _always) -> dict[str, Any]:
+        """wanted: whether the verifier still waits (checked when the quote's turn comes)."""
+        ...
 
 
 class Verifier(Protocol):
@@ -81,11 +88,16 @@ class Verifier(Protocol):
     async def verify(self, evidence: Any, nonce: bytes, key: str, domain: str) -> Verdict: ...
 
 
-async def _run(argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+async def _run(argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None,
+               wanted: Callable[[], bool] = _always) -> str:
     """run() on the event loop, as a child process rather than a thread (the daemon's
-    threads apply its changes), at most CONCURRENT at once and each within TIMEOUT."""
+    threads apply its changes), at most CONCURRENT at once and each within TIMEOUT. Not
+    once its turn comes if no one wants it any more: under a slow TPM, quotes for agents
+    that gave up would make every later one wait past its agent's deadline too."""
     log.debug("[#] %s", shlex.join(argv))
     async with _slots():
+        if not wanted():
+            raise ConnectionAbortedError(f"{argv[0]}: the verifier hung up while it waited its turn")
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -192,7 +204,7 @@ class Tpm2Prover:
                         self.pem_path, self.fingerprint)
         return self.fingerprint
 
-    async def evidence(self, nonce: bytes, ask: dict[str, Any]) -> dict[str, Any]:
+    async def evidence(self, nonce: bytes, ask: dict[str, Any], wanted: Callable[[], bool] = _always) -> dict[str, Any]:
         selection = ask.get("pcrs")
         if not isinstance(selection, str) or not _SELECTION.fullmatch(selection):
             raise SptunError(f"the verifier asks for a PCR selection sptun does not quote: {printable(selection, 60)}")
@@ -202,7 +214,7 @@ class Tpm2Prover:
                 if not self.fingerprint:  # the TPM was not there at start
                     await asyncio.to_thread(self.provision)
                 await _run(["tpm2_quote", "-c", AK_HANDLE, "-l", selection, "-q", nonce.hex(),
-                            "-m", m, "-s", s, "-o", p, "-g", "sha256"], env=self.env)
+                            "-m", m, "-s", s, "-o", p, "-g", "sha256"], env=self.env, wanted=wanted)
             return {"kind": "tpm2", "ak": self.fingerprint, "message": _b64(Path(m).read_bytes()),
                     "signature": _b64(Path(s).read_bytes()), "pcrs": _b64(Path(p).read_bytes())}
 
@@ -339,8 +351,8 @@ class CommandProver:
     def __init__(self, argv: list[str]) -> None:
         self.argv = argv
 
-    async def evidence(self, nonce: bytes, ask: dict[str, Any]) -> dict[str, Any]:
-        out = _one_line(await _run(self.argv, json.dumps({"nonce": nonce.hex(), "ask": ask}) + "\n"))
+    async def evidence(self, nonce: bytes, ask: dict[str, Any], wanted: Callable[[], bool] = _always) -> dict[str, Any]:
+        out = _one_line(await _run(self.argv, json.dumps({"nonce": nonce.hex(), "ask": ask}) + "\n", wanted=wanted))
         if not out or len(out) > MAX_EVIDENCE:
             raise SptunError(f"{self.argv[0]} printed no evidence, or more than {MAX_EVIDENCE} bytes")
         return {"kind": "command", "data": out}

@@ -202,6 +202,28 @@ def test_the_largest_evidence_a_command_may_print_fits_in_a_registration(tmp_pat
         assert len(line) <= proto.MAX_MESSAGE
 
 
+def test_a_quote_for_a_verifier_that_hung_up_while_it_waited_is_not_made(tmp_path: Path) -> None:
+    """A slow TPM and agents that give up (their exchange's deadline): the quotes queued for
+    them are skipped when their turn comes, so they do not push the agents still waiting past
+    their own deadlines (seen in the VM tier: registrations timing out round after round)."""
+    made = tmp_path / "made"
+    prover = attest.CommandProver([script(tmp_path / "prove", f'import time\nopen("{made}", "a").write("q")\n'
+                                                               'time.sleep(0.3)\nprint("E")')])
+
+    async def scenario() -> list[object]:
+        gone = False
+        quotes = [asyncio.create_task(prover.evidence(os.urandom(32), {}, wanted=lambda: not gone))
+                  for _ in range(attest.CONCURRENT + 3)]
+        await asyncio.sleep(0.1)  # CONCURRENT quotes run; the rest wait their turn
+        gone = True  # and their agents hang up
+        return await asyncio.gather(*quotes, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert sum(isinstance(r, ConnectionAbortedError) for r in results) == 3
+    assert sum(r == {"kind": "command", "data": "E"} for r in results) == attest.CONCURRENT
+    assert made.read_text() == "q" * attest.CONCURRENT
+
+
 # --- configuration -----------------------------------------------------------------------------------
 
 

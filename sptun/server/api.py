@@ -139,13 +139,14 @@ class RegistrationApi:
             done.append(f"drain {lease.overlay_ip} of {key} ({lease.domain}): no fresh evidence for {age:.0f} s")
         return done
 
-    async def present_evidence(self, asked: proto.EvidenceRequest) -> bytes:
-        """This server's own evidence, for an agent that checks its servers."""
+    async def present_evidence(self, asked: proto.EvidenceRequest, reader: asyncio.StreamReader) -> bytes:
+        """This server's own evidence, for an agent that checks its servers, unless it hangs up
+        before the quote's turn (ConnectionAbortedError: nothing to answer, no penalty)."""
         if self.prover is None:
             raise ProtocolError("this server presents no attestation evidence ([attestation] evidence)",
                                 reason="no-evidence")
         nonce = attest.nonce(asked.challenge, self.public_key, asked.client_key, asked.domain)
-        return proto.evidence_reply(await self.prover.evidence(nonce, asked.ask))
+        return proto.evidence_reply(await self.prover.evidence(nonce, asked.ask, wanted=lambda: not reader.at_eof()))
 
     def register(self, claim: proto.Claim, generation: str) -> proto.Assignment:
         """Runs under the lock, in memory only: the lease, and the peer queued for commit().
@@ -252,7 +253,7 @@ class RegistrationApi:
             wait = API_READ_TIMEOUT + (attest.EXCHANGE_GRACE if self.verifier or self.prover else 0)
             line = await self.read_line(reader, wait)
             if (asked := proto.parse_evidence_request(line)) is not None:  # the agent checks us first
-                writer.write(await self.present_evidence(asked))
+                writer.write(await self.present_evidence(asked, reader))
                 await writer.drain()
                 line = await self.read_line(reader, wait)
             claim = proto.open_request(line, self.private_key, challenge)
