@@ -99,8 +99,9 @@ class Browsers:
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.out.read_text().splitlines() if line.startswith("{")]
 
-    def result(self) -> dict[str, Any]:
-        self.proc.wait(timeout=STREAM_SECONDS + 60)
+    def result(self, seconds: float = STREAM_SECONDS) -> dict[str, Any]:
+        """What they saw, once they are done (seconds: as long as they were told to run)."""
+        self.proc.wait(timeout=seconds + 60)
         out: dict[str, Any] = self.lines()[-1]
         return out
 
