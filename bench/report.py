@@ -77,8 +77,8 @@ CAUSES = {
                          "each request's cost: removing the proxy gains little, and the run's noise decides the verdict.",
     "kernel_haproxy": "The worst mode decides the row. Over HTTPS the TLS work at wrk and nginx adds the same cost to both "
                       "paths (HAProxy forwards TCP, as sptun does), so the proxy's share of each request, all that sptun "
-                      "can save, is smaller than over HTTP; each mode's ratio is in the ratios section. Under emulation the rounds also spread "
-                      "widely, and a target passes only when the interval's lower bound clears it.",
+                      "can save, is smaller than over HTTP; each mode's ratio is in the ratios section. Under emulation "
+                      "the rounds also spread widely, and a target passes only when the interval's lower bound clears it.",
     "kernel_cpu": "As for the kernel path's rate: over HTTPS the TLS work adds the same CPU to both paths, so the "
                   "proxy's share is smaller, and the rounds spread widely under emulation.",
     "routed": "sptun's path does per connection what plain routing does not: the DNAT and its conntrack binding, the "

@@ -473,9 +473,8 @@ class Server(Role):
         carried = self.carried()
         for lease in self.leases.all():
             if lease.domain in served:
-                served[lease.domain] |= any(self.in_rotation(lease, f) and lease.overlay_ip in carried[f]
-                                            for f in self.cfg.families)
                 for family in self.cfg.families:
+                    served[lease.domain] |= self.in_rotation(lease, family) and lease.overlay_ip in carried[family]
                     if (health := self.health.of(family).get(lease.public_key)) is not None:
                         passed[lease.domain] = max(passed.get(lease.domain, 0.0), health.passed)
         now, wall = time.monotonic(), time.time()
