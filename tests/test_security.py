@@ -309,6 +309,15 @@ def test_forget_through_the_agent(tmp_path: Path) -> None:
         agent.forget("192.0.2.7")
 
 
+def test_forget_takes_an_address_in_any_spelling_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, FakeKernel(), [])
+    agent.known.keys["2001:db8::10"] = public_key(generate_private_key())  # as discovery keeps it
+    assert agent.forget(" 2001:DB8::0010") == ["forget the key of 2001:db8::10: its next key is trusted on first use"]
+    assert agent.known.keys == {}
+    with pytest.raises(SptunError, match="is not an IP address"):
+        agent.forget("server.example\n")
+
+
 # --- what a server assigns ---------------------------------------------------------------------
 
 SERVER = ServerRecord("198.51.100.10")

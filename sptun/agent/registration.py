@@ -122,6 +122,7 @@ class KnownServers:
 
     def forget(self, ip: str) -> list[str]:
         """`sptun forget IP`: the next key that server presents is trusted on first use."""
+        ip = server_ip(ip)
         if self.keys.pop(ip, None) is None:
             raise SptunError(f"no key is remembered for {printable(ip, 60)}",
                              hint="only servers without pk= in DNS are remembered; `sptun status` lists the servers")
@@ -130,6 +131,16 @@ class KnownServers:
 
     def save(self) -> None:
         write_file_atomic(self.path, json.dumps({"servers": self.keys}, indent=1) + "\n")
+
+
+def server_ip(text: str) -> str:
+    """A server's address as sptun keeps it (discovery's str(ip_address)), so that
+    `sptun forget 2001:DB8::0010` finds 2001:db8::10."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise SptunError(f"{printable(text, 60)} is not an IP address",
+                         hint="give the server's address as in its TXT record's ip=") from None
 
 
 def host_addresses() -> set[str]:

@@ -27,7 +27,7 @@ from sptun.agent.plan import (
     plan,
     plan_teardown,
 )
-from sptun.agent.registration import KnownServers, Registrar, Registration, StateFile
+from sptun.agent.registration import KnownServers, Registrar, Registration, StateFile, server_ip
 from sptun.agent.sockets import SockDiag, Sockets
 from sptun.changes import Applier, Edges, UpdatePeer, observe_link
 from sptun.config import AgentConfig, check_token_files, load_agent
@@ -268,7 +268,7 @@ class Agent(Role):
     def forget(self, ip: str) -> list[str]:
         """`sptun forget IP`: accept the next key that server presents (it was re-keyed)."""
         done = self.known.forget(ip)
-        reg = self.registrations.get(ip)
+        reg = self.registrations.get(server_ip(ip))
         if reg is not None:
             reg.next_at = 0.0  # register again now, with whatever key it has
             self.wake.set()
