@@ -14,7 +14,7 @@ import pytest
 
 from fakes import FakeKernel
 from sptun import proto
-from sptun.agent.registration import KnownServers, Registrar, check_assignment
+from sptun.agent.registration import KnownServers, Registrar, Registration, check_assignment
 from sptun.config import load_server
 from sptun.discovery import ServerRecord
 from sptun.errors import ProtocolError, SptunError
@@ -312,8 +312,10 @@ def test_forget_through_the_agent(tmp_path: Path) -> None:
 def test_forget_takes_an_address_in_any_spelling_and_refuses_what_is_not_one(tmp_path: Path) -> None:
     agent = make_agent(tmp_path, FakeKernel(), [])
     agent.known.keys["2001:db8::10"] = public_key(generate_private_key())  # as discovery keeps it
+    agent.registrations["2001:db8::10"] = Registration(ServerRecord("2001:db8::10"), next_at=time.monotonic() + 10)
     assert agent.forget(" 2001:DB8::0010") == ["forget the key of 2001:db8::10: its next key is trusted on first use"]
     assert agent.known.keys == {}
+    assert agent.registrations["2001:db8::10"].next_at == 0.0  # it registers again at once
     with pytest.raises(SptunError, match="is not an IP address"):
         agent.forget("server.example\n")
 
