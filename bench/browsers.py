@@ -23,7 +23,9 @@ connect-timeout, refused, reset, tls, timeout (after the connect), closed or oth
 answers for the client that served it: the lab's pages contain `client=NAME`.
 
     python bench/browsers.py SERVER --ca CA [--domain D] [--browsers 8] [--seconds 10]
-                             [--max-requests 20000] [--pause 0.05]
+                             [--max-requests 20000] [--pause 0.05] [--until FILE]
+
+--until ends the load early: no browser starts a request once FILE exists.
 
 Stream: one connection that downloads URL_PATH, a response that takes about S seconds to send
 (the lab's nginx sends a file under `limit_rate`: see tests/test_failover.py). It prints a
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import socket
@@ -161,14 +164,15 @@ def summary(requests: list[list[Any]]) -> dict[str, Any]:
 
 
 def load(server: str, ctx: ssl.SSLContext, domain: str, browsers: int, seconds: float, max_requests: int,
-         pause: float) -> dict[str, Any]:
+         pause: float, until: str | None = None) -> dict[str, Any]:
+    """until: a file whose appearance ends the load early (no new request starts)."""
     start = time.monotonic()
     requests: list[list[Any]] = []
     lock = threading.Lock()
 
     def browser(n: int) -> None:
         address = resolver(server, domain)
-        while time.monotonic() - start < seconds:
+        while time.monotonic() - start < seconds and not (until and os.path.exists(until)):
             with lock:
                 if len(requests) >= max_requests:
                     return
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-requests", type=int, default=20000)
     p.add_argument("--pause", type=float, default=0.05, help="between one browser's requests")
     p.add_argument("--stream", metavar="URL_PATH", help="one long download instead of the load")
+    p.add_argument("--until", metavar="FILE", help="end the load early once FILE exists")
     a = p.parse_args(argv)
     if not 0 < a.seconds <= 600 or not 1 <= a.browsers <= 256 or not 1 <= a.max_requests <= 100000:
         p.error("--seconds must be in (0, 600], --browsers in 1..256, --max-requests in 1..100000")
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stream:
         out = stream(resolver(a.server, a.domain)(), ctx, a.domain, a.stream, a.seconds)
     else:
-        out = load(a.server, ctx, a.domain, a.browsers, a.seconds, a.max_requests, a.pause)
+        out = load(a.server, ctx, a.domain, a.browsers, a.seconds, a.max_requests, a.pause, a.until)
     print(json.dumps(out), flush=True)
 
 

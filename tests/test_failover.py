@@ -92,9 +92,14 @@ class Browsers:
 
     def __init__(self, lab: Lab, server: Host | str, *args: str) -> None:
         self.out = lab.browser.dir / f"browsers-{time.monotonic_ns()}.json"
+        self.until = self.out.with_suffix(".stop")
         target = server if isinstance(server, str) else server.address
         self.proc = lab.browser.spawn([sys.executable, BROWSERS, target, "--ca", lab.ca_cert, "--domain", DOMAIN,
-                                       *args], log=self.out)
+                                       "--until", self.until, *args], log=self.out)
+
+    def stop(self) -> None:
+        """No new request from now on: they end before their --seconds."""
+        self.until.touch()
 
     def lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.out.read_text().splitlines() if line.startswith("{")]
