@@ -19,6 +19,7 @@ from sptun.lab import (
     Lab,
     config_path,
     share_by_sni,
+    slow,
     sni_address,
     sptun,
     start_daemons,
@@ -71,7 +72,7 @@ def bench_lab(prefix: str) -> Iterator[Lab]:
         start_daemons(lab)
         for host in lab.servers + lab.clients:
             note_command("lab", sptun("server" if host.spec.role == "server" else "agent", "run", "-c", config_path(host)))
-        wait_served(in_dns(lab), timeout=90)
+        wait_served(in_dns(lab), timeout=90 * slow())  # an emulated VM starts it slow() times slower
         log(f"lab {prefix} up and served in {time.monotonic() - started:.1f} s")
         yield lab
     finally:
