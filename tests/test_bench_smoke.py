@@ -68,10 +68,13 @@ def test_bench_smoke_writes_every_row(tmp_path: Path) -> None:
         assert not Path("/run/sptun-lab", prefix).exists()
 
 
-KERNEL_DATA_PLANE = "ratios,throughput,latency,udp,flowtable"
+# Every data path (sptun, HAProxy, routed, SNI; UDP; the flowtable), not every load shape: the
+# throughput and latency steps drive the same paths, and run in the host tier's smoke.
+KERNEL_DATA_PLANE = "ratios,udp,flowtable"
 
 
 @pytest.mark.skipif(not Path("/sys/module/wireguard").exists(), reason="kernel WireGuard: the VM tier (scripts/test-vm)")
+@pytest.mark.vm
 def test_the_data_plane_steps_run_on_kernel_wireguard(tmp_path: Path) -> None:
     """What `scripts/bench --vm` runs in the guest, reduced: every path serves on the kernel's
     WireGuard, and the flowtable (which the host's kernel lacks) can be tried there."""
@@ -86,7 +89,6 @@ def test_the_data_plane_steps_run_on_kernel_wireguard(tmp_path: Path) -> None:
         for path in ("sptun", "haproxy", "routed"):
             cell = ratios["paths"][mode][path]
             assert cell["rps"] > 0 and cell["errors"] == 0, (mode, path, cell)
-    assert results["throughput_kernel"]["summary"]["100MiB"]["gbit_s"]["sptun"] > 0
     assert results["udp_kernel"]["paths"]["sptun"]["pps"] > 0
     flowtable = results["flowtable_kernel"]
     assert flowtable["available"], flowtable

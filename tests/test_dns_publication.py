@@ -39,8 +39,8 @@ from sptun.lab import (
     write_configs,
 )
 
-# No kernel path of its own: DNS updates are the same on any kernel.
-pytestmark = [*netns_marks(*LAB_TOOLS, "wireguard-go"), pytest.mark.host_only]
+# Not in the VM tier (no `vm` mark): DNS updates are the same on any kernel.
+pytestmark = netns_marks(*LAB_TOOLS, "wireguard-go")
 
 BACKEND = os.environ.get("SPTUN_TEST_WIREGUARD", "auto")
 PREFIX = f"dnp{os.getpid() % 100000}"

@@ -118,6 +118,7 @@ def tunnel_of(client: Host, server: Host) -> dict:
     return tunnel
 
 
+@pytest.mark.vm
 def test_requests_through_each_server_are_even_keep_the_source_and_pass_tls(lab: Lab) -> None:
     names = [c.name for c in lab.clients]
     for server in lab.servers:
@@ -132,6 +133,7 @@ def test_requests_through_each_server_are_even_keep_the_source_and_pass_tls(lab:
             assert f"OU={h.client}" in h.subject, h
 
 
+@pytest.mark.vm
 def test_ipv6_browsers_are_even_keep_their_address_and_pass_tls(lab: Lab) -> None:
     """The same over IPv6: each server's public IPv6 address DNATs into its IPv6 overlay, to
     the same clients, round-robin; the client sees the browser's IPv6 address."""
@@ -147,6 +149,7 @@ def test_ipv6_browsers_are_even_keep_their_address_and_pass_tls(lab: Lab) -> Non
             assert f"OU={h.client}" in h.subject, h
 
 
+@pytest.mark.vm
 def test_udp_ports_are_forwarded_like_tcp(lab: Lab) -> None:
     names = [c.name for c in lab.clients]
     for server in lab.servers:
@@ -250,6 +253,7 @@ def test_the_backend_is_the_one_asked_for(lab: Lab) -> None:
                 assert "net.core.rmem_default is" in log and "60-sptun.conf" in log
 
 
+@pytest.mark.vm
 def test_replies_leave_by_the_tunnel_they_came_in_on(lab: Lab) -> None:
     """The agent's policy routing, read back from the kernel: for each tunnel, a table whose
     default route leaves by it, one rule from its overlay address with its mark to that
@@ -296,6 +300,7 @@ def nft_table(host: Host) -> tuple[int, dict[str, int]]:
     return handle, counters
 
 
+@pytest.mark.vm
 def test_up_again_is_a_no_op(lab: Lab) -> None:
     """`sptun up` on a host that is up changes nothing: no interface made again, WireGuard
     sessions and their counters kept, no nft reload."""
@@ -344,7 +349,6 @@ def register(lab: Lab, attempts: list[tuple[str, str]]) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
-@pytest.mark.host_only
 def test_registration_needs_the_domains_own_token(lab: Lab) -> None:
     s1 = lab.servers[0]
     app_token = (s1.dir / "tokens" / DOMAIN).read_text().strip()
@@ -369,7 +373,6 @@ def test_registration_needs_the_domains_own_token(lab: Lab) -> None:
     assert all(h.ok for h in browse(lab, s1, 3))  # and the server keeps serving
 
 
-@pytest.mark.host_only
 def test_garbage_on_the_registration_port_is_refused_and_serving_goes_on(lab: Lab) -> None:
     s1 = lab.servers[0]
     probe = textwrap.dedent("""
@@ -453,7 +456,6 @@ def forward_drops(lab: Lab) -> int:
     return total
 
 
-@pytest.mark.host_only
 def test_malformed_txt_records_beside_good_ones(lab: Lab) -> None:
     good = [f"r=superprotocol;ip={s.address}" for s in lab.servers]
     bad = ["r=superprotocol;ip=not-an-ip", "r=superprotocol;port=1", "r=superprotocol; ip = 198.51.100.99 ; port=99999"]
@@ -518,7 +520,6 @@ def test_metrics_endpoints_follow_the_traffic(lab: Lab) -> None:
     assert sum(v for k, v in agent.items() if k.startswith("sptun_tunnel_received_bytes_total")) > 0
 
 
-@pytest.mark.host_only
 def test_secrets_stay_in_their_files(lab: Lab) -> None:
     """Private keys and tokens: 0600 files under 0700 directories, never in a log or a status."""
     secrets = {}
@@ -534,7 +535,6 @@ def test_secrets_stay_in_their_files(lab: Lab) -> None:
         assert not any(secret in text for text in outputs), f"the secret in {path} leaked"
 
 
-@pytest.mark.host_only
 @pytest.mark.parametrize("config, error", [
     ('overlay = "198.51.100.0/24"\n', "overlay: 198.51.100.0/24 overlaps 198.51.100.0/24 dev eth0"),
     ('overlay = "10.98.0.0/16"\noverlay6 = "2001:db8::/64"\n', "overlay6: 2001:db8::/64 overlaps 2001:db8::/64 dev eth0"),
@@ -566,6 +566,7 @@ def sptun_leftovers(host: Host) -> dict[str, object]:
     return {"links": links, "rules": rules, "routes": routes, "nft": "sptun" in tables}
 
 
+@pytest.mark.vm
 def test_down_removes_everything_sptun_made_and_lasts(lab: Lab) -> None:
     c1, s1, s2 = lab.clients[0], lab.servers[0], lab.servers[1]
     assert sptun_leftovers(c1)["links"], "the agent should have tunnels before down"

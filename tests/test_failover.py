@@ -201,6 +201,7 @@ def test_the_browsers_see_no_failure_without_a_fault(lab: Lab) -> None:
 # --- a, b: a daemon's whole process group killed, then restarted ------------------------------------
 
 
+@pytest.mark.vm
 @pytest.mark.parametrize("role", ["server", "agent"])
 def test_a_daemon_process_group_killed_and_restarted_fails_no_connection(lab: Lab, role: str) -> None:
     host = lab.servers[0] if role == "server" else lab.clients[2]
@@ -220,6 +221,7 @@ def test_a_daemon_process_group_killed_and_restarted_fails_no_connection(lab: La
 # --- c: a client's uplink dies ----------------------------------------------------------------------
 
 
+@pytest.mark.vm
 def test_a_dead_client_fails_no_connection_and_stalls_none_past_3_5_s(lab: Lab) -> None:
     s1, c2 = lab.servers[0], lab.clients[1]
     c2_ip = overlay_ip(c2, s1)
@@ -327,6 +329,7 @@ def stream_through(lab: Lab, name: str, event: Callable[[str], str], restore: Ca
     assert s["failed"] == 0
 
 
+@pytest.mark.vm
 def test_a_stream_survives_a_server_process_group_kill(lab: Lab) -> None:
     s1 = lab.servers[0]
 

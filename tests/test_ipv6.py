@@ -86,6 +86,7 @@ def tunnels(client: Host) -> dict[str, dict]:
     return {t["server"]: t for t in status(client)["tunnels"]}
 
 
+@pytest.mark.vm
 def test_a_client_on_an_ipv6_only_network_tunnels_over_ipv6(lab: Lab) -> None:
     s1, s2 = lab.servers
     c1, c3 = lab.clients[0], lab.clients[2]
@@ -101,6 +102,7 @@ def test_a_client_on_an_ipv6_only_network_tunnels_over_ipv6(lab: Lab) -> None:
     assert "nameservers = [\"2001:db8::53\"]" in (c3.dir / "agent.toml").read_text()  # DNS over IPv6 too
 
 
+@pytest.mark.vm
 @pytest.mark.parametrize("family", [4, 6])
 def test_browsers_of_both_families_reach_every_client_keeping_their_address(lab: Lab, family: int) -> None:
     browser = lab.browser.address if family == 4 else lab.browser.address6

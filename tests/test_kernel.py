@@ -44,7 +44,7 @@ def _why_skip() -> str | None:
 
 
 SKIP = _why_skip()
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+pytestmark = [pytest.mark.netns, pytest.mark.vm, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
 
 
 # --- a worker in the namespace, speaking JSON lines ------------------------------------

@@ -51,6 +51,7 @@ def backends(lab: Lab) -> dict[str, dict[str, object]]:
     return {names[b["public_key"]]: b for d in status(lab.servers[0])["domains"] for b in d["backends"]}
 
 
+@pytest.mark.vm
 def test_every_join_is_attested_both_ways(lab: Lab) -> None:
     for name, b in backends(lab).items():
         assert b["attested"] is True and b["in_rotation"], (name, b)
