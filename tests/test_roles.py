@@ -297,6 +297,27 @@ def test_a_black_holed_server_holds_up_neither_status_nor_down_nor_the_others(tm
         hole.close()
 
 
+def test_a_registration_cancelled_at_shutdown_logs_no_traceback(tmp_path: Path) -> None:
+    """At shutdown asyncio cancels the API's open exchanges. Python 3.11's stream protocol then
+    asks the cancelled task for its exception, and the loop logged a traceback per exchange."""
+    server = make_server(tmp_path, FakeKernel())
+    errors: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+        async with serving(server) as record:
+            reader, writer = await asyncio.open_connection(record.ip, record.api)
+            await reader.readline()  # the server's hello: its handler now waits for our request
+            (handler,) = [t for t in asyncio.all_tasks() if "handle_api" in repr(t.get_coro())]
+            handler.cancel()
+            await asyncio.sleep(0.1)
+            writer.close()
+        assert handler.done()
+
+    run(scenario)
+    assert errors == []
+
+
 def test_a_registration_that_lands_during_a_pass_is_acted_on_by_the_next(tmp_path: Path) -> None:
     """Registrations finish on the event loop while a pass reads the kernel in a thread. The
     next pass must not take the new tunnel for converged (it waited 10 s for the kernel check)."""

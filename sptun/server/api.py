@@ -283,6 +283,10 @@ class RegistrationApi:
             writer.write(proto.reject(e.reason, e.message))
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # Shutdown: the exchange is abandoned, and the task ends as if done. Cancelled, Python
+            # 3.11's stream protocol asks it for its exception, and the loop logs a traceback.
+            pass
         except Exception as e:  # SptunError, or a bug: counted, answered, and the next one is served
             self.rejected["error"] += 1
             self.limiter.fail(address)
