@@ -206,16 +206,22 @@ BODY_REPEATS = {"1MiB": 5, "100MiB": 1}  # transfers per curl (one connection): 
 THROUGHPUT_PATHS = ("sptun", "haproxy", "routed")
 
 
-def throughput(lab: Lab, server: Host, rounds: int) -> dict[str, Any]:
-    """Plain HTTP bodies (sparse files: nginx sends them with sendfile) through sptun, HAProxy and
-    plain routing, a path at a time, interleaved over rounds; curl's own average speed."""
-    overlay = client_overlay(lab, server)
-    ensure_haproxy(lab, server, overlay)
+def make_bodies(lab: Lab) -> None:
+    """BODIES on every client, where its nginx serves /bytes/ (sparse files: nginx sends them
+    with sendfile). Each step that fetches them makes them: `--only` may run it alone."""
     for c in lab.clients:
         (c.dir / "bytes").mkdir(exist_ok=True)
         for name, size in BODIES.items():
             with open(c.dir / "bytes" / name, "wb") as f:
                 f.truncate(size)
+
+
+def throughput(lab: Lab, server: Host, rounds: int) -> dict[str, Any]:
+    """Plain HTTP bodies (sparse files: nginx sends them with sendfile) through sptun, HAProxy and
+    plain routing, a path at a time, interleaved over rounds; curl's own average speed."""
+    overlay = client_overlay(lab, server)
+    ensure_haproxy(lab, server, overlay)
+    make_bodies(lab)
     bases = {"sptun": f"http://{server.address}", "haproxy": f"http://{server.address}:{HAPROXY_PORTS['http']}",
              "routed": f"http://{overlay[lab.clients[0].name]}"}
     rows: list[dict[str, Any]] = []
@@ -392,6 +398,7 @@ def flowtable(lab: Lab, server: Host, rounds: int, seconds: float, interface: st
     server.run(["nft", "delete", "table", "inet", "benchflow"])
     note_command("flowtable", [f"[{server.name}]", "nft", "-f", "-", "# " + " ".join(table.split())])
     overlay = client_overlay(lab, server)
+    make_bodies(lab)
     target = Target("sptun", lab.browser, {"http": f"http://{server.address}/"})
     rows: list[dict[str, Any]] = []
     for rnd in range(rounds):
