@@ -80,12 +80,10 @@ def clients_of(lab: Lab, domain: str) -> set[str]:
     return {c.name for c in lab.clients if domain_of(c) == domain}
 
 
-@pytest.mark.vm
 def test_each_domain_is_split_evenly_over_its_own_clients_with_its_certificate_and_the_browsers_address(lab: Lab) -> None:
     split_evenly(lab, 4)
 
 
-@pytest.mark.vm
 def test_each_domain_is_split_evenly_over_ipv6_too(lab: Lab) -> None:
     """The servers' IPv6 address is shared by the same three domains: HAProxy binds it, and
     connects to the clients' IPv6 overlay addresses from the browser's IPv6 address."""
@@ -254,7 +252,6 @@ def browsers(lab: Lab, domain: str, seconds: float) -> Browsers:
     return Browsers(lab, lab.servers[0], "--domain", domain, "--browsers", "8", "--seconds", str(seconds))
 
 
-@pytest.mark.vm
 def test_the_proxy_outlives_a_kill_of_the_server_daemons_process_group(lab: Lab) -> None:
     s1 = lab.servers[0]
     proxy = int((s1.dir / "state" / "sni" / "haproxy.pid").read_text())
